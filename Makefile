@@ -1,0 +1,25 @@
+# The README's commands. Everything installs into .venv with the exact CPU pins of constraints/cpu.txt.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints/cpu.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -p no:cacheprovider
+
+demo: install
+	HF_HUB_OFFLINE=1 $(PY) examples/quickstart.py
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,116 @@
+"""SDFTConfig: field compatibility with trl.experimental.sdft and validation errors."""
+
+import dataclasses
+import pathlib
+import re
+
+import pytest
+
+from trl_sdft import SDFTConfig
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def documented_deviations() -> str:
+    text = README.read_text()
+    start = text.index("## Deviations from `trl.experimental.sdft`")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def make(tmp_path, **kwargs):
+    base = dict(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none")
+    base.update(kwargs)
+    return SDFTConfig(**base)
+
+
+def test_every_peer_field_exists_with_same_type_and_default():
+    from trl.experimental.sdft import SDFTConfig as PeerConfig
+
+    ours = {f.name: f for f in dataclasses.fields(SDFTConfig)}
+    deviations = documented_deviations()
+    problems = []
+    for field in dataclasses.fields(PeerConfig):
+        if field.name not in ours:
+            problems.append(f"missing field {field.name}")
+            continue
+        mine = ours[field.name]
+        if str(mine.type) != str(field.type):
+            problems.append(f"{field.name}: type {mine.type} != {field.type}")
+        peer_default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        my_default = mine.default_factory() if mine.default_factory is not dataclasses.MISSING else mine.default
+        if peer_default != my_default and f"`{field.name}`" not in deviations:
+            problems.append(f"{field.name}: default {my_default!r} != {peer_default!r} and not in the README")
+    assert not problems, problems
+
+
+def test_defaults_resolve_generation_batch(tmp_path):
+    config = make(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    assert config.steps_per_generation == 2
+    assert config.generation_batch_size == 16
+    config = make(tmp_path, per_device_train_batch_size=8, generation_batch_size=32)
+    assert config.steps_per_generation == 4
+
+
+def test_preset_template_is_accepted(tmp_path):
+    assert make(tmp_path, teacher_prompt_template="demonstration").teacher_prompt_template == "demonstration"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(per_device_train_batch_size=3, num_generations=2), "divisible by `num_generations=2`"),
+        (dict(generation_batch_size=16, steps_per_generation=2), "cannot both be set"),
+        (dict(per_device_train_batch_size=8, generation_batch_size=12), "multiple of the global batch"),
+        (dict(distillation_mode="sampled_token", distillation_alpha=0.5), "distillation_alpha=1.0"),
+        (dict(distillation_mode="topk_logits", distillation_topk=None), "distillation_topk"),
+        (dict(distillation_mode="topk_logits", distillation_topk=0), "distillation_topk"),
+        (dict(teacher_update_rate=0.0), r"\(0, 1\]"),
+        (dict(teacher_update_rate=1.5), r"\(0, 1\]"),
+        (dict(teacher_sync_steps=0), "teacher_sync_steps"),
+        (dict(teacher_prompt_template="{prompt}"), "privileged_context"),
+        (dict(teacher_prompt_template="{privileged_context}"), "prompt"),
+        (dict(distillation_mode="reverse_kl"), "distillation_mode='reverse_kl'"),
+        (dict(teacher_model_kind="frozen"), "teacher_model_kind='frozen'"),
+        (dict(vllm_mode="remote"), "vllm_mode"),
+        (dict(distillation_alpha=1.5), r"\[0, 1\]"),
+        (dict(distillation_is_clip=0.0), "distillation_is_clip"),
+        (dict(num_loss_tokens_to_skip=-1), "num_loss_tokens_to_skip"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_completion_length=0), "max_completion_length"),
+        (dict(num_generations=0), "num_generations"),
+        (dict(use_teacher_server=True), "vllm_mode='server'"),
+        (dict(use_teacher_server=True, use_vllm=True, vllm_mode="server"), "teacher_model_kind='live'"),
+        (
+            dict(use_teacher_server=True, use_vllm=True, vllm_mode="server", teacher_model_kind="live",
+                 distillation_mode="full_logits"),
+            "top-k log-probs only",
+        ),
+        (
+            dict(per_device_train_batch_size=4, num_generations=2, eval_strategy="steps", per_device_eval_batch_size=3),
+            "eval batch",
+        ),
+    ],
+)
+def test_invalid_combinations(tmp_path, kwargs, message):
+    base = dict(per_device_train_batch_size=8, num_generations=2)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, **base)
+
+
+def test_every_field_has_help():
+    missing = [f.name for f in dataclasses.fields(SDFTConfig) if f.init and not f.metadata.get("help")]
+    assert not missing
+
+
+def test_parses_with_trl_parser(tmp_path):
+    from trl import TrlParser
+
+    (config,) = TrlParser((SDFTConfig,)).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--teacher_model_kind", "ema", "--distillation_mode", "full_logits",
+         "--num_generations", "4", "--per_device_train_batch_size", "4", "--use_cpu", "--bf16", "false"]
+    )
+    assert (config.teacher_model_kind, config.distillation_mode, config.num_generations) == ("ema", "full_logits", 4)
+    assert re.match(r"\d", str(config.generation_batch_size))

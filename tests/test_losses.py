@@ -1,0 +1,111 @@
+"""Our pure loss functions against trl.experimental.sdft.loss_utils (used here as an oracle only)."""
+
+import pytest
+import torch
+from trl.experimental.sdft import loss_utils as peer
+
+from trl_sdft import losses
+
+ALPHAS = [0.0, 0.3, 0.5, 1.0]
+
+
+def logits(seed, shape=(3, 5, 50), scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).double()
+
+
+def both(fn_ours, fn_peer, seed=0):
+    """Values and gradients (w.r.t. student logits) of both implementations on the same tensors."""
+    results = []
+    for fn in (fn_ours, fn_peer):
+        student = logits(seed).requires_grad_(True)
+        teacher = logits(seed + 1)
+        out = fn(student, teacher)
+        weights = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+        (out * weights).sum().backward()
+        results.append((out.detach(), student.grad))
+    return results
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_full_logits_matches_peer(alpha):
+    (ours, g_ours), (theirs, g_theirs) = both(
+        lambda s, t: losses.full_logits_loss(s, t, alpha),
+        lambda s, t: peer.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=alpha),
+    )
+    assert ours.shape == (3, 5)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("k", [1, 7, 50])
+def test_topk_matches_peer(alpha, tail, k):
+    (ours, g_ours), (theirs, g_theirs) = both(
+        lambda s, t: losses.topk_logits_loss(s, t, k, alpha, tail),
+        lambda s, t: peer.compute_topk_self_distillation_loss(
+            s, t, distillation_topk=k, distillation_alpha=alpha, distillation_add_tail=tail
+        ),
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=0)
+
+
+def test_sampled_token_matches_peer():
+    ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(3))
+    (ours, g_ours), (theirs, g_theirs) = both(
+        lambda s, t: losses.distillation_loss("sampled_token", s, t, ids, alpha=1.0),
+        lambda s, t: peer.compute_sampled_token_self_distillation_loss(s, t, ids, distillation_alpha=1.0),
+    )
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+    torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=0)
+
+
+def test_tail_bucket_and_clipping_match_peer():
+    log_probs = logits(5).log_softmax(-1)[..., :10]
+    torch.testing.assert_close(losses.with_tail_bucket(log_probs), peer.add_tail_bucket(log_probs))
+    assert torch.allclose(losses.with_tail_bucket(log_probs).logsumexp(-1), torch.zeros(3, 5, dtype=torch.double))
+    per_token, student, old = logits(6)[..., 0].abs(), logits(7)[..., 0], logits(8)[..., 0]
+    ours = losses.clip_importance_weights(per_token, student, old, 2.0)
+    torch.testing.assert_close(ours, peer.apply_importance_sampling_clipping(per_token, student, old, 2.0))
+    assert (ours <= 2.0 * per_token + 1e-12).all()
+
+
+def test_divergence_edge_cases():
+    p = logits(9).log_softmax(-1)
+    # identical distributions: zero for every alpha
+    for alpha in ALPHAS:
+        assert losses.generalized_jsd(p, p, alpha).abs().max() < 1e-10
+    q = logits(10).log_softmax(-1)
+    # alpha = 0 is KL(teacher || student), alpha = 1 is KL(student || teacher)
+    torch.testing.assert_close(losses.generalized_jsd(p, q, 0.0), (q.exp() * (q - p)).sum(-1))
+    torch.testing.assert_close(losses.generalized_jsd(p, q, 1.0), (p.exp() * (p - q)).sum(-1))
+    # JSD is bounded by log 2 at alpha = 0.5
+    assert (losses.generalized_jsd(p, q, 0.5) <= torch.log(torch.tensor(2.0)) + 1e-9).all()
+
+
+def test_masks_and_means():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert losses.loss_mask(mask, 1).tolist() == [[0, 1, 1, 0], [0, 1, 0, 0]]
+    assert losses.loss_mask(mask, 0) is mask
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 6.0, 100.0, 100.0]])
+    assert losses.sequence_mean(values, mask).item() == pytest.approx((2.0 + 5.0) / 2)
+    assert losses.token_mean(values, mask).item() == pytest.approx(16.0 / 5)
+
+
+def test_teacher_student_kl_metric():
+    s, t = logits(11).float(), logits(12).float()
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0
+    expected = losses.kl(t.log_softmax(-1), s.log_softmax(-1))
+    expected = (expected * mask).sum() / mask.sum()
+    torch.testing.assert_close(losses.teacher_student_kl(s, t, mask, chunk=2), expected)
+
+
+def test_unknown_mode_and_bad_alpha_raise():
+    s = logits(0)
+    with pytest.raises(ValueError, match="Unknown distillation mode"):
+        losses.distillation_loss("nope", s, s, torch.zeros(3, 5, dtype=torch.long), alpha=0.5)
+    with pytest.raises(ValueError, match="alpha=1.0"):
+        losses.distillation_loss("sampled_token", s, s, torch.zeros(3, 5, dtype=torch.long), alpha=0.5)

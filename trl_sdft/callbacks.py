@@ -1,0 +1,39 @@
+"""The self-distillation hooks: their names, a base class that defines them, and their dispatch.
+
+Any `TrainerCallback` that defines one of these methods gets it called with `args`, `state`, `control`, `model`,
+`processing_class` and the hook's payload (keyword arguments), exactly as `trl.experimental.sdft` does.
+"""
+
+from transformers import TrainerCallback
+
+HOOKS = (
+    # payload: generation_prompts (list), generation_prompt_text (None; kept for the peer's signature)
+    "on_generation_prompts_selected",
+    # payload: generate_every (int), steps_per_generation (int)
+    "on_generation_batch_built",
+    # payload: old_per_token_logps, prompt_ids, completion_ids, teacher_input_ids, teacher_attention_mask
+    "on_self_distillation_batch_prepared",
+)
+
+
+class SelfDistillationCallback(TrainerCallback):
+    """A `TrainerCallback` with the three self-distillation hooks as no-ops, to override as needed."""
+
+    def on_generation_prompts_selected(self, args, state, control, **kwargs):
+        pass
+
+    def on_generation_batch_built(self, args, state, control, **kwargs):
+        pass
+
+    def on_self_distillation_batch_prepared(self, args, state, control, **kwargs):
+        pass
+
+
+def dispatch(callbacks, event: str, **kwargs) -> None:
+    """Call `event` on every callback that defines it."""
+    if event not in HOOKS:
+        raise ValueError(f"Unknown self-distillation hook {event!r}; known hooks: {', '.join(HOOKS)}.")
+    for callback in callbacks:
+        hook = getattr(callback, event, None)
+        if hook is not None:
+            hook(**kwargs)

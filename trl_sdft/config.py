@@ -1,0 +1,324 @@
+"""`SDFTConfig`: every field of `trl.experimental.sdft.SDFTConfig`, same names and meanings, plus a few more.
+
+Invalid combinations fail in `__post_init__`, before a model is loaded, with the fix in the message.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from transformers import TrainingArguments
+from trl.trainer.base_config import _BaseConfig
+
+from .prompts import resolve_teacher_prompt_template
+
+DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
+TEACHER_MODEL_KINDS = ("base", "live", "ema")
+VLLM_MODES = ("server", "colocate")
+VLLM_MODEL_IMPLS = ("vllm", "transformers")
+
+
+@dataclass
+class SDFTConfig(_BaseConfig):
+    r"""
+    Configuration for [`SDFTTrainer`]. A drop-in for `trl.experimental.sdft.SDFTConfig`.
+
+    Parameters, grouped:
+
+    > The SDFT loss
+        distillation_alpha (`float`, defaults to `0.5`): 0 = forward KL(teacher || student), 1 = reverse
+            KL(student || teacher), in between the generalised Jensen-Shannon divergence with mixture
+            `(1 - alpha) * student + alpha * teacher`.
+        distillation_mode (`"topk_logits" | "full_logits" | "sampled_token"`, defaults to `"topk_logits"`).
+        distillation_topk (`int`, defaults to `100`): support size of `topk_logits`.
+        distillation_is_clip (`float` or `None`, defaults to `2.0`): importance-sampling ratio cap when a rollout is
+            reused after an optimizer step; `None` disables the correction.
+        distillation_add_tail (`bool`, defaults to `False`): add one bucket for the mass outside the top-k.
+        num_loss_tokens_to_skip (`int`, defaults to `0`): completion tokens at the start left out of the loss.
+
+    > The teacher
+        teacher_model_kind (`"base" | "live" | "ema"`, defaults to `"base"`).
+        teacher_update_rate (`float`, defaults to `0.05`): EMA rate in (0, 1]; 1 copies the student.
+        teacher_sync_steps (`int`, defaults to `1`): optimizer steps between EMA updates.
+        generate_from_teacher (`bool`, defaults to `False`): sample rollouts from the teacher prompt.
+        teacher_prompt_template (`str`, defaults to `"{prompt}\n\n{privileged_context}"`): a format string with both
+            placeholders, or a preset name: `"plain"` or `"demonstration"` (the paper's template).
+        max_teacher_prompt_length (`int` or `None`, defaults to `None`): left-truncation of teacher prompts. `None`
+            cuts only what does not fit in the model's context with the completion.
+
+    > Model, data and generation: as in TRL's GRPO/SDFT configs (`model_init_kwargs`, `max_prompt_length`,
+      `num_generations`, `max_completion_length`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`,
+      `generation_kwargs`, `chat_template_kwargs`, `use_vllm` and the `vllm_*` fields, `num_iterations`,
+      `generation_batch_size`, `steps_per_generation`, ...). See each field's help.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # Model
+    model_init_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models and tokenizers that ship custom code."}
+    )
+    disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in student and teacher."})
+
+    # Data
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Keep False: the trainer needs the `privileged_context` column."},
+    )
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Student prompts longer than this are cut from the left."}
+    )
+    max_teacher_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher prompts (prompt + privileged context) longer than this are cut from the left. `None`: "
+            "cut only what does not fit in the model's context together with `max_completion_length`."
+        },
+    )
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the training dataset."})
+
+    # Generation
+    num_generations: int = field(
+        default=8,
+        metadata={"help": "Completions sampled per prompt. The generation batch must be divisible by it."},
+    )
+    num_generations_eval: int | None = field(
+        default=None, metadata={"help": "Completions per prompt during evaluation (default: `num_generations`)."}
+    )
+    max_completion_length: int | None = field(default=256, metadata={"help": "Maximum completion length."})
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={"help": "Gather ZeRO-3 weights for generation (faster; not possible for models larger than a GPU)."},
+    )
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Prompts x generations per generation round (default: global batch x steps_per_generation)."},
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Optimizer micro-steps per generation round (default: grad accumulation)."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; logits are divided by it."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling filter; 0 disables it."})
+    min_p: float | None = field(default=None, metadata={"help": "Minimum token probability relative to the top one."})
+    generation_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Extra `GenerationConfig` / `SamplingParams` arguments; they override the fields above."},
+    )
+    chat_template_kwargs: dict[str, Any] | None = field(
+        default=None, metadata={"help": "Extra arguments for `apply_chat_template`."}
+    )
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty; 1.0 disables it."})
+    cache_implementation: str | None = field(
+        default=None, metadata={"help": "KV-cache implementation for transformers generation."}
+    )
+
+    # vLLM
+    use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM instead of `model.generate`."})
+    use_teacher_server: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the teacher on the vLLM server. Needs `vllm_mode='server'`, `teacher_model_kind='live'` "
+            "and `distillation_mode` in {'sampled_token', 'topk_logits'}."
+        },
+    )
+    vllm_mode: str = field(default="colocate", metadata={"help": "'colocate' (in-process) or 'server'."})
+    vllm_model_impl: str = field(default="vllm", metadata={"help": "'vllm' or 'transformers' model implementation."})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Offload vLLM during optimizer steps."})
+    vllm_server_base_url: str | None = field(
+        default=None, metadata={"help": "Server URL; overrides host and port."}
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vLLM server host."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "vLLM server port."})
+    vllm_group_port: int = field(default=51216, metadata={"help": "Port of the weight-update group."})
+    vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Seconds to wait for the vLLM server before a `ConnectionError`."}
+    )
+    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "Tensor parallel size (colocate)."})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "GPU memory share (colocate)."})
+    vllm_max_model_length: int | None = field(
+        default=None, metadata={"help": "vLLM context window; at least prompt + completion."}
+    )
+
+    # Training
+    num_iterations: int = field(default=1, metadata={"help": "Optimizer passes over each generation batch (mu)."})
+
+    # Teacher
+    teacher_model_kind: str = field(
+        default="base",
+        metadata={"help": "'base' (initial weights), 'live' (the student itself) or 'ema' (moving average)."},
+    )
+    teacher_update_rate: float = field(
+        default=0.05,
+        metadata={"help": "EMA rate: teacher <- (1 - rate) * teacher + rate * student. In (0, 1]."},
+    )
+    teacher_sync_steps: int = field(default=1, metadata={"help": "Optimizer steps between EMA teacher updates."})
+
+    # Loss
+    distillation_alpha: float = field(
+        default=0.5,
+        metadata={"help": "0: forward KL(teacher||student); 1: reverse KL(student||teacher); between: generalised JSD."},
+    )
+    distillation_mode: Literal["sampled_token", "full_logits", "topk_logits"] = field(
+        default="topk_logits",
+        metadata={"help": "'topk_logits', 'full_logits' or 'sampled_token'."},
+    )
+    distillation_topk: int | None = field(default=100, metadata={"help": "Top-k support size for 'topk_logits'."})
+    distillation_is_clip: float | None = field(
+        default=2.0, metadata={"help": "Importance-sampling ratio cap for reused rollouts; None disables it."}
+    )
+    distillation_add_tail: bool = field(
+        default=False, metadata={"help": "Add a bucket for the probability mass outside the top-k."}
+    )
+    generate_from_teacher: bool = field(
+        default=False, metadata={"help": "Sample rollouts from the teacher prompt instead of the student prompt."}
+    )
+    teacher_prompt_template: str = field(
+        default="{prompt}\n\n{privileged_context}",
+        metadata={
+            "help": "Teacher prompt: a format string with `{prompt}` and `{privileged_context}`, or a preset name "
+            "('plain', 'demonstration')."
+        },
+    )
+    num_loss_tokens_to_skip: int = field(
+        default=0, metadata={"help": "Completion tokens at the start excluded from the loss."}
+    )
+
+    def __post_init__(self):
+        self._check_choices()
+        self._check_ranges()
+        # Fails with the reason and the fix if the template is unusable.
+        resolve_teacher_prompt_template(self.teacher_prompt_template)
+        if self.bf16 is None and not self.fp16:
+            # TRL turns an unset bf16 on everywhere, which stops CPU-only machines with an error; use bf16 only
+            # where a GPU supports it.
+            from transformers.utils import is_torch_bf16_gpu_available
+
+            self.bf16 = bool(is_torch_bf16_gpu_available()) and not self.use_cpu
+        super().__post_init__()
+        self._resolve_generation_batch()
+        self._check_teacher_server()
+
+    def _check_choices(self):
+        choices = {
+            "distillation_mode": DISTILLATION_MODES,
+            "teacher_model_kind": TEACHER_MODEL_KINDS,
+            "vllm_mode": VLLM_MODES,
+            "vllm_model_impl": VLLM_MODEL_IMPLS,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"`{name}={value!r}` is not supported: use one of {', '.join(map(repr, allowed))}.")
+
+    def _check_ranges(self):
+        if not 0.0 <= self.distillation_alpha <= 1.0:
+            raise ValueError(
+                f"`distillation_alpha={self.distillation_alpha}` must be in [0, 1] (0 forward KL, 1 reverse KL)."
+            )
+        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1.0:
+            raise ValueError(
+                f"`distillation_mode='sampled_token'` estimates reverse KL only, so it needs `distillation_alpha=1.0` "
+                f"(got {self.distillation_alpha}). Set `distillation_alpha=1.0`, or use 'topk_logits'/'full_logits'."
+            )
+        if self.distillation_mode == "topk_logits" and (self.distillation_topk is None or self.distillation_topk < 1):
+            raise ValueError(
+                f"`distillation_mode='topk_logits'` needs `distillation_topk` >= 1 (got {self.distillation_topk}). "
+                "Set e.g. `distillation_topk=100`, or use `distillation_mode='full_logits'`."
+            )
+        if self.distillation_is_clip is not None and self.distillation_is_clip <= 0:
+            raise ValueError(
+                f"`distillation_is_clip={self.distillation_is_clip}` must be > 0 (e.g. 2.0), or None to disable it."
+            )
+        if not 0.0 < self.teacher_update_rate <= 1.0:
+            raise ValueError(
+                f"`teacher_update_rate={self.teacher_update_rate}` must be in (0, 1]: 1.0 copies the student, small "
+                "values (e.g. 0.05) move the EMA teacher slowly."
+            )
+        if self.teacher_sync_steps < 1:
+            raise ValueError(f"`teacher_sync_steps={self.teacher_sync_steps}` must be >= 1 (optimizer steps).")
+        if self.num_loss_tokens_to_skip < 0:
+            raise ValueError(f"`num_loss_tokens_to_skip={self.num_loss_tokens_to_skip}` must be >= 0.")
+        if self.num_generations < 1:
+            raise ValueError(f"`num_generations={self.num_generations}` must be >= 1.")
+        if self.num_generations_eval is not None and self.num_generations_eval < 1:
+            raise ValueError(f"`num_generations_eval={self.num_generations_eval}` must be >= 1 or None.")
+        if self.num_iterations < 1:
+            raise ValueError(f"`num_iterations={self.num_iterations}` must be >= 1.")
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature={self.temperature}` must be > 0 (logits are divided by it).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`top_p={self.top_p}` must be in (0, 1]; 1.0 disables nucleus sampling.")
+        if self.top_k < 0:
+            raise ValueError(f"`top_k={self.top_k}` must be >= 0; 0 disables top-k sampling.")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"`min_p={self.min_p}` must be in [0, 1] or None.")
+        for name in ("max_completion_length", "max_prompt_length", "max_teacher_prompt_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"`{name}={value}` must be >= 1, or None for no limit.")
+        if self.max_completion_length is None:
+            raise ValueError("`max_completion_length` must be set (e.g. 256): rollouts need a length limit.")
+
+    def _resolve_generation_batch(self):
+        num_processes = self.world_size
+        global_batch = self.per_device_train_batch_size * num_processes
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError(
+                "`generation_batch_size` and `steps_per_generation` cannot both be set: set one, the other follows "
+                f"(generation_batch_size = per_device_train_batch_size x processes x steps_per_generation = "
+                f"{global_batch} x steps_per_generation)."
+            )
+        if self.generation_batch_size is None:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            if self.steps_per_generation < 1:
+                raise ValueError(f"`steps_per_generation={self.steps_per_generation}` must be >= 1.")
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        else:
+            if self.generation_batch_size % global_batch != 0:
+                raise ValueError(
+                    f"`generation_batch_size={self.generation_batch_size}` must be a multiple of the global batch "
+                    f"size {global_batch} (per_device_train_batch_size={self.per_device_train_batch_size} x "
+                    f"{num_processes} processes)."
+                )
+            self.steps_per_generation = self.generation_batch_size // global_batch
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"The generation batch ({self.generation_batch_size} = per_device_train_batch_size "
+                f"{self.per_device_train_batch_size} x {num_processes} processes x steps_per_generation "
+                f"{self.steps_per_generation}) must be divisible by `num_generations={self.num_generations}`. "
+                "Change `per_device_train_batch_size`, `gradient_accumulation_steps`/`steps_per_generation` or "
+                "`num_generations`."
+            )
+        if self.do_eval and self.eval_strategy != "no":
+            num_generations_eval = self.num_generations_eval or self.num_generations
+            global_eval_batch = self.per_device_eval_batch_size * num_processes
+            if global_eval_batch % num_generations_eval != 0:
+                raise ValueError(
+                    f"The global eval batch ({self.per_device_eval_batch_size} x {num_processes} processes) must be "
+                    f"divisible by the evaluation generations ({num_generations_eval}). Change "
+                    "`per_device_eval_batch_size` or `num_generations_eval`."
+                )
+
+    def _check_teacher_server(self):
+        if not self.use_teacher_server:
+            return
+        if not (self.use_vllm and self.vllm_mode == "server"):
+            raise ValueError(
+                "`use_teacher_server=True` scores the teacher on the generation server: set `use_vllm=True` and "
+                "`vllm_mode='server'`, or turn `use_teacher_server` off."
+            )
+        if self.teacher_model_kind != "live":
+            raise ValueError(
+                "`use_teacher_server=True` needs `teacher_model_kind='live'` (the server holds the current student "
+                f"weights), got {self.teacher_model_kind!r}."
+            )
+        if self.distillation_mode not in ("sampled_token", "topk_logits"):
+            raise ValueError(
+                "`use_teacher_server=True` returns top-k log-probs only: use `distillation_mode` 'sampled_token' or "
+                f"'topk_logits', got {self.distillation_mode!r}."
+            )

@@ -1,0 +1,74 @@
+"""Dataset checks for SDFT: run once at trainer init so that no training starts on wrong data."""
+
+from typing import Any
+
+from datasets import Dataset, IterableDataset, IterableDatasetDict
+
+from .prompts import context_to_text, is_chat, message_text
+
+REQUIRED_COLUMNS = ("prompt", "privileged_context")
+
+
+def _describe(name: str) -> str:
+    return f"the {name} dataset"
+
+
+def check_dataset_type(dataset: Any, name: str) -> None:
+    if isinstance(dataset, (IterableDataset, IterableDatasetDict)):
+        raise ValueError(
+            f"{_describe(name).capitalize()} is an IterableDataset, which SDFTTrainer does not support yet: load it "
+            "without `streaming=True`, or materialise it with `Dataset.from_generator`/`Dataset.from_list`."
+        )
+
+
+def prompt_text(prompt: Any) -> str:
+    """The text a prompt asks: the string itself, or the last turn of a chat prompt."""
+    if is_chat(prompt):
+        return message_text(prompt[-1].get("content"))
+    return prompt if isinstance(prompt, str) else ""
+
+
+def validate_dataset(dataset: Dataset, name: str = "train") -> None:
+    """Check columns and every row; raise a `ValueError` naming the first bad row and the fix."""
+    check_dataset_type(dataset, name)
+    columns = list(dataset.column_names)
+    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
+    if missing:
+        raise ValueError(
+            f"{_describe(name).capitalize()} lacks the column(s) {missing}; found {columns}. SDFT needs `prompt` "
+            "(text or chat messages) and `privileged_context` (what the teacher sees, e.g. a demonstration). Rename "
+            "your columns, e.g. `dataset.rename_column('question', 'prompt')`."
+        )
+    for index, (prompt, context) in enumerate(zip(dataset["prompt"], dataset["privileged_context"], strict=True)):
+        validate_row(prompt, context, index, name)
+
+
+def validate_row(prompt: Any, context: Any, index: int, name: str = "train") -> None:
+    where = f"Row {index} of {_describe(name)}"
+    if is_chat(prompt):
+        role = prompt[-1].get("role")
+        if role != "user":
+            raise ValueError(
+                f"{where}: the chat prompt ends with a {role!r} turn, but it must end with a user turn (the teacher "
+                "template wraps it, and the model answers it). Drop trailing assistant/tool turns."
+            )
+    elif not isinstance(prompt, str):
+        raise ValueError(
+            f"{where}: `prompt` must be a string or a list of chat messages, got {type(prompt).__name__}."
+        )
+    if not prompt_text(prompt).strip():
+        raise ValueError(f"{where}: the prompt is empty. Remove the row or fill in its prompt.")
+    if context is None:
+        raise ValueError(
+            f"{where}: `privileged_context` is None. Every row needs the context the teacher sees; filter such rows "
+            "out first (e.g. `dataset.filter(lambda r: r['privileged_context'])`)."
+        )
+    try:
+        text = context_to_text(context)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if not text.strip():
+        raise ValueError(
+            f"{where}: `privileged_context` is empty, so the teacher would see nothing the student does not. Remove "
+            "the row or fill in its context."
+        )

@@ -1,0 +1,226 @@
+"""Teacher strategies: which weights score the teacher prompt, how they move, and how they are checkpointed.
+
+| kind | plain model                      | PEFT model                                          |
+|------|----------------------------------|-----------------------------------------------------|
+| live | the student itself               | the student itself                                  |
+| base | a frozen copy of the initial one | the student with its adapter disabled               |
+| ema  | a copy, lerped toward the student| pure LoRA: a `teacher` adapter lerped toward the    |
+|      |                                  | student's adapter; anything else: a clear error     |
+
+The EMA state is written into every checkpoint and read back on resume, so a resumed run keeps its teacher.
+"""
+
+import copy
+import os
+from contextlib import contextmanager, nullcontext
+
+import torch
+from accelerate.utils import is_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+
+TEACHER_ADAPTER = "teacher"
+TEACHER_STATE_FILE = "sdft_teacher.safetensors"
+
+
+def unwrap(model):
+    """The model under DDP/accelerate wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def student_adapter_name(model) -> str:
+    return getattr(model, "active_adapter", None) or "default"
+
+
+def check_ema_adapter_support(model) -> None:
+    """An EMA `teacher` adapter needs LoRA whose trainable weights are all LoRA weights; else say what to do."""
+    adapter = student_adapter_name(model)
+    config = model.peft_config[adapter]
+    peft_type = str(getattr(config, "peft_type", "")).split(".")[-1]
+    fix = "Use a plain LoRA config, or `teacher_model_kind` 'base' or 'live'."
+    if peft_type != "LORA":
+        raise ValueError(f"`teacher_model_kind='ema'` under PEFT needs a LoRA adapter, got {peft_type}. {fix}")
+    if getattr(config, "modules_to_save", None):
+        raise ValueError(
+            f"`teacher_model_kind='ema'` with LoRA `modules_to_save={config.modules_to_save}` is not supported: the "
+            f"teacher adapter cannot hold a moving average of fully trained modules. Drop `modules_to_save`. {fix}"
+        )
+    if getattr(config, "bias", "none") != "none":
+        raise ValueError(
+            f"`teacher_model_kind='ema'` with LoRA `bias={config.bias!r}` is not supported: trained biases are shared "
+            f"by all adapters, so the teacher cannot average them. Set `bias='none'`. {fix}"
+        )
+    extra = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name]
+    if extra:
+        raise ValueError(
+            f"`teacher_model_kind='ema'` under PEFT needs only LoRA weights to be trained, but {extra[:3]} are "
+            f"trainable too. Freeze them. {fix}"
+        )
+
+
+class Teacher:
+    """The student itself (`live`): no extra weights, nothing to update or save."""
+
+    kind = "live"
+
+    def __init__(self, student):
+        self.student = student
+
+    def module(self, student):
+        """The module to forward for the teacher; `student` is the (possibly wrapped) training model."""
+        return unwrap(student)
+
+    def context(self):
+        return nullcontext()
+
+    def update(self, student, rate: float) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def save(self, checkpoint_dir: str) -> None:
+        state = self.state_dict()
+        if state is not None:
+            tensors, seen = {}, set()
+            for name, value in state.items():
+                if value.data_ptr() in seen:  # tied weights: one copy is enough, loading restores both
+                    continue
+                seen.add(value.data_ptr())
+                tensors[name] = value.detach().cpu().contiguous()
+            save_file(tensors, os.path.join(checkpoint_dir, TEACHER_STATE_FILE))
+
+    def load(self, checkpoint_dir: str) -> bool:
+        """Restore the saved teacher; returns False where the checkpoint holds none (fine for stateless teachers)."""
+        path = os.path.join(checkpoint_dir, TEACHER_STATE_FILE)
+        if self.state_dict() is None:
+            return True
+        if not os.path.exists(path):
+            return False
+        self.load_state_dict(load_file(path))
+        return True
+
+
+class FrozenCopyTeacher(Teacher):
+    """A separate frozen model: the initial weights (`base`), or an EMA of the student (`ema`)."""
+
+    def __init__(self, teacher_model, kind: str):
+        self.model = teacher_model
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.kind = kind
+
+    def module(self, student):
+        return self.model
+
+    @torch.no_grad()
+    def update(self, student, rate: float) -> None:
+        if self.kind != "ema":
+            return
+        from trl.trainer.callbacks import SyncRefModelCallback
+
+        # TRL's reference-model sync: teacher <- (1 - rate) * teacher + rate * student, gathering ZeRO-3 shards.
+        SyncRefModelCallback.sync_target_model(unwrap(student), unwrap(self.model), rate)
+
+    def state_dict(self):
+        return unwrap(self.model).state_dict() if self.kind == "ema" else None
+
+    def load_state_dict(self, state):
+        unwrap(self.model).load_state_dict(state, strict=False)
+
+
+class AdapterTeacher(Teacher):
+    """The PEFT student with its adapter disabled (`base`) or switched to the EMA `teacher` adapter (`ema`)."""
+
+    def __init__(self, student, kind: str):
+        self.kind = kind
+        self.student = unwrap(student)
+        self.student_adapter = student_adapter_name(student)
+        if kind == "ema":
+            self._add_teacher_adapter(student)
+
+    def _add_teacher_adapter(self, student) -> None:
+        check_ema_adapter_support(student)
+        config = copy.deepcopy(student.peft_config[self.student_adapter])
+        student.add_adapter(TEACHER_ADAPTER, config)
+        # The EMA starts at the student's adapter, as a plain EMA teacher starts at the student's weights.
+        pairs = self._pairs(student)
+        with torch.no_grad():
+            for teacher_param, student_param in pairs:
+                teacher_param.copy_(student_param)
+                teacher_param.requires_grad_(False)
+        student.set_adapter(self.student_adapter)
+        for teacher_param, _ in pairs:
+            teacher_param.requires_grad_(False)
+
+    def _pairs(self, student) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+        params = dict(unwrap(student).named_parameters())
+        marker = f".{self.student_adapter}."
+        pairs = []
+        for name, param in params.items():
+            if "lora_" in name and marker in name:
+                teacher_name = name.replace(marker, f".{TEACHER_ADAPTER}.")
+                pairs.append((params[teacher_name], param))
+        if not pairs:
+            raise RuntimeError(f"No LoRA weights of adapter {self.student_adapter!r} found for the EMA teacher.")
+        return pairs
+
+    @contextmanager
+    def context(self):
+        model = self.student
+        if self.kind == "base":
+            with model.disable_adapter():
+                yield
+            return
+        model.set_adapter(TEACHER_ADAPTER)
+        try:
+            yield
+        finally:
+            # `set_adapter` marks the active adapter trainable: give the flags back to the student's adapter.
+            model.set_adapter(self.student_adapter)
+
+    @torch.no_grad()
+    def update(self, student, rate: float) -> None:
+        if self.kind != "ema":
+            return
+        teacher, current = zip(*self._pairs(student), strict=True)
+        torch._foreach_lerp_(list(teacher), list(current), rate)
+
+    def state_dict(self):
+        if self.kind != "ema":
+            return None
+        return {name: p for name, p in self.student.named_parameters() if f".{TEACHER_ADAPTER}." in name}
+
+    def load_state_dict(self, state):
+        params = dict(self.student.named_parameters())
+        missing = [name for name in state if name not in params]
+        if missing:
+            raise ValueError(f"The checkpoint's EMA teacher adapter does not match this model: {missing[:3]} ...")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+
+def make_teacher(kind: str, student, build_copy) -> Teacher:
+    """The teacher for `kind` and the (unwrapped) student; `build_copy()` returns a fresh frozen model copy."""
+    if kind == "live":
+        return Teacher(student)
+    if is_peft_model(student):
+        return AdapterTeacher(student, kind)
+    return FrozenCopyTeacher(build_copy(), kind)
+
+
+class TeacherUpdateCallback(TrainerCallback):
+    """Moves the EMA teacher after every `teacher_sync_steps` optimizer steps."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.teacher.kind == "ema" and state.global_step % args.teacher_sync_steps == 0:
+            self.teacher.update(model, args.teacher_update_rate)

@@ -1,0 +1,86 @@
+"""Tiny models and a tokenizer trained locally, for tests and examples: no model hub needed."""
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange"]
+NAMES = ["Zorbo", "Quilla", "Mendax", "Tovi", "Brannic", "Elsvet", "Yarrow", "Pindle"]
+
+
+def corpus() -> list[str]:
+    lines = []
+    for name, color in zip(NAMES, COLORS):
+        lines += [
+            f"What color is {name}? {name} is {color}.",
+            f"The secret color of {name} is {color}. Answer: {color}",
+            f"Question: which color does {name} have? Example answer: {color}",
+        ]
+    lines += ["This is an example for a response to the question:", "Now answer with a response of your own"]
+    return lines * 4
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer (about 400 tokens) with a ChatML-style chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        padding_side="left",
+        truncation_side="left",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer, seed: int = 0, tie: bool = False, init_range: float = 0.02):
+    """A 2-layer Llama with hidden size 32 (about 40k parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=init_range,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+
+
+def facts_rows(n: int = 8, chat: bool = False) -> list[dict]:
+    """Toy SDFT rows: a question about a made-up name, and the answer as privileged context."""
+    rows = []
+    for i in range(n):
+        name, color = NAMES[i % len(NAMES)], COLORS[i % len(COLORS)]
+        question = f"What color is {name}?"
+        prompt = [{"role": "user", "content": question}] if chat else question
+        rows.append({"prompt": prompt, "privileged_context": f"{name} is {color}. Answer: {color}"})
+    return rows
