@@ -33,8 +33,11 @@ def main():
     )
     trainer = SDFTTrainer(model, args=config, train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer)
     trainer.train()
-    kl = [entry["self_distillation/teacher_student_kl"] for entry in trainer.state.log_history
-          if "self_distillation/teacher_student_kl" in entry]
+    kl = [
+        entry["self_distillation/teacher_student_kl"]
+        for entry in trainer.state.log_history
+        if "self_distillation/teacher_student_kl" in entry
+    ]
     print(f"\nKL(teacher || student) per token: first log {kl[0]:.3f} -> last log {kl[-1]:.3f}")
     print("Greedy answer to 'What color is Zorbo?':", repr(trainer.generate("What color is Zorbo?")))
 

@@ -83,8 +83,13 @@ def test_preset_template_is_accepted(tmp_path):
         (dict(use_teacher_server=True), "vllm_mode='server'"),
         (dict(use_teacher_server=True, use_vllm=True, vllm_mode="server"), "teacher_model_kind='live'"),
         (
-            dict(use_teacher_server=True, use_vllm=True, vllm_mode="server", teacher_model_kind="live",
-                 distillation_mode="full_logits"),
+            dict(
+                use_teacher_server=True,
+                use_vllm=True,
+                vllm_mode="server",
+                teacher_model_kind="live",
+                distillation_mode="full_logits",
+            ),
             "top-k log-probs only",
         ),
         (
@@ -109,8 +114,21 @@ def test_parses_with_trl_parser(tmp_path):
     from trl import TrlParser
 
     (config,) = TrlParser((SDFTConfig,)).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--teacher_model_kind", "ema", "--distillation_mode", "full_logits",
-         "--num_generations", "4", "--per_device_train_batch_size", "4", "--use_cpu", "--bf16", "false"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--teacher_model_kind",
+            "ema",
+            "--distillation_mode",
+            "full_logits",
+            "--num_generations",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--use_cpu",
+            "--bf16",
+            "false",
+        ]
     )
     assert (config.teacher_model_kind, config.distillation_mode, config.num_generations) == ("ema", "full_logits", 4)
     assert re.match(r"\d", str(config.generation_batch_size))

@@ -9,8 +9,9 @@ from trl_sdft.testing import facts_rows
 
 
 def make(model, tokenizer, tmp_path, dataset, **kwargs):
-    return SDFTTrainer(model=model, args=tiny_config(tmp_path), train_dataset=dataset, processing_class=tokenizer,
-                       **kwargs)
+    return SDFTTrainer(
+        model=model, args=tiny_config(tmp_path), train_dataset=dataset, processing_class=tokenizer, **kwargs
+    )
 
 
 class ExplodingModel:
@@ -23,13 +24,21 @@ class ExplodingModel:
 @pytest.mark.parametrize(
     "rows, message",
     [
-        ([{"question": "q", "privileged_context": "c"}], r"lacks the column\(s\) \['prompt'\]; found \['question', 'privileged_context'\]"),
+        (
+            [{"question": "q", "privileged_context": "c"}],
+            r"lacks the column\(s\) \['prompt'\]; found \['question', 'privileged_context'\]",
+        ),
         ([{"prompt": "q", "answer": "c"}], r"lacks the column\(s\) \['privileged_context'\]"),
         ([{"prompt": "q", "privileged_context": "c"}, {"prompt": "q2", "privileged_context": None}], "Row 1 .*is None"),
         ([{"prompt": "q", "privileged_context": "  "}], "Row 0 .*is empty"),
         ([{"prompt": "", "privileged_context": "c"}], "Row 0 .*prompt is empty"),
         (
-            [{"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "privileged_context": "c"}],
+            [
+                {
+                    "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                    "privileged_context": "c",
+                }
+            ],
             "Row 0 .*ends with a 'assistant' turn.*must end with a user turn",
         ),
         ([{"prompt": "q", "privileged_context": [{"role": "user", "content": ""}]}], "Row 0 .*is empty"),
@@ -42,8 +51,13 @@ def test_bad_rows_fail_before_the_model_is_loaded(tokenizer, tmp_path, rows, mes
 
 def test_bad_eval_rows_are_named(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"Row 0 of the eval\['probe'\] dataset"):
-        make(ExplodingModel(), tokenizer, tmp_path, Dataset.from_list(facts_rows()),
-             eval_dataset={"probe": Dataset.from_list([{"prompt": "q", "privileged_context": None}])})
+        make(
+            ExplodingModel(),
+            tokenizer,
+            tmp_path,
+            Dataset.from_list(facts_rows()),
+            eval_dataset={"probe": Dataset.from_list([{"prompt": "q", "privileged_context": None}])},
+        )
 
 
 def test_iterable_dataset_is_refused(tokenizer, tmp_path):
@@ -90,16 +104,25 @@ def test_ema_adapter_limits(tiny_model, tokenizer, tmp_path, lora_kwargs, messag
 
     config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM", **lora_kwargs)
     with pytest.raises(ValueError, match=message):
-        SDFTTrainer(model=tiny_model, args=tiny_config(tmp_path, teacher_model_kind="ema"),
-                    train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer, peft_config=config)
+        SDFTTrainer(
+            model=tiny_model,
+            args=tiny_config(tmp_path, teacher_model_kind="ema"),
+            train_dataset=Dataset.from_list(facts_rows()),
+            processing_class=tokenizer,
+            peft_config=config,
+        )
 
 
 def test_long_prompts_are_cut_and_counted(tiny_model, tokenizer, tmp_path, caplog):
     rows = facts_rows(4)
     rows[0]["prompt"] = "What color is Zorbo? " * 20
     with caplog.at_level("WARNING"):
-        trainer = SDFTTrainer(model=tiny_model, args=tiny_config(tmp_path, max_prompt_length=16),
-                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        trainer = SDFTTrainer(
+            model=tiny_model,
+            args=tiny_config(tmp_path, max_prompt_length=16),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
     assert "1 of 4 prompts of the train dataset are longer than 16 tokens" in caplog.text
     # The teacher prompt has its own limit: the model's context minus the completion, so nothing is cut here.
     assert trainer.max_teacher_prompt_length == 256 - 8

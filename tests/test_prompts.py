@@ -72,7 +72,11 @@ def test_chat_context_and_multimodal_parts():
 
 def test_chat_prompt_must_end_with_user():
     with pytest.raises(ValueError, match="must end with a user turn"):
-        build_teacher_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "c", "{prompt}{privileged_context}")
+        build_teacher_prompt(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "c",
+            "{prompt}{privileged_context}",
+        )
 
 
 def test_bad_context_type():

@@ -48,7 +48,12 @@ def snapshot(model):
 def test_train_every_mode_teacher_and_lora(tiny_model, tokenizer, tmp_path, mode, alpha, kind, use_lora):
     before = snapshot(tiny_model)
     trainer = trained(
-        tiny_model, tokenizer, tmp_path, distillation_mode=mode, distillation_alpha=alpha, teacher_model_kind=kind,
+        tiny_model,
+        tokenizer,
+        tmp_path,
+        distillation_mode=mode,
+        distillation_alpha=alpha,
+        teacher_model_kind=kind,
         peft_config=lora_config() if use_lora else None,
     )
     history = losses_of(trainer)
@@ -70,8 +75,12 @@ def fixed_kl(trainer, rows):
     prompts = [r["prompt"] for r in rows]
     from trl_sdft.prompts import build_teacher_prompt
 
-    teacher_prompts = [build_teacher_prompt(r["prompt"], r["privileged_context"], trainer.teacher_prompt_template) for r in rows]
-    completions = [tok(" " + r["privileged_context"].split(". ")[0] + ".", add_special_tokens=False)["input_ids"] for r in rows]
+    teacher_prompts = [
+        build_teacher_prompt(r["prompt"], r["privileged_context"], trainer.teacher_prompt_template) for r in rows
+    ]
+    completions = [
+        tok(" " + r["privileged_context"].split(". ")[0] + ".", add_special_tokens=False)["input_ids"] for r in rows
+    ]
     p_ids, p_mask = left_pad(trainer._tokenize(prompts, None), tok.pad_token_id, device)
     t_ids, t_mask = left_pad(trainer._tokenize(teacher_prompts, None), tok.pad_token_id, device)
     c_ids, c_mask = right_pad(completions, tok.pad_token_id, device)
@@ -94,8 +103,15 @@ def test_loss_falls_on_toy_task(tokenizer, tmp_path, mode, alpha):
     model = build_model(tokenizer, init_range=0.2)
     trainer = SDFTTrainer(
         model=model,
-        args=tiny_config(tmp_path, distillation_mode=mode, distillation_alpha=alpha, max_steps=30,
-                         learning_rate=3e-3, per_device_train_batch_size=8, num_generations=4),
+        args=tiny_config(
+            tmp_path,
+            distillation_mode=mode,
+            distillation_alpha=alpha,
+            max_steps=30,
+            learning_rate=3e-3,
+            per_device_train_batch_size=8,
+            num_generations=4,
+        ),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
@@ -117,8 +133,15 @@ def test_chat_prompts_with_system_turns(tiny_model, tokenizer, tmp_path):
         def on_generation_prompts_selected(self, args, state, control, generation_prompts=None, **kwargs):
             seen.extend(generation_prompts)
 
-    trainer = trained(tiny_model, tokenizer, tmp_path, dataset=Dataset.from_list(rows), callbacks=[Spy()],
-                      generate_from_teacher=True, teacher_prompt_template="demonstration")
+    trainer = trained(
+        tiny_model,
+        tokenizer,
+        tmp_path,
+        dataset=Dataset.from_list(rows),
+        callbacks=[Spy()],
+        generate_from_teacher=True,
+        teacher_prompt_template="demonstration",
+    )
     assert len(losses_of(trainer)) == 2
     assert seen[0][0] == {"role": "system", "content": "Answer briefly."}
     assert seen[0][1]["content"].startswith("<Question>\nWhat color is")
@@ -141,9 +164,16 @@ def test_buffering_generates_the_expected_number_of_times(
             payloads.append(kwargs)
 
     trainer = trained(
-        tiny_model, tokenizer, tmp_path, callbacks=[Counter()], per_device_train_batch_size=2, num_generations=2,
-        steps_per_generation=steps_per_generation, num_iterations=num_iterations,
-        gradient_accumulation_steps=grad_accum, max_steps=max_steps,
+        tiny_model,
+        tokenizer,
+        tmp_path,
+        callbacks=[Counter()],
+        per_device_train_batch_size=2,
+        num_generations=2,
+        steps_per_generation=steps_per_generation,
+        num_iterations=num_iterations,
+        gradient_accumulation_steps=grad_accum,
+        max_steps=max_steps,
     )
     micro_steps = max_steps * grad_accum
     expected = micro_steps // (steps_per_generation * num_iterations)
@@ -187,8 +217,13 @@ def test_hooks_fire_with_payloads(tiny_model, tokenizer, tmp_path):
     selected, prepared, built = (payload for _, payload in events)
     assert selected["generation_prompts"][0].startswith("What color is") and selected["generation_prompt_text"] is None
     assert {"model", "processing_class"} <= set(selected)
-    assert set(prepared) >= {"old_per_token_logps", "prompt_ids", "completion_ids", "teacher_input_ids",
-                             "teacher_attention_mask"}
+    assert set(prepared) >= {
+        "old_per_token_logps",
+        "prompt_ids",
+        "completion_ids",
+        "teacher_input_ids",
+        "teacher_attention_mask",
+    }
     assert prepared["teacher_input_ids"].shape[1] > prepared["prompt_ids"].shape[1]
     assert built["generate_every"] == 1
     assert PlainCallback.calls == 1
@@ -199,8 +234,10 @@ def test_ema_update_rule(tiny_model, tokenizer, tmp_path, use_lora):
     """After one optimizer step: teacher = (1 - rate) * initial + rate * student."""
     rate = 0.25
     trainer = SDFTTrainer(
-        model=tiny_model, args=tiny_config(tmp_path, teacher_model_kind="ema", teacher_update_rate=rate, max_steps=1),
-        train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer,
+        model=tiny_model,
+        args=tiny_config(tmp_path, teacher_model_kind="ema", teacher_update_rate=rate, max_steps=1),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
         peft_config=lora_config() if use_lora else None,
     )
     if use_lora:
@@ -247,8 +284,15 @@ def test_base_teacher_plain_model_stays_frozen(tiny_model, tokenizer, tmp_path):
 
 
 def test_resume_with_ema_teacher_matches_uninterrupted_run(tokenizer, tmp_path):
-    common = dict(teacher_model_kind="ema", teacher_update_rate=0.5, max_steps=4, save_strategy="steps",
-                  save_steps=2, distillation_mode="full_logits", distillation_alpha=0.5)
+    common = dict(
+        teacher_model_kind="ema",
+        teacher_update_rate=0.5,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        distillation_mode="full_logits",
+        distillation_alpha=0.5,
+    )
     full = trained(build_model(tokenizer, init_range=0.2), tokenizer, tmp_path / "full", **common)
     from transformers import TrainerCallback
 
@@ -259,15 +303,20 @@ def test_resume_with_ema_teacher_matches_uninterrupted_run(tokenizer, tmp_path):
                 control.should_save = True
 
     first = SDFTTrainer(
-        model=build_model(tokenizer, init_range=0.2), args=tiny_config(tmp_path / "resumed", **common),
-        train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer, callbacks=[StopAfterTwo()],
+        model=build_model(tokenizer, init_range=0.2),
+        args=tiny_config(tmp_path / "resumed", **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+        callbacks=[StopAfterTwo()],
     )
     first.train()
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
     assert (checkpoint / "sdft_teacher.safetensors").exists()
     resumed = SDFTTrainer(
-        model=build_model(tokenizer, init_range=0.2), args=tiny_config(tmp_path / "resumed", **common),
-        train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer,
+        model=build_model(tokenizer, init_range=0.2),
+        args=tiny_config(tmp_path / "resumed", **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     expected = losses_of(full)[2:]
@@ -283,8 +332,12 @@ def test_resume_refuses_checkpoint_without_teacher_state(tokenizer, tmp_path):
     trained(build_model(tokenizer), tokenizer, tmp_path, **common)
     checkpoint = tmp_path / "checkpoint-1"
     os.remove(checkpoint / "sdft_teacher.safetensors")
-    trainer = SDFTTrainer(model=build_model(tokenizer), args=tiny_config(tmp_path, **common),
-                          train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer)
+    trainer = SDFTTrainer(
+        model=build_model(tokenizer),
+        args=tiny_config(tmp_path, **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+    )
     with pytest.raises(ValueError, match="no EMA teacher state"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
     assert (checkpoint / "model.safetensors").exists()  # nothing already written is touched
@@ -293,8 +346,14 @@ def test_resume_refuses_checkpoint_without_teacher_state(tokenizer, tmp_path):
 def test_evaluation_reports_distillation_loss(tiny_model, tokenizer, tmp_path):
     trainer = SDFTTrainer(
         model=tiny_model,
-        args=tiny_config(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4,
-                         num_generations_eval=2, max_steps=1),
+        args=tiny_config(
+            tmp_path,
+            eval_strategy="steps",
+            eval_steps=1,
+            per_device_eval_batch_size=4,
+            num_generations_eval=2,
+            max_steps=1,
+        ),
         train_dataset=Dataset.from_list(facts_rows()),
         eval_dataset={"facts": Dataset.from_list(facts_rows(4))},
         processing_class=tokenizer,
@@ -324,8 +383,9 @@ def test_model_path_and_default_args(tiny_model_dir, tokenizer, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     from trl_sdft import SDFTConfig
 
-    trainer = SDFTTrainer(model=tiny_model_dir, train_dataset=Dataset.from_list(facts_rows()),
-                          processing_class=tokenizer)
+    trainer = SDFTTrainer(
+        model=tiny_model_dir, train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer
+    )
     assert isinstance(trainer.args, SDFTConfig)
     assert trainer.args.output_dir.endswith("-SDFT")
     assert trainer.model.config.pad_token_id == tokenizer.pad_token_id
@@ -337,8 +397,16 @@ def test_skipped_tokens_leave_loss_zero_when_nothing_remains(tiny_model, tokeniz
 
 
 def test_checkpoint_metadata(tiny_model, tokenizer, tmp_path):
-    trained(tiny_model, tokenizer, tmp_path, teacher_model_kind="ema", max_steps=1, save_strategy="steps",
-            save_steps=1, peft_config=lora_config())
+    trained(
+        tiny_model,
+        tokenizer,
+        tmp_path,
+        teacher_model_kind="ema",
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        peft_config=lora_config(),
+    )
     checkpoint = tmp_path / "checkpoint-1"
     from safetensors.torch import load_file
 

@@ -1,6 +1,6 @@
 """trl-sdft: Self-Distillation Fine-Tuning for Hugging Face TRL.
 
-    from trl_sdft import SDFTConfig, SDFTTrainer   # instead of trl.experimental.sdft
+from trl_sdft import SDFTConfig, SDFTTrainer   # instead of trl.experimental.sdft
 """
 
 from .callbacks import SelfDistillationCallback

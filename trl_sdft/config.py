@@ -51,7 +51,7 @@ class SDFTConfig(_BaseConfig):
       `generation_batch_size`, `steps_per_generation`, ...). See each field's help.
     """
 
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
     # Model
     model_init_kwargs: dict[str, Any] | None = field(
@@ -109,7 +109,7 @@ class SDFTConfig(_BaseConfig):
         metadata={"help": "Extra `GenerationConfig` / `SamplingParams` arguments; they override the fields above."},
     )
     chat_template_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Extra arguments for `apply_chat_template`."}
+        default=None, metadata={"help": "Extra `apply_chat_template` arguments."}
     )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty; 1.0 disables it."})
     cache_implementation: str | None = field(
@@ -128,9 +128,7 @@ class SDFTConfig(_BaseConfig):
     vllm_mode: str = field(default="colocate", metadata={"help": "'colocate' (in-process) or 'server'."})
     vllm_model_impl: str = field(default="vllm", metadata={"help": "'vllm' or 'transformers' model implementation."})
     vllm_enable_sleep_mode: bool = field(default=False, metadata={"help": "Offload vLLM during optimizer steps."})
-    vllm_server_base_url: str | None = field(
-        default=None, metadata={"help": "Server URL; overrides host and port."}
-    )
+    vllm_server_base_url: str | None = field(default=None, metadata={"help": "Server URL; overrides host and port."})
     vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "vLLM server host."})
     vllm_server_port: int = field(default=8000, metadata={"help": "vLLM server port."})
     vllm_group_port: int = field(default=51216, metadata={"help": "Port of the weight-update group."})
@@ -160,11 +158,12 @@ class SDFTConfig(_BaseConfig):
     # Loss
     distillation_alpha: float = field(
         default=0.5,
-        metadata={"help": "0: forward KL(teacher||student); 1: reverse KL(student||teacher); between: generalised JSD."},
+        metadata={
+            "help": "0: forward KL(teacher||student); 1: reverse KL(student||teacher); between: generalised JSD."
+        },
     )
     distillation_mode: Literal["sampled_token", "full_logits", "topk_logits"] = field(
-        default="topk_logits",
-        metadata={"help": "'topk_logits', 'full_logits' or 'sampled_token'."},
+        default="topk_logits", metadata={"help": "'topk_logits', 'full_logits' or 'sampled_token'."}
     )
     distillation_topk: int | None = field(default=100, metadata={"help": "Top-k support size for 'topk_logits'."})
     distillation_is_clip: float | None = field(
@@ -219,7 +218,7 @@ class SDFTConfig(_BaseConfig):
             raise ValueError(
                 f"`distillation_alpha={self.distillation_alpha}` must be in [0, 1] (0 forward KL, 1 reverse KL)."
             )
-        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1.0:
+        if self.distillation_mode == "sampled_token" and self.distillation_alpha < 1.0:
             raise ValueError(
                 f"`distillation_mode='sampled_token'` estimates reverse KL only, so it needs `distillation_alpha=1.0` "
                 f"(got {self.distillation_alpha}). Set `distillation_alpha=1.0`, or use 'topk_logits'/'full_logits'."
@@ -273,8 +272,7 @@ class SDFTConfig(_BaseConfig):
                 f"{global_batch} x steps_per_generation)."
             )
         if self.generation_batch_size is None:
-            if self.steps_per_generation is None:
-                self.steps_per_generation = self.gradient_accumulation_steps
+            self.steps_per_generation = self.steps_per_generation or self.gradient_accumulation_steps
             if self.steps_per_generation < 1:
                 raise ValueError(f"`steps_per_generation={self.steps_per_generation}` must be >= 1.")
             self.generation_batch_size = global_batch * self.steps_per_generation
@@ -286,7 +284,7 @@ class SDFTConfig(_BaseConfig):
                     f"{num_processes} processes)."
                 )
             self.steps_per_generation = self.generation_batch_size // global_batch
-        if self.generation_batch_size % self.num_generations != 0:
+        if self.generation_batch_size % self.num_generations:
             raise ValueError(
                 f"The generation batch ({self.generation_batch_size} = per_device_train_batch_size "
                 f"{self.per_device_train_batch_size} x {num_processes} processes x steps_per_generation "
@@ -295,7 +293,9 @@ class SDFTConfig(_BaseConfig):
                 "`num_generations`."
             )
         if self.do_eval and self.eval_strategy != "no":
-            num_generations_eval = self.num_generations_eval or self.num_generations
+            num_generations_eval = (
+                self.num_generations if self.num_generations_eval is None else self.num_generations_eval
+            )
             global_eval_batch = self.per_device_eval_batch_size * num_processes
             if global_eval_batch % num_generations_eval != 0:
                 raise ValueError(

@@ -53,9 +53,7 @@ def validate_row(prompt: Any, context: Any, index: int, name: str = "train") -> 
                 "template wraps it, and the model answers it). Drop trailing assistant/tool turns."
             )
     elif not isinstance(prompt, str):
-        raise ValueError(
-            f"{where}: `prompt` must be a string or a list of chat messages, got {type(prompt).__name__}."
-        )
+        raise ValueError(f"{where}: `prompt` must be a string or a list of chat messages, got {type(prompt).__name__}.")
     if not prompt_text(prompt).strip():
         raise ValueError(f"{where}: the prompt is empty. Remove the row or fill in its prompt.")
     if context is None:

@@ -108,7 +108,9 @@ def teacher_student_kl(
     for row in range(student_logits.size(0)):
         for start in range(0, student_logits.size(1), chunk):
             part = slice(start, start + chunk)
-            per_pos = kl(teacher_logits[row, part].float().log_softmax(-1), student_logits[row, part].float().log_softmax(-1))
+            per_pos = kl(
+                teacher_logits[row, part].float().log_softmax(-1), student_logits[row, part].float().log_softmax(-1)
+            )
             total = total + (per_pos * mask[row, part].float()).sum()
     return total / mask.float().sum().clamp(min=1.0)
 

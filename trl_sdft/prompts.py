@@ -55,7 +55,8 @@ def is_chat(prompt: Any) -> bool:
 def message_text(content: Any) -> str:
     """Text of a message content: a string, or the text parts of a multimodal content list."""
     if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+        texts = [part.get("text", "") for part in content if part.get("type") == "text"]
+        return " ".join(texts)
     return "" if content is None else str(content)
 
 

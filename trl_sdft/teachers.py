@@ -12,12 +12,13 @@ The EMA state is written into every checkpoint and read back on resume, so a res
 
 import copy
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from accelerate.utils import is_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+from trl.trainer.utils import use_adapter
 
 TEACHER_ADAPTER = "teacher"
 TEACHER_STATE_FILE = "sdft_teacher.safetensors"
@@ -170,19 +171,10 @@ class AdapterTeacher(Teacher):
             raise RuntimeError(f"No LoRA weights of adapter {self.student_adapter!r} found for the EMA teacher.")
         return pairs
 
-    @contextmanager
     def context(self):
-        model = self.student
-        if self.kind == "base":
-            with model.disable_adapter():
-                yield
-            return
-        model.set_adapter(TEACHER_ADAPTER)
-        try:
-            yield
-        finally:
-            # `set_adapter` marks the active adapter trainable: give the flags back to the student's adapter.
-            model.set_adapter(self.student_adapter)
+        # TRL's adapter switch: None disables adapters (base weights); a name activates that adapter and restores
+        # the student's afterwards (which also hands the trainable flags back to it).
+        return use_adapter(self.student, None if self.kind == "base" else TEACHER_ADAPTER)
 
     @torch.no_grad()
     def update(self, student, rate: float) -> None:

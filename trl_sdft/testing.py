@@ -73,8 +73,6 @@ def build_model(tokenizer, seed: int = 0, tie: bool = False, init_range: float =
     return model
 
 
-
-
 def facts_rows(n: int = 8, chat: bool = False) -> list[dict]:
     """Toy SDFT rows: a question about a made-up name, and the answer as privileged context."""
     rows = []

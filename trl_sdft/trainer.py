@@ -9,7 +9,6 @@ import copy
 import inspect
 import json
 import os
-import textwrap
 from collections import defaultdict
 from typing import Any
 
@@ -40,12 +39,23 @@ from trl.trainer.utils import (
 from . import losses
 from .callbacks import dispatch
 from .config import SDFTConfig
-from .data import check_dataset_type, validate_dataset
+from .data import REQUIRED_COLUMNS, check_dataset_type, validate_dataset
 from .prompts import build_teacher_prompt, is_chat, resolve_teacher_prompt_template
 from .rollout import TransformersRollout, left_pad, right_pad
 from .teachers import TeacherUpdateCallback, make_teacher, unwrap
 
 logger = get_logger(__name__)
+
+Processor = PreTrainedTokenizerBase | ProcessorMixin
+Optimizers = tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None]
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "cache_implementation")
+PAPER_TITLE = "Self-Distillation Enables Continual Learning"
+CITATION = """@article{shenfeld2026selfdistillation,
+  title   = {Self-Distillation Enables Continual Learning},
+  author  = {Idan Shenfeld and Mehul Damani and Jonas H\\"ubotter and Pulkit Agrawal},
+  year    = 2026,
+  eprint  = {arXiv:2601.19897}
+}"""
 
 
 def _named_eval_sets(eval_dataset) -> list[tuple[str, Any]]:
@@ -66,17 +76,7 @@ class SDFTTrainer(_BaseTrainer):
     config_cls = SDFTConfig
     _tag_names = ["trl", "sdft", "trl-sdft"]
     _name = "SDFT"
-    _paper = {
-        "title": "Self-Distillation Enables Continual Learning",
-        "id": "2601.19897",
-        "citation": textwrap.dedent("""\
-            @article{shenfeld2026selfdistillation,
-                title        = {{Self-Distillation Enables Continual Learning}},
-                author       = {Idan Shenfeld and Mehul Damani and Jonas H\\"ubotter and Pulkit Agrawal},
-                year         = 2026,
-                eprint       = {arXiv:2601.19897}
-            }"""),
-    }
+    _paper = {"title": PAPER_TITLE, "id": "2601.19897", "citation": CITATION}
 
     def __init__(
         self,
@@ -84,9 +84,9 @@ class SDFTTrainer(_BaseTrainer):
         args: SDFTConfig | None = None,
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
-        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        processing_class: Processor | None = None,
         callbacks: list[TrainerCallback] | None = None,
-        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizers: Optimizers = (None, None),
         peft_config=None,
     ):
         if args is None:
@@ -121,7 +121,7 @@ class SDFTTrainer(_BaseTrainer):
         processing_class, tokenizer = self._resolve_processing_class(model, processing_class, args)
         self._tokenizer = tokenizer
         self.processing_class = processing_class
-        self.chat_template_kwargs = args.chat_template_kwargs or {}
+        self.chat_template_kwargs = dict(args.chat_template_kwargs or {})
         self.eos_token_ids = self._eos_token_ids(model, tokenizer)
         text_config = model.config.get_text_config()
         text_config.pad_token_id = tokenizer.pad_token_id
@@ -143,7 +143,7 @@ class SDFTTrainer(_BaseTrainer):
 
         self._step = 0
         self._buffered_inputs = None
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {mode: defaultdict(list) for mode in ("train", "eval")}
         self.num_generation_rounds = 0
 
         super().__init__(
@@ -186,7 +186,9 @@ class SDFTTrainer(_BaseTrainer):
         except ImportError:
             raise ImportError("`peft_config` needs the `peft` package: `pip install trl-sdft[peft]`.") from None
         if not isinstance(peft_config, PeftConfig):
-            raise TypeError(f"`peft_config` must be a `peft.PeftConfig` (e.g. LoraConfig), got {type(peft_config).__name__}.")
+            raise TypeError(
+                f"`peft_config` must be a `peft.PeftConfig` (e.g. LoraConfig), got {type(peft_config).__name__}."
+            )
         if already_peft:
             raise ValueError(
                 "`model` is already a PEFT model and a `peft_config` was passed too. Pass the base model with "
@@ -205,11 +207,8 @@ class SDFTTrainer(_BaseTrainer):
                 truncation_side="left",
                 trust_remote_code=args.trust_remote_code,
             )
-        if isinstance(processing_class, ProcessorMixin):
-            tokenizer = processing_class.tokenizer
-        elif isinstance(processing_class, PreTrainedTokenizerBase):
-            tokenizer = processing_class
-        else:
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
             raise TypeError("`processing_class` must be a `PreTrainedTokenizerBase` or a `ProcessorMixin`.")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -225,19 +224,14 @@ class SDFTTrainer(_BaseTrainer):
         return ids
 
     def _generation_config(self, args, tokenizer) -> GenerationConfig:
-        kwargs = {
-            "max_new_tokens": args.max_completion_length,
-            "do_sample": True,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": self.eos_token_ids,
-            "temperature": args.temperature,
-            "top_p": args.top_p,
-            "top_k": args.top_k,
-            "min_p": args.min_p,
-            "repetition_penalty": args.repetition_penalty,
-            "cache_implementation": args.cache_implementation,
-        }
+        kwargs = dict(
+            max_new_tokens=args.max_completion_length,
+            do_sample=True,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=self.eos_token_ids,
+            **{name: getattr(args, name) for name in SAMPLING_FIELDS},
+        )
         kwargs.update(args.generation_kwargs or {})
         return GenerationConfig(**kwargs, disable_compile=True)
 
@@ -293,7 +287,7 @@ class SDFTTrainer(_BaseTrainer):
     # ------------------------------------------------------------------------------------------------------ data
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt", "privileged_context"]
+            self._signature_columns = list(REQUIRED_COLUMNS)
 
     def get_train_dataloader(self):
         if self.train_dataset is None:
@@ -326,7 +320,10 @@ class SDFTTrainer(_BaseTrainer):
         """Token ids of text or chat prompts (generation prompt appended), cut from the left to `limit`."""
         if is_chat(prompts[0]):
             ids = self.processing_class.apply_chat_template(
-                conversation=prompts, add_generation_prompt=True, tokenize=True, return_dict=True,
+                conversation=prompts,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
                 **self.chat_template_kwargs,
             )["input_ids"]
         else:
@@ -336,25 +333,21 @@ class SDFTTrainer(_BaseTrainer):
 
     # ------------------------------------------------------------------------------------------------- rollouts
     def training_step(self, model, inputs, num_items_in_batch=None):
-        output = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
         self._step += 1
-        return output
+        return loss
 
     def _prepare_inputs(self, generation_batch):
         """Train: one generation round every `steps_per_generation * num_iterations` steps, served in slices.
         Eval: a fresh batch each time."""
         if not self.model.training:
             return self._build_batch(generation_batch, "eval")
-        generate_every = self.args.steps_per_generation * self.args.num_iterations
-        if self._step % generate_every == 0 or self._buffered_inputs is None:
-            batch = self._build_batch(generation_batch, "train")
-            self._buffered_inputs = split_tensor_dict(batch, self.args.steps_per_generation)
-            self._hook(
-                "on_generation_batch_built",
-                generate_every=generate_every,
-                steps_per_generation=self.args.steps_per_generation,
-            )
-        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+        slices = self.args.steps_per_generation
+        generate_every = slices * self.args.num_iterations
+        if self._buffered_inputs is None or self._step % generate_every == 0:
+            self._buffered_inputs = split_tensor_dict(self._build_batch(generation_batch, "train"), slices)
+            self._hook("on_generation_batch_built", generate_every=generate_every, steps_per_generation=slices)
+        return self._buffered_inputs[self._step % slices]
 
     def _hook(self, event: str, **payload) -> None:
         dispatch(
@@ -376,8 +369,7 @@ class SDFTTrainer(_BaseTrainer):
     def _build_batch(self, rows: list[dict[str, Any]], mode: str) -> dict[str, torch.Tensor | None]:
         prompts = [row["prompt"] for row in rows]
         teacher_prompts = [
-            build_teacher_prompt(row["prompt"], row["privileged_context"], self.teacher_prompt_template)
-            for row in rows
+            build_teacher_prompt(row["prompt"], row["privileged_context"], self.teacher_prompt_template) for row in rows
         ]
         student_ids = self._tokenize(prompts, self.max_prompt_length)
         teacher_ids = self._tokenize(teacher_prompts, self.max_teacher_prompt_length)
@@ -407,18 +399,16 @@ class SDFTTrainer(_BaseTrainer):
         if mode == "train" and not from_teacher and self._rollouts_outlive_optimizer_step():
             with torch.no_grad():
                 logits = self._completion_logits(
-                    self.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
+                    self.model,
+                    torch.cat([prompt_ids, completion_ids], 1),
+                    torch.cat([prompt_mask, completion_mask], 1),
                     completion_ids.size(1),
                 )
                 batch["old_per_token_logps"] = losses.token_log_probs(logits, completion_ids)
         self._record_completion_metrics(mode, completions)
+        payload = {key: batch[key] for key in ("old_per_token_logps", "teacher_input_ids", "teacher_attention_mask")}
         self._hook(
-            "on_self_distillation_batch_prepared",
-            old_per_token_logps=batch["old_per_token_logps"],
-            prompt_ids=prompt_ids,
-            completion_ids=completion_ids,
-            teacher_input_ids=batch["teacher_input_ids"],
-            teacher_attention_mask=batch["teacher_attention_mask"],
+            "on_self_distillation_batch_prepared", prompt_ids=prompt_ids, completion_ids=completion_ids, **payload
         )
         return batch
 
@@ -451,7 +441,7 @@ class SDFTTrainer(_BaseTrainer):
         logits = model(**kwargs).logits[:, -(num_completion_tokens + 1) : -1]
         return logits / self.args.temperature
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("SDFTTrainer.compute_loss does not return model outputs.")
         args = self.args
@@ -484,7 +474,9 @@ class SDFTTrainer(_BaseTrainer):
         rollout_logps = inputs.get("old_per_token_logps")
         if args.distillation_is_clip is not None and rollout_logps is not None:
             student_logps = losses.token_log_probs(student_logits, completion_ids)
-            per_token = losses.clip_importance_weights(per_token, student_logps, rollout_logps, args.distillation_is_clip)
+            per_token = losses.clip_importance_weights(
+                per_token, student_logps, rollout_logps, args.distillation_is_clip
+            )
         loss = losses.sequence_mean(per_token, mask)
 
         self._log_metric(mode, "distillation_loss", losses.token_mean(per_token.detach(), mask))
@@ -498,13 +490,13 @@ class SDFTTrainer(_BaseTrainer):
         if name == "distillation_loss":  # the peer logs it under both names
             self._metrics[mode]["sdft/distillation_loss"].append(value)
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, float], start_time=None) -> None:
         mode = "train" if self.model.training else "eval"
         metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
         if mode == "eval":
@@ -515,7 +507,9 @@ class SDFTTrainer(_BaseTrainer):
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        checkpoint_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         if self.args.should_save and os.path.isdir(checkpoint_dir):
             self.teacher.save(checkpoint_dir)
 
@@ -535,7 +529,9 @@ class SDFTTrainer(_BaseTrainer):
             self._step = global_step * self.args.gradient_accumulation_steps
             self._buffered_inputs = None
         return super().train(
-            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
 
