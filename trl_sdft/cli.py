@@ -1,0 +1,233 @@
+"""`trl-sdft` / `python scripts/sdft.py`: SDFT from the command line or a YAML config, with TRL's parser.
+
+Flags are those of `SDFTConfig`, TRL's `ModelConfig` (model, dtype, LoRA) and the script arguments below, so the
+example command of TRL's SDFT documentation works unchanged. Without a dataset it trains on the embedded
+knowledge task (made-up facts) and reports accuracies before and after.
+"""
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
+
+from .config import SDFTConfig
+from .data import validate_dataset
+from .models import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class SDFTScriptArguments(ScriptArguments):
+    """Dataset selection. With neither `dataset_name` nor `dataset_path`, the embedded knowledge task is used."""
+
+    dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Local data: a .json/.jsonl/.parquet/.csv file, or a directory saved by `save_to_disk`."},
+    )
+    num_facts: int | None = field(
+        default=None, metadata={"help": "Embedded task: train on the first N of its 64 facts (default: all)."}
+    )
+    num_probes: int | None = field(
+        default=None, metadata={"help": "Embedded task: how many general-knowledge probes to evaluate (default: all)."}
+    )
+    knowledge_eval: bool = field(
+        default=True, metadata={"help": "Embedded task: answer its questions before, during and after training."}
+    )
+    eval_max_new_tokens: int = field(default=24, metadata={"help": "Tokens per greedy answer in the evaluation."})
+
+
+def load_local_dataset(path: str, split: str):
+    """A split of a local file or saved dataset directory; a one-line error names what is wrong."""
+    import datasets
+
+    if not os.path.exists(path):
+        raise ValueError(f"--dataset_path {path!r} does not exist.")
+    if os.path.isdir(path):
+        try:
+            loaded = datasets.load_from_disk(path)
+        except FileNotFoundError:
+            raise ValueError(
+                f"--dataset_path {path!r} is a directory but not one written by `Dataset.save_to_disk`."
+            ) from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"--dataset_path {path!r} has splits {list(loaded)}, not {split!r}.")
+            return loaded[split]
+        return loaded
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in LOCAL_FORMATS:
+        raise ValueError(
+            f"--dataset_path {path!r}: unknown format {extension or '(no extension)'!r}; use one of "
+            f"{', '.join(sorted(LOCAL_FORMATS))} or a saved dataset directory."
+        )
+    return datasets.load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
+
+
+def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
+    """(train, eval or None, knowledge question sets or None)."""
+    wants_eval = training_args.eval_strategy != "no"
+    if script_args.dataset_path:
+        train = load_local_dataset(script_args.dataset_path, script_args.dataset_train_split)
+        return train, (train if wants_eval else None), None
+    if script_args.dataset_name:
+        import datasets
+
+        try:
+            loaded = datasets.load_dataset(script_args.dataset_name, script_args.dataset_config)
+        except Exception as err:  # offline hub, unknown name, ...: one line with the cause
+            raise ValueError(
+                f"--dataset_name {script_args.dataset_name!r} could not be loaded ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Use --dataset_path for local files."
+            ) from None
+        if script_args.dataset_train_split not in loaded:
+            raise ValueError(f"--dataset_train_split {script_args.dataset_train_split!r} not in {list(loaded)}.")
+        evaluation = loaded.get(script_args.dataset_test_split) if wants_eval else None
+        return loaded[script_args.dataset_train_split], evaluation, None
+    from .knowledge import facts_dataset, load_facts, load_probes, question_sets
+
+    facts = load_facts(script_args.num_facts)
+    train = facts_dataset(facts)
+    questions = question_sets(facts, load_probes(script_args.num_probes)) if script_args.knowledge_eval else None
+    return train, (train if wants_eval else None), questions
+
+
+def model_init_kwargs(model_args: ModelConfig, training_args: SDFTConfig) -> dict:
+    kwargs = dict(training_args.model_init_kwargs or {})
+    kwargs.setdefault("revision", model_args.model_revision)
+    kwargs.setdefault("trust_remote_code", training_args.trust_remote_code)
+    if model_args.attn_implementation is not None:
+        kwargs.setdefault("attn_implementation", model_args.attn_implementation)
+    if model_args.dtype is not None:
+        kwargs.setdefault("dtype", model_args.dtype)
+    return kwargs
+
+
+def parse(argv=None):
+    parser = TrlParser((SDFTScriptArguments, SDFTConfig, ModelConfig), prog="trl-sdft")
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    model_args.model_name_or_path = model_args.model_name_or_path or DEFAULT_MODEL
+    return script_args, training_args, model_args
+
+
+def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args: ModelConfig):
+    from transformers import AutoTokenizer
+
+    from .evaluation import KnowledgeEvalCallback
+    from .trainer import SDFTTrainer
+
+    started = time.time()
+    train_dataset, eval_dataset, questions = load_data(script_args, training_args)
+    validate_dataset(train_dataset, "train")  # before the model is loaded
+
+    model_path = resolve_model(model_args.model_name_or_path)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+        truncation_side="left",
+    )
+    callbacks = []
+    if questions is not None:
+        callbacks.append(KnowledgeEvalCallback(questions, max_new_tokens=script_args.eval_max_new_tokens))
+    trainer = SDFTTrainer(
+        model=model_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=get_peft_config(model_args),
+    )
+    for callback in callbacks:
+        callback.attach(trainer)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        name = model_args.model_name_or_path if is_default_alias(model_args.model_name_or_path) else None
+        trainer.create_model_card(model_name=name, dataset_name=script_args.dataset_name or script_args.dataset_path)
+        print_summary(callbacks[0].results if callbacks else None, time.time() - started, training_args.output_dir)
+    return trainer
+
+
+def print_summary(results: dict | None, seconds: float, output_dir: str) -> None:
+    lines = ["", "=" * 60, "SDFT summary"]
+    if results and results.get("baseline") and results.get("final"):
+        lines.append(f"{'':18}{'baseline':>12}{'final':>12}")
+        for key in ("new_facts", "paraphrases", "general_probes"):
+            before, after = results["baseline"][key], results["final"][key]
+            lines.append(
+                f"{key:18}{before['correct']:>5}/{before['total']:<3} {before['accuracy']:>4.0%}"
+                f"{after['correct']:>5}/{after['total']:<3} {after['accuracy']:>4.0%}"
+            )
+        lines.append(f"answers and accuracies: {os.path.join(output_dir, 'results.json')}")
+    lines += [f"wall time: {seconds / 60:.1f} min", f"model saved to: {output_dir}", "=" * 60]
+    print("\n".join(lines), flush=True)
+
+
+def _processes_requested_from_accelerate() -> int | None:
+    """`--num_processes` of the `accelerate launch` that started us, read from the parent's command line."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [part.decode() for part in f.read().split(b"\0") if part]
+    except OSError:
+        return None
+    for index, part in enumerate(parent):
+        if part.startswith("--num_processes="):
+            return int(part.split("=", 1)[1])
+        if part == "--num_processes" and index + 1 < len(parent):
+            return int(parent[index + 1])
+    return None
+
+
+def relaunch_cpu_processes(argv) -> int | None:
+    """`accelerate launch --cpu --num_processes N` starts one process unless MPI is set up; start N with torchrun.
+
+    Only when accelerate's simple launcher asked for several CPU processes (it sets MASTER_ADDR but no RANK).
+    The N processes then train with gloo, as under `accelerate launch --multi_gpu` on GPUs.
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "RANK" in env or "MASTER_ADDR" not in env:
+        return None
+    processes = _processes_requested_from_accelerate()
+    if not processes or processes < 2:
+        return None
+    import subprocess
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_addr={env['MASTER_ADDR']}",
+        f"--master_port={env.get('MASTER_PORT', '29500')}",
+        "-m",
+        "trl_sdft.cli",
+        *argv,
+    ]
+    print(f"trl-sdft: starting {processes} CPU processes (gloo) with torchrun", file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    relaunched = relaunch_cpu_processes(argv)
+    if relaunched is not None:
+        return relaunched
+    try:
+        script_args, training_args, model_args = parse(argv)
+        train(script_args, training_args, model_args)
+    except (ValueError, ImportError, ModelUnavailableError) as err:
+        if os.environ.get("TRL_SDFT_TRACEBACK"):
+            raise
+        print(f"trl-sdft: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

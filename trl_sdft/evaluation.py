@@ -1,0 +1,125 @@
+"""Greedy question answering and the knowledge-evaluation callback (baseline, each evaluation, final)."""
+
+import json
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from .knowledge import chat, is_correct
+
+
+@torch.no_grad()
+def greedy_answers(
+    model, tokenizer, questions: list[str], max_new_tokens: int = 24, batch_size: int = 32, desc: str | None = None
+) -> list[str]:
+    """Greedy answers to chat questions, batched with left padding."""
+    was_training = model.training
+    model.eval()
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        batches = range(0, len(questions), batch_size)
+        for start in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+            conversations = [chat(q) for q in questions[start : start + batch_size]]
+            encoded = tokenizer.apply_chat_template(
+                conversations, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+            ).to(model.device)
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return answers
+
+
+def accuracies(model, tokenizer, question_sets: dict, max_new_tokens: int = 24, batch_size: int = 32) -> dict:
+    """Accuracy per set, plus the answers for inspection."""
+    results = {}
+    for name, pairs in question_sets.items():
+        answers = greedy_answers(model, tokenizer, [q for q, _ in pairs], max_new_tokens, batch_size, desc=name)
+        correct = [is_correct(answer, accepted) for answer, (_, accepted) in zip(answers, pairs)]
+        results[name] = {
+            "accuracy": sum(correct) / max(len(correct), 1),
+            "correct": sum(correct),
+            "total": len(correct),
+            "answers": [{"question": q, "answer": a, "correct": c} for (q, _), a, c in zip(pairs, answers, correct)],
+        }
+    return results
+
+
+def summary(results: dict) -> dict[str, float]:
+    return {name: value["accuracy"] for name, value in results.items()}
+
+
+class KnowledgeEvalCallback(TrainerCallback):
+    """Answers the task's questions greedily before training, at each evaluation and at the end.
+
+    Accuracies go to the trainer's logs (`knowledge/<set>`) and, with every answer, to `results.json` in the output
+    directory. Runs on the main process only; the others wait at their next collective operation.
+    """
+
+    def __init__(self, question_sets: dict, max_new_tokens: int = 24, batch_size: int = 32, output_dir=None):
+        self.question_sets = question_sets
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.output_dir = output_dir
+        self.trainer = None
+        self.results = {"baseline": None, "evaluations": [], "final": None}
+        self._started = None
+
+    def attach(self, trainer) -> "KnowledgeEvalCallback":
+        self.trainer = trainer
+        self.output_dir = self.output_dir or trainer.args.output_dir
+        return self
+
+    def _run(self, args, state, model, processing_class, label: str):
+        if not state.is_world_process_zero:
+            return None
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        model = self.trainer.accelerator.unwrap_model(model) if self.trainer is not None else model
+        results = accuracies(model, tokenizer, self.question_sets, self.max_new_tokens, self.batch_size)
+        scores = summary(results)
+        print(
+            f"[{label} @ step {state.global_step}] " + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()), flush=True
+        )
+        record = {"step": state.global_step, **results}
+        if self.trainer is not None and label != "baseline":
+            self.trainer.log({f"knowledge/{k}": v for k, v in scores.items()})
+        return record
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self._started = time.time()
+        if self.results["baseline"] is None:
+            self.results["baseline"] = self._run(args, state, model, processing_class, "baseline")
+            self._write(state)
+
+    def on_evaluate(self, args, state, control, model=None, processing_class=None, **kwargs):
+        record = self._run(args, state, model, processing_class, "eval")
+        if record is not None:
+            self.results["evaluations"].append(record)
+            self._write(state)
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        self.results["final"] = self._run(args, state, model, processing_class, "final")
+        self.results["train_seconds"] = time.time() - self._started if self._started else None
+        self._write(state)
+
+    def _write(self, state):
+        if not state.is_world_process_zero or self.output_dir is None:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        with open(os.path.join(self.output_dir, "results.json"), "w") as f:
+            json.dump(self.results, f, indent=2)
