@@ -39,7 +39,7 @@ from trl.trainer.utils import (
 from . import losses
 from .callbacks import dispatch
 from .config import SDFTConfig
-from .data import REQUIRED_COLUMNS, check_dataset_type, validate_dataset
+from .data import REQUIRED_COLUMNS, validate_dataset
 from .prompts import build_teacher_prompt, is_chat, resolve_teacher_prompt_template
 from .rollout import TransformersRollout, left_pad, right_pad
 from .teachers import TeacherUpdateCallback, make_teacher, unwrap
@@ -97,7 +97,6 @@ class SDFTTrainer(_BaseTrainer):
             raise ValueError("`train_dataset` is required: a Dataset with `prompt` and `privileged_context` columns.")
         validate_dataset(train_dataset, "train")
         for name, dataset in _named_eval_sets(eval_dataset):
-            check_dataset_type(dataset, name)
             validate_dataset(dataset, name)
         if args.use_vllm or args.use_teacher_server:
             raise NotImplementedError(
