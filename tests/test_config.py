@@ -77,6 +77,7 @@ def test_preset_template_is_accepted(tmp_path):
         (dict(distillation_mode="reverse_kl"), "distillation_mode='reverse_kl'"),
         (dict(teacher_model_kind="frozen"), "teacher_model_kind='frozen'"),
         (dict(vllm_mode="remote"), "vllm_mode"),
+        (dict(distillation_topk_support="both"), "distillation_topk_support='both'"),
         (dict(distillation_alpha=1.5), r"\[0, 1\]"),
         (dict(distillation_is_clip=0.0), "distillation_is_clip"),
         (dict(num_loss_tokens_to_skip=-1), "num_loss_tokens_to_skip"),

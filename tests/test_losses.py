@@ -109,3 +109,71 @@ def test_unknown_mode_and_bad_alpha_raise():
         losses.distillation_loss("nope", s, s, torch.zeros(3, 5, dtype=torch.long), alpha=0.5)
     with pytest.raises(ValueError, match="alpha=1.0"):
         losses.distillation_loss("sampled_token", s, s, torch.zeros(3, 5, dtype=torch.long), alpha=0.5)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("tail", [False, True])
+def test_teacher_support_is_the_peer_with_roles_swapped(alpha, tail):
+    """On the teacher's top-k, JSD_alpha(student, teacher) = the peer's JSD_(1-alpha) with the roles swapped."""
+    student, teacher = logits(20), logits(21)
+    ours = losses.topk_logits_loss(student, teacher, 7, alpha, tail, support="teacher")
+    swapped = peer.compute_topk_self_distillation_loss(
+        teacher, student, distillation_topk=7, distillation_alpha=1.0 - alpha, distillation_add_tail=tail
+    )
+    torch.testing.assert_close(ours, swapped, atol=1e-6, rtol=0)
+
+
+def brute_force_union(student, teacher, k, alpha, tail):
+    """Per position: the set union of both top-k, log-probs gathered there, then the divergence."""
+    out = torch.zeros(student.shape[:-1], dtype=student.dtype)
+    for b in range(student.size(0)):
+        for t in range(student.size(1)):
+            s, te = student[b, t], teacher[b, t]
+            index = torch.tensor(sorted(set(s.topk(k).indices.tolist()) | set(te.topk(k).indices.tolist())))
+            ls, lt = s.log_softmax(-1)[index], te.log_softmax(-1)[index]
+            if tail:
+                ls, lt = losses.with_tail_bucket(ls), losses.with_tail_bucket(lt)
+            else:
+                ls, lt = losses.renormalize(ls), losses.renormalize(lt)
+            out[b, t] = losses.generalized_jsd(ls, lt, alpha)
+    return out
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("tail", [False, True])
+def test_union_support_matches_brute_force(alpha, tail):
+    student = logits(22).requires_grad_(True)
+    teacher = logits(23)
+    ours = losses.topk_logits_loss(student, teacher, 6, alpha, tail, support="union")
+    torch.testing.assert_close(ours, brute_force_union(student.detach(), teacher, 6, alpha, tail), atol=1e-6, rtol=0)
+    ours.sum().backward()
+    assert torch.isfinite(student.grad).all()
+
+
+def test_union_equals_student_support_when_the_top_k_agree():
+    student = logits(24)
+    teacher = student * 2.0  # same ranking, different distribution
+    for tail in (False, True):
+        union = losses.topk_logits_loss(student, teacher, 5, 0.5, tail, support="union")
+        torch.testing.assert_close(union, losses.topk_logits_loss(student, teacher, 5, 0.5, tail), atol=1e-9, rtol=0)
+
+
+def test_teacher_support_sees_the_answer_the_student_does_not_propose():
+    """The case measured on SmolLM2: the teacher's answer token is far outside the student's top-k."""
+    vocab = 100
+    student = torch.zeros(1, 1, vocab, dtype=torch.double)
+    student[..., :10] = 5.0  # the student proposes tokens 0-9
+    teacher = torch.zeros(1, 1, vocab, dtype=torch.double)
+    teacher[..., 77] = 8.0  # the teacher is sure of token 77
+    grads = {}
+    for support in losses.TOPK_SUPPORTS:
+        s = student.clone().requires_grad_(True)
+        losses.topk_logits_loss(s, teacher, 10, 0.0, support=support).sum().backward()
+        grads[support] = s.grad[0, 0, 77].item()
+    assert abs(grads["student"]) < 1e-12  # token 77 is not in the support: nothing pulls it up
+    assert grads["teacher"] < -0.1 and grads["union"] < -0.1  # descent raises its logit
+
+
+def test_unknown_support():
+    with pytest.raises(ValueError, match="Unknown top-k support"):
+        losses.topk_support(logits(0), logits(1), 3, "both")

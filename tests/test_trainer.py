@@ -413,3 +413,18 @@ def test_checkpoint_metadata(tiny_model, tokenizer, tmp_path):
     state = load_file(checkpoint / "sdft_teacher.safetensors")
     assert state and all(".teacher." in name for name in state)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 1
+
+
+@pytest.mark.parametrize("support", ["teacher", "union"])
+def test_topk_support_choices_train(tiny_model, tokenizer, tmp_path, support):
+    trainer = trained(
+        tiny_model,
+        tokenizer,
+        tmp_path,
+        distillation_mode="topk_logits",
+        distillation_topk=5,
+        distillation_topk_support=support,
+        distillation_add_tail=True,
+    )
+    history = losses_of(trainer)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(history))) and all(h >= 0 for h in history)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from transformers import TrainingArguments
 from trl.trainer.base_config import _BaseConfig
 
+from .losses import TOPK_SUPPORTS
 from .prompts import resolve_teacher_prompt_template
 
 DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
@@ -169,6 +170,13 @@ class SDFTConfig(_BaseConfig):
     distillation_is_clip: float | None = field(
         default=2.0, metadata={"help": "Importance-sampling ratio cap for reused rollouts; None disables it."}
     )
+    distillation_topk_support: str = field(
+        default="student",
+        metadata={
+            "help": "Tokens of the `topk_logits` support: 'student' (the student's top-k, as TRL), 'teacher' (the "
+            "teacher's top-k: can teach tokens the student does not yet propose) or 'union' (both, deduplicated)."
+        },
+    )
     distillation_add_tail: bool = field(
         default=False, metadata={"help": "Add a bucket for the probability mass outside the top-k."}
     )
@@ -207,6 +215,7 @@ class SDFTConfig(_BaseConfig):
             "teacher_model_kind": TEACHER_MODEL_KINDS,
             "vllm_mode": VLLM_MODES,
             "vllm_model_impl": VLLM_MODEL_IMPLS,
+            "distillation_topk_support": TOPK_SUPPORTS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)

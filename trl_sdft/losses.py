@@ -37,23 +37,58 @@ def renormalize(log_probs: torch.Tensor) -> torch.Tensor:
     return log_probs - torch.logsumexp(log_probs, dim=-1, keepdim=True)
 
 
-def topk_support_log_probs(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, add_tail: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher log-probs on the student's top-k tokens: renormalised, or with a tail bucket."""
+TOPK_SUPPORTS = ("student", "teacher", "union")
+# Log-probability given to a duplicate entry of the union support: exp() of it is exactly 0 in every float dtype, so it
+# adds no mass and no divergence, and unlike -inf it keeps gradients finite.
+_ABSENT = -1.0e4
+
+
+def topk_support(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, support: str = "student"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token indices of the top-k support and, for `union`, which of them to keep (the teacher's duplicates are not).
+
+    `student`: the student's top-k (TRL's choice). `teacher`: the teacher's top-k, so tokens the student does not yet
+    propose can still be taught. `union`: both, `2k` slots with the teacher's duplicates masked out.
+    """
     k = min(k, student_logits.size(-1))
-    top_student, index = student_logits.topk(k, dim=-1)
-    student = top_student - torch.logsumexp(student_logits, dim=-1, keepdim=True)
+    if support == "student":
+        return student_logits.topk(k, dim=-1).indices, None
+    if support == "teacher":
+        return teacher_logits.topk(k, dim=-1).indices, None
+    if support != "union":
+        raise ValueError(f"Unknown top-k support {support!r}: use one of {', '.join(TOPK_SUPPORTS)}.")
+    student_index = student_logits.topk(k, dim=-1).indices
+    teacher_index = teacher_logits.topk(k, dim=-1).indices
+    duplicate = (teacher_index.unsqueeze(-1) == student_index.unsqueeze(-2)).any(-1)
+    keep = torch.cat([torch.ones_like(duplicate), ~duplicate], dim=-1)
+    return torch.cat([student_index, teacher_index], dim=-1), keep
+
+
+def topk_support_log_probs(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, add_tail: bool, support: str = "student"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher log-probs on a top-k support: renormalised, or with a tail bucket."""
+    index, keep = topk_support(student_logits, teacher_logits, k, support)
+    student = student_logits.gather(-1, index) - torch.logsumexp(student_logits, dim=-1, keepdim=True)
     teacher = teacher_logits.gather(-1, index) - torch.logsumexp(teacher_logits, dim=-1, keepdim=True)
+    if keep is not None:
+        student = student.masked_fill(~keep, _ABSENT)
+        teacher = teacher.masked_fill(~keep, _ABSENT)
     if add_tail:
         return with_tail_bucket(student), with_tail_bucket(teacher)
     return renormalize(student), renormalize(teacher)
 
 
 def topk_logits_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, alpha: float, add_tail: bool = False
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int,
+    alpha: float,
+    add_tail: bool = False,
+    support: str = "student",
 ) -> torch.Tensor:
-    student, teacher = topk_support_log_probs(student_logits, teacher_logits, k, add_tail)
+    student, teacher = topk_support_log_probs(student_logits, teacher_logits, k, add_tail, support)
     return generalized_jsd(student, teacher, alpha)
 
 
@@ -124,10 +159,11 @@ def distillation_loss(
     alpha: float,
     topk: int | None = None,
     add_tail: bool = False,
+    topk_support: str = "student",
 ) -> torch.Tensor:
     """Per-token divergence `[B, T]` for a distillation mode."""
     if mode == "topk_logits":
-        return topk_logits_loss(student_logits, teacher_logits, topk, alpha, add_tail)
+        return topk_logits_loss(student_logits, teacher_logits, topk, alpha, add_tail, topk_support)
     if mode == "full_logits":
         return full_logits_loss(student_logits, teacher_logits, alpha)
     if mode == "sampled_token":

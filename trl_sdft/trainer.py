@@ -469,6 +469,7 @@ class SDFTTrainer(_BaseTrainer):
             alpha=args.distillation_alpha,
             topk=args.distillation_topk,
             add_tail=args.distillation_add_tail,
+            topk_support=args.distillation_topk_support,
         )
         rollout_logps = inputs.get("old_per_token_logps")
         if args.distillation_is_clip is not None and rollout_logps is not None:
