@@ -15,6 +15,7 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 from .config import SDFTConfig
 from .data import validate_dataset
 from .models import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
+from .rollout import VLLMServerError
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -213,15 +214,61 @@ def relaunch_cpu_processes(argv) -> int | None:
     return subprocess.call(command)
 
 
+def vllm_serve_command(argv: list[str], cuda: bool | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `trl-sdft vllm-serve`: vLLM's OpenAI server with what the trainer needs.
+
+    Development endpoints on (`VLLM_SERVER_DEV_MODE=1`: weight reloads, server info), every log-prob available
+    (teacher scoring), and an NCCL weight-transfer engine on GPU machines. On CPU: float32, an eager engine and 20% of
+    the host memory for the KV cache, unless the flags say otherwise. Other flags go to vLLM unchanged.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="trl-sdft vllm-serve", description=vllm_serve_command.__doc__)
+    parser.add_argument("--model", required=True, help=f"path, hub id or {DEFAULT_MODEL!r}")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=8000)
+    known, rest = parser.parse_known_args(argv)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(known.model)]
+    command += ["--host", known.host, "--port", str(known.port), "--max-logprobs", "-1"]
+    command += ["--logprobs-mode", "processed_logprobs"]
+    given = {flag.split("=")[0] for flag in rest if flag.startswith("--")}
+    if cuda:
+        if "--weight-transfer-config" not in given:
+            command += ["--weight-transfer-config", '{"backend": "nccl"}']
+    else:
+        defaults = {"--dtype": ["float32"], "--enforce-eager": [], "--gpu-memory-utilization": ["0.2"]}
+        for flag, values in defaults.items():
+            if flag not in given:
+                command += [flag, *values]
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1"}
+    return command + rest, env
+
+
+def vllm_serve(argv: list[str]) -> int:
+    try:
+        command, env = vllm_serve_command(argv)
+    except ModelUnavailableError as err:
+        print(f"trl-sdft: error: {err}", file=sys.stderr)
+        return 2
+    print("trl-sdft: starting", " ".join(command), file=sys.stderr, flush=True)
+    os.execvpe(command[0], command, env)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["vllm-serve"]:
+        return vllm_serve(argv[1:])
     relaunched = relaunch_cpu_processes(argv)
     if relaunched is not None:
         return relaunched
     try:
         script_args, training_args, model_args = parse(argv)
         train(script_args, training_args, model_args)
-    except (ValueError, ImportError, ModelUnavailableError) as err:
+    except (ValueError, ImportError, ModelUnavailableError, VLLMServerError) as err:
         if os.environ.get("TRL_SDFT_TRACEBACK"):
             raise
         print(f"trl-sdft: error: {err}", file=sys.stderr)

@@ -141,6 +141,21 @@ class SDFTConfig(_BaseConfig):
     vllm_max_model_length: int | None = field(
         default=None, metadata={"help": "vLLM context window; at least prompt + completion."}
     )
+    vllm_enforce_eager: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Run the colocated vLLM engine without graph compilation. `None`: eager on CPU (compiling took "
+            "~2 min there and generated slower), compiled on GPU."
+        },
+    )
+    vllm_sync_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Server mode without NCCL (CPU trainer or a server without a weight-transfer engine): directory, "
+            "readable by the server, where the trainer writes its weights for the server to reload. `None`: a "
+            "temporary directory (server on the same host)."
+        },
+    )
 
     # Training
     num_iterations: int = field(default=1, metadata={"help": "Optimizer passes over each generation batch (mu)."})

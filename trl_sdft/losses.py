@@ -92,6 +92,28 @@ def topk_logits_loss(
     return generalized_jsd(student, teacher, alpha)
 
 
+def given_teacher_topk_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_log_probs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    alpha: float,
+    add_tail: bool = False,
+) -> torch.Tensor:
+    """`topk_logits` on the teacher's support when only the teacher's top-k log-probs are known (a vLLM server).
+
+    `teacher_topk_log_probs` are full-vocabulary log-probs of the tokens `teacher_topk_ids`; entries that are not finite
+    (a server that returned fewer than k) are left out of the support. Equals `topk_logits_loss(..., support="teacher")`
+    computed from the teacher's full logits.
+    """
+    student = student_logits.gather(-1, teacher_topk_ids) - torch.logsumexp(student_logits, dim=-1, keepdim=True)
+    absent = ~torch.isfinite(teacher_topk_log_probs)
+    student = student.masked_fill(absent, _ABSENT)
+    teacher = teacher_topk_log_probs.masked_fill(absent, _ABSENT)
+    if add_tail:
+        return generalized_jsd(with_tail_bucket(student), with_tail_bucket(teacher), alpha)
+    return generalized_jsd(renormalize(student), renormalize(teacher), alpha)
+
+
 def full_logits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
     return generalized_jsd(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), alpha)
 

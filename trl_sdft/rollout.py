@@ -10,6 +10,10 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad
 
 
+class VLLMServerError(RuntimeError):
+    """The vLLM server cannot be used: unreachable, a different model, or it stopped answering (`vllm_rollout.py`)."""
+
+
 def cut_at_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> list[list[int]]:
     """Each row up to and including its first end-of-sequence token (all of it if none)."""
     rows = []

@@ -48,18 +48,21 @@ def build_tokenizer():
     return fast
 
 
-def build_model(tokenizer, seed: int = 0, tie: bool = False, init_range: float = 0.02):
-    """A 2-layer Llama with hidden size 32 (about 40k parameters)."""
+def build_model(
+    tokenizer, seed: int = 0, tie: bool = False, init_range: float = 0.02, hidden_size: int = 32, heads: int = 4
+):
+    """A 2-layer Llama with hidden size 32 (about 40k parameters). vLLM's CPU attention needs a head size of at least
+    32: `hidden_size=64, heads=2`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
         max_position_embeddings=256,
         tie_word_embeddings=tie,
         pad_token_id=tokenizer.pad_token_id,

