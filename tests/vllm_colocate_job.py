@@ -1,0 +1,51 @@
+"""Colocated vLLM training in its own process (vLLM keeps process-wide state): run by tests/test_vllm.py.
+
+Usage: python tests/vllm_colocate_job.py MODEL_DIR OUTPUT_DIR. Prints one JSON line: losses, the vLLM-vs-trainer
+log-prob differences before and after the last sync, and the weight-sync method.
+"""
+
+import json
+import sys
+
+from datasets import Dataset
+
+from trl_sdft import SDFTConfig, SDFTTrainer
+from trl_sdft.testing import facts_rows
+
+
+def main(model_dir: str, output_dir: str) -> None:
+    args = SDFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.05,
+        vllm_max_model_length=256,
+    )
+    trainer = SDFTTrainer(model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
+    initial_gap = trainer.vllm.probe_gap
+    trainer.train()
+    stale = trainer.vllm.logprob_differences()  # vLLM still holds the weights of the last generation round
+    trainer.vllm.sync(trainer.state.global_step)
+    synced = trainer.vllm.logprob_differences()
+    result = {
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "initial_gap": initial_gap,
+        "stale_max": max(stale),
+        "synced_max": max(synced),
+        "sync_method": trainer.vllm.generation.sync_method,
+        "rounds": trainer.num_generation_rounds,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
