@@ -2,9 +2,9 @@
 
     python benchmarks/vllm_step.py [--steps 6] [--tokens 64] [--out benchmarks/results/vllm_step.json]
 
-Each backend trains the same config (the demo's: full fine-tuning, base teacher, full-vocabulary forward KL) with 8
-rollouts per step forced to exactly `--tokens` tokens (`min_new_tokens` / `min_tokens`), so every backend generates the
-same amount. The first step (warm-up, first sync) is not counted. Reported per backend: mean step time, mean time in
+Each backend trains the same config (full fine-tuning, the live teacher, the default loss: `topk_logits` with k=100 and
+alpha 0.5) with 8 rollouts per step forced to exactly `--tokens` tokens (`min_new_tokens` / `min_tokens`), so every
+backend generates the same amount. `server+teacher` also scores the teacher on the server (`use_teacher_server`). The first step (warm-up, first sync) is not counted. Reported per backend: mean step time, mean time in
 generation (sync included), mean weight-sync time. The server is a `trl-sdft vllm-serve` process on 127.0.0.1 started
 and stopped here; it shares the machine's cores with the trainer, as colocated vLLM does.
 """
@@ -71,10 +71,11 @@ def run(backend: str, model_dir: str, steps: int, tokens: int, port: int | None)
     extra = {}
     if backend == "colocate":
         extra = dict(vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_max_model_length=512)
-    elif backend == "server":
+    elif backend.startswith("server"):
         extra = dict(vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port)
+        extra["use_teacher_server"] = backend == "server+teacher"
     args = SDFTConfig(
-        output_dir=f"/tmp/trl-sdft-bench-{backend}",
+        output_dir=f"/tmp/trl-sdft-bench-{backend.replace('+', '-')}",
         use_cpu=True,
         bf16=False,
         per_device_train_batch_size=8,
@@ -82,10 +83,8 @@ def run(backend: str, model_dir: str, steps: int, tokens: int, port: int | None)
         max_completion_length=tokens,
         max_steps=steps + 1,
         learning_rate=1e-5,
-        teacher_model_kind="base",
+        teacher_model_kind="live",
         teacher_prompt_template="{prompt}\n\nExample answer: {privileged_context}",
-        distillation_mode="full_logits",
-        distillation_alpha=0.0,
         generation_kwargs={"min_tokens" if vllm else "min_new_tokens": tokens},
         logging_steps=1,
         save_strategy="no",
@@ -96,9 +95,7 @@ def run(backend: str, model_dir: str, steps: int, tokens: int, port: int | None)
     )
     timer = StepTimer()
     start = time.perf_counter()
-    trainer = SDFTTrainer(
-        model_dir, args=args, train_dataset=facts_dataset(load_facts(16)), callbacks=[timer]
-    )
+    trainer = SDFTTrainer(model_dir, args=args, train_dataset=facts_dataset(load_facts(16)), callbacks=[timer])
     init_seconds = time.perf_counter() - start
     generation = []
     timed(trainer.vllm if vllm else trainer.rollout, "generate", generation)
@@ -128,6 +125,7 @@ def main():
     server, port = start_server(model_dir)
     try:
         results.append(run("server", model_dir, options.steps, options.tokens, port))
+        results.append(run("server+teacher", model_dir, options.steps, options.tokens, port))
     finally:
         server.terminate()
         server.wait()
@@ -137,13 +135,16 @@ def main():
         result["speedup_vs_transformers"] = round(base / result["step_s"], 2)
     os.makedirs(os.path.dirname(options.out), exist_ok=True)
     with open(options.out, "w") as f:
-        json.dump({"steps": options.steps, "tokens": options.tokens, "rollouts_per_step": 8, "results": results}, f,
-                  indent=2)
+        json.dump(
+            {"steps": options.steps, "tokens": options.tokens, "rollouts_per_step": 8, "results": results}, f, indent=2
+        )
     print("| backend | step (s) | generation incl. sync (s) | weight sync (s) | speed-up |")
     print("|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['backend']} | {r['step_s']} | {r['generation_s']} | {r['sync_s'] or '-'} | "
-              f"{r['speedup_vs_transformers']}x |")
+        print(
+            f"| {r['backend']} | {r['step_s']} | {r['generation_s']} | {r['sync_s'] or '-'} | "
+            f"{r['speedup_vs_transformers']}x |"
+        )
 
 
 if __name__ == "__main__":

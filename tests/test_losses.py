@@ -177,3 +177,34 @@ def test_teacher_support_sees_the_answer_the_student_does_not_propose():
 def test_unknown_support():
     with pytest.raises(ValueError, match="Unknown top-k support"):
         losses.topk_support(logits(0), logits(1), 3, "both")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tail", [False, True])
+def test_given_teacher_topk_equals_teacher_support_from_full_logits(alpha, tail):
+    """The server path (only the teacher's top-k log-probs known) is `topk_logits` on the teacher's support."""
+    torch.manual_seed(3)
+    student = torch.randn(2, 5, 40, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 5, 40, dtype=torch.float64)
+    top = teacher.log_softmax(-1).topk(7, dim=-1)
+    served = losses.given_teacher_topk_loss(student, top.values, top.indices, alpha, tail)
+    local = losses.topk_logits_loss(student, teacher, 7, alpha, tail, support="teacher")
+    assert torch.allclose(served, local, atol=1e-10)
+    (grad_served,) = torch.autograd.grad(served.sum(), student)
+    (grad_local,) = torch.autograd.grad(local.sum(), student)
+    assert torch.allclose(grad_served, grad_local, atol=1e-10)
+
+
+def test_given_teacher_topk_leaves_out_missing_entries():
+    """A server that returned fewer than k entries pads with -inf: those slots carry no mass and no gradient."""
+    torch.manual_seed(4)
+    student = torch.randn(1, 3, 30, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(1, 3, 30, dtype=torch.float64).log_softmax(-1)
+    top = teacher.topk(4, dim=-1)
+    padded_values = torch.cat([top.values, torch.full((1, 3, 2), float("-inf"), dtype=torch.float64)], -1)
+    padded_ids = torch.cat([top.indices, torch.zeros((1, 3, 2), dtype=torch.long)], -1)
+    full = losses.given_teacher_topk_loss(student, padded_values, padded_ids, 0.5)
+    assert torch.isfinite(full).all()
+    assert torch.allclose(full, losses.given_teacher_topk_loss(student, top.values, top.indices, 0.5), atol=1e-10)
+    (grad,) = torch.autograd.grad(full.sum(), student)
+    assert torch.isfinite(grad).all()

@@ -43,12 +43,11 @@ def vllm_model_dir(tmp_path_factory):
 def server(vllm_model_dir, tmp_path_factory):
     port = free_port()
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    command, env = vllm_serve_command(
-        ["--model", vllm_model_dir, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(SERVER_CONTEXT)],
-        cuda=False,
-    )
+    # Exactly the documented command (`trl-sdft vllm-serve ...` is `python -m trl_sdft.cli vllm-serve ...`).
+    command = [sys.executable, "-m", "trl_sdft.cli", "vllm-serve", "--model", vllm_model_dir, "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--max-model-len", str(SERVER_CONTEXT)]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -156,7 +155,7 @@ def test_server_training_then_sync_matches_trainer(vllm_model_dir, tmp_path, ser
     trainer = SDFTTrainer(
         vllm_model_dir, args=server_config(tmp_path, server, max_steps=3), train_dataset=Dataset.from_list(facts_rows())
     )
-    assert trainer.vllm.generation.sync_method == "directory"
+    assert trainer.vllm_generation.sync_method == "directory"
     trainer.train()
     assert len(losses_of(trainer)) == 3 and trainer.num_generation_rounds == 3
     assert max(trainer.vllm.logprob_differences()) > 1e-3  # stale: one optimizer step behind
@@ -210,6 +209,32 @@ def test_teacher_scored_on_the_server(vllm_model_dir, tmp_path, server, mode):
     assert torch.allclose(served["actual"][mask], actual[mask], atol=1e-4)
     assert torch.allclose(served["topk"][mask], local.topk(5, dim=-1).values[mask], atol=1e-4)
     assert torch.isinf(served["actual"][~mask]).all()
+
+
+def test_two_training_processes_share_the_server(vllm_model_dir, tmp_path, server):
+    """`accelerate launch --cpu --num_processes 2 scripts/sdft.py --use_vllm --vllm_mode server ...`, teacher on the
+    server: rank 0 relays every rank's prompts and pushes the weights; each rank scores its own teacher log-probs."""
+    data = tmp_path / "rows.jsonl"
+    Dataset.from_list(facts_rows(8)).to_json(data)
+    command = [str(os.path.join(os.path.dirname(sys.executable), "accelerate")), "launch", "--cpu"]
+    command += ["--num_processes", "2", os.path.join(ROOT, "scripts", "sdft.py"), "--dataset_path", str(data)]
+    command += ["--model_name_or_path", vllm_model_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "2"]
+    command += ["--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "6"]
+    command += ["--use_vllm", "--vllm_mode", "server", "--vllm_server_host", "127.0.0.1"]
+    command += ["--vllm_server_port", str(server["port"]), "--use_teacher_server", "--teacher_model_kind", "live"]
+    command += ["--distillation_topk", "5", "--save_strategy", "steps", "--save_steps", "2", "--report_to", "none"]
+    command += ["--use_cpu"]
+    command += ["--logging_steps", "1", "--gradient_checkpointing", "false"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "starting 2 CPU processes" in result.stderr
+    state = json.loads((tmp_path / "out" / "checkpoint-2" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    # 8 rows, 4 per process and step: one epoch in 2 steps with two processes.
+    assert state["global_step"] == 2 and state["epoch"] == pytest.approx(1.0)
+    assert all("self_distillation/server_logprob_abs_diff" in entry for entry in logged)
 
 
 def test_server_context_too_small_is_an_error_before_training(vllm_model_dir, tmp_path, server):

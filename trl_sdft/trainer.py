@@ -309,6 +309,11 @@ class SDFTTrainer(_BaseTrainer):
         )
         return backend
 
+    @property
+    def vllm_generation(self):
+        """TRL's name for the vLLM generation object (`trl.generation.VLLMGeneration`); None without vLLM."""
+        return None if self.vllm is None else self.vllm.generation
+
     # ------------------------------------------------------------------------------------------------------ data
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

@@ -110,6 +110,13 @@ class SDFTVLLMGeneration(VLLMGeneration):
                 "Save the model with `save_pretrained(DIR)` and pass DIR, or generate with transformers."
             )
         on_cpu = accelerator.device.type == "cpu"
+        extra = {}
+        if on_cpu:
+            # vLLM's CPU backend counts this whole process (the trainer's model and optimizer included) against its
+            # memory share and then finds no room for the KV cache. Size the KV cache directly instead: the share
+            # `vllm_gpu_memory_utilization` of the host memory.
+            host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            extra["kv_cache_memory_bytes"] = int(self.gpu_memory_utilization * host_memory)
         self.llm = LLM(
             model=name,
             dtype=self.dtype if self.dtype is not None else "auto",
@@ -125,6 +132,7 @@ class SDFTVLLMGeneration(VLLMGeneration):
             max_num_batched_tokens=4096,
             logprobs_mode="processed_logprobs",
             trust_remote_code=self.trust_remote_code,
+            **extra,
         )
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)
