@@ -117,6 +117,16 @@ class SDFTConfig(_BaseConfig):
         default=None, metadata={"help": "KV-cache implementation for transformers generation."}
     )
 
+    # Loss memory
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the loss from hidden states in chunks of this many tokens, never holding the batch's "
+            "[tokens, vocab] logits (every distillation mode). `None`: logits as TRL does. `use_liger_kernel=True` "
+            "uses Liger's fused JSD instead (`full_logits` only)."
+        },
+    )
+
     # vLLM
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM instead of `model.generate`."})
     use_teacher_server: bool = field(
@@ -223,6 +233,7 @@ class SDFTConfig(_BaseConfig):
         super().__post_init__()
         self._resolve_generation_batch()
         self._check_teacher_server()
+        self._check_loss_path()
 
     def _check_choices(self):
         choices = {
@@ -327,6 +338,28 @@ class SDFTConfig(_BaseConfig):
                     f"divisible by the evaluation generations ({num_generations_eval}). Change "
                     "`per_device_eval_batch_size` or `num_generations_eval`."
                 )
+
+    def _check_loss_path(self):
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
+            raise ValueError(f"`loss_chunk_size={self.loss_chunk_size}` must be >= 1 (tokens per chunk) or None.")
+        if not self.use_liger_kernel:
+            return
+        if self.distillation_mode != "full_logits":
+            raise ValueError(
+                "`use_liger_kernel=True` computes Liger's fused JSD over the full vocabulary: set "
+                f"`distillation_mode='full_logits'` (got {self.distillation_mode!r}), or use `loss_chunk_size` for a "
+                "memory-lean top-k or sampled-token loss."
+            )
+        if self.use_teacher_server:
+            raise ValueError("`use_liger_kernel=True` needs a local teacher: turn `use_teacher_server` off.")
+        generate_every = self.steps_per_generation * self.num_iterations
+        if self.distillation_is_clip is not None and self.gradient_accumulation_steps % generate_every != 0:
+            raise ValueError(
+                "Rollouts are reused after an optimizer step here (steps_per_generation x num_iterations = "
+                f"{generate_every} micro-steps per generation, gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}), so importance-sampling clipping applies, and Liger's fused JSD "
+                "cannot weight tokens. Set `distillation_is_clip=None`, or use `loss_chunk_size` instead of Liger."
+            )
 
     def _check_teacher_server(self):
         if not self.use_teacher_server:

@@ -36,7 +36,7 @@ from trl.trainer.utils import (
     split_tensor_dict,
 )
 
-from . import losses
+from . import fused, losses
 from .callbacks import dispatch
 from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, validate_dataset
@@ -174,6 +174,9 @@ class SDFTTrainer(_BaseTrainer):
             gather_deepspeed3_params=args.ds3_gather_for_generation,
         )
         self.vllm = self._build_vllm() if args.use_vllm else None
+        self._loss_from_hidden = args.use_liger_kernel or args.loss_chunk_size is not None
+        if self._loss_from_hidden:
+            self._check_model_for_loss_from_hidden()
 
     # ----------------------------------------------------------------------------------------------- construction
     @staticmethod
@@ -308,6 +311,37 @@ class SDFTTrainer(_BaseTrainer):
             f"trainer model within {backend.probe_gap:.2e} nats per token."
         )
         return backend
+
+    def _check_model_for_loss_from_hidden(self) -> None:
+        """The fused/chunked losses recompute the logits as `hidden @ lm_head.weight.T`: refuse models where that is
+        not what the model outputs."""
+        config = unwrap(self.model).config.get_text_config()
+        path = "`use_liger_kernel`" if self.args.use_liger_kernel else "`loss_chunk_size`"
+        for name, neutral in (("logit_scale", 1.0), ("final_logit_softcapping", None), ("logits_scaling", 1.0)):
+            value = getattr(config, name, neutral)
+            if value is not None and value != neutral:
+                raise ValueError(
+                    f"{path} recomputes logits as hidden @ lm_head.weight, but this model transforms them ({name}="
+                    f"{value}). Turn {path} off for this model."
+                )
+        head = unwrap(self.model).get_output_embeddings()
+        if not isinstance(head, nn.Linear) or hasattr(head, "base_layer") or head.bias is not None:
+            raise ValueError(
+                f"{path} needs a plain bias-free linear `lm_head` (got {type(head).__name__}); a LoRA adapter or "
+                "`modules_to_save` on the lm_head is not supported there. Leave the lm_head out of the adapter."
+            )
+        if self.args.use_liger_kernel:
+            from importlib.util import find_spec
+
+            if find_spec("liger_kernel") is None:
+                raise ImportError("`use_liger_kernel=True` needs `pip install liger-kernel` (or trl-sdft[liger]).")
+            if self.args.liger_kernel_config is None and self.accelerator.device.type == "cpu":
+                # transformers would also patch the model with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU), which
+                # have no CPU backend; the fused JSD loss itself runs on CPU.
+                self.args.liger_kernel_config = {
+                    name: False
+                    for name in ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "geglu")
+                }
 
     @property
     def vllm_generation(self):
@@ -478,11 +512,84 @@ class SDFTTrainer(_BaseTrainer):
         logits = model(**kwargs).logits[:, -(num_completion_tokens + 1) : -1]
         return logits / self.args.temperature
 
+    def _completion_hidden(self, model, input_ids, attention_mask, num_completion_tokens: int) -> torch.Tensor:
+        """Last-layer hidden states (the lm_head's input) at the positions that predict the completion tokens."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        kwargs["output_hidden_states"] = True
+        if "logits_to_keep" in self._forward_params:
+            kwargs["logits_to_keep"] = 1  # no full logits: the loss projects the hidden states in chunks
+        if "position_ids" in self._forward_params:
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = model(**kwargs).hidden_states[-1]
+        return hidden[:, -(num_completion_tokens + 1) : -1]
+
+    def _loss_from_hidden_states(self, model, inputs, mode: str) -> torch.Tensor:
+        """The loss from hidden states and lm_head weights (`fused.py`): same value and gradients as the logits path,
+        without the batch's [tokens, vocab] logits."""
+        args = self.args
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        num_tokens = completion_ids.size(1)
+        student_hidden = self._completion_hidden(
+            model,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            num_tokens,
+        )
+        with torch.no_grad(), self.teacher.context():
+            teacher_model = self.teacher.module(model)
+            teacher_hidden = self._completion_hidden(
+                teacher_model, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], num_tokens
+            )
+            teacher_weight = unwrap(teacher_model).get_output_embeddings().weight
+        student_weight = unwrap(model).get_output_embeddings().weight
+        mask = losses.loss_mask(completion_mask, args.num_loss_tokens_to_skip)
+        if mask.sum() == 0:
+            self._log_metric(mode, "distillation_loss", torch.zeros((), device=mask.device))
+            return student_hidden.sum() * 0.0
+        if args.use_liger_kernel:
+            loss, token_mean = fused.liger_jsd_loss(
+                student_hidden,
+                student_weight,
+                teacher_hidden,
+                teacher_weight,
+                mask,
+                args.distillation_alpha,
+                args.temperature,
+                chunk_size=args.loss_chunk_size or 1024,
+            )
+        else:
+            spec = fused.LossSpec(
+                mode=args.distillation_mode,
+                alpha=args.distillation_alpha,
+                topk=args.distillation_topk,
+                add_tail=args.distillation_add_tail,
+                support=args.distillation_topk_support,
+                temperature=args.temperature,
+                is_clip=args.distillation_is_clip,
+                chunk_size=args.loss_chunk_size,
+            )
+            loss, per_token, _ = fused.chunked_loss(
+                student_hidden,
+                student_weight,
+                teacher_hidden,
+                teacher_weight,
+                completion_ids,
+                mask,
+                spec,
+                rollout_logps=inputs.get("old_per_token_logps"),
+            )
+            token_mean = losses.token_mean(per_token, mask)
+        self._log_metric(mode, "distillation_loss", token_mean)
+        scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
+        return loss / scale
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("SDFTTrainer.compute_loss does not return model outputs.")
         args = self.args
         mode = "train" if self.model.training else "eval"
+        if self._loss_from_hidden:
+            return self._loss_from_hidden_states(model, inputs, mode)
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         num_tokens = completion_ids.size(1)
         student_logits = self._completion_logits(
@@ -528,7 +635,7 @@ class SDFTTrainer(_BaseTrainer):
         if teacher_logits is not None:
             kl = losses.teacher_student_kl(student_logits, teacher_logits, mask)
             self._log_metric(mode, "teacher_student_kl", kl)
-        scale = self.current_gradient_accumulation_steps if self.model.training else 1
+        scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
         return loss / scale
 
     def _server_teacher_loss(self, inputs, student_logits, mask, mode: str) -> torch.Tensor:

@@ -1,0 +1,277 @@
+"""The losses from hidden states (`fused.py`) equal the unfused path on logits, values and gradients, in float32."""
+
+import pytest
+import torch
+
+from trl_sdft import fused, losses
+
+B, T, H, V = 3, 7, 16, 97
+
+
+def inputs(seed=0, skip=0):
+    g = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(B, T, H, generator=g)
+    teacher_hidden = torch.randn(B, T, H, generator=g)
+    student_weight = torch.randn(V, H, generator=g) * 0.5
+    teacher_weight = torch.randn(V, H, generator=g) * 0.5
+    token_ids = torch.randint(0, V, (B, T), generator=g)
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    completion_mask[1, 4:] = 0  # padding
+    completion_mask[2, 1:] = 0
+    mask = losses.loss_mask(completion_mask, skip)
+    rollout_logps = -torch.rand(B, T, generator=g) * 3
+    return student_hidden, student_weight, teacher_hidden, teacher_weight, token_ids, mask, rollout_logps
+
+
+def unfused(student_hidden, student_weight, teacher_hidden, teacher_weight, token_ids, mask, rollout, spec):
+    student_logits = fused.project(student_hidden, student_weight, spec.temperature)
+    teacher_logits = fused.project(teacher_hidden, teacher_weight, spec.temperature)
+    per_token = losses.distillation_loss(
+        spec.mode,
+        student_logits,
+        teacher_logits,
+        token_ids,
+        alpha=spec.alpha,
+        topk=spec.topk,
+        add_tail=spec.add_tail,
+        topk_support=spec.support,
+    )
+    if spec.is_clip is not None:
+        per_token = losses.clip_importance_weights(
+            per_token, losses.token_log_probs(student_logits, token_ids), rollout, spec.is_clip
+        )
+    return losses.sequence_mean(per_token, mask), per_token
+
+
+def value_and_grads(fn, tensors):
+    student_hidden, student_weight, *rest = tensors
+    student_hidden = student_hidden.clone().requires_grad_(True)
+    student_weight = student_weight.clone().requires_grad_(True)
+    loss = fn(student_hidden, student_weight, *rest)
+    loss.backward()
+    return loss.detach(), student_hidden.grad, student_weight.grad
+
+
+CASES = (
+    [dict(mode="full_logits", alpha=alpha) for alpha in (0.0, 0.5, 1.0)]
+    + [
+        dict(mode="topk_logits", alpha=alpha, topk=5, add_tail=tail, support=support)
+        for alpha in (0.0, 0.5, 1.0)
+        for tail in (False, True)
+        for support in ("student", "teacher", "union")
+    ]
+    + [dict(mode="sampled_token", alpha=1.0)]
+)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(str(v) for v in case.values()))
+@pytest.mark.parametrize("chunk_size", [4, 1024])
+def test_chunked_equals_unfused(case, chunk_size):
+    tensors = inputs(skip=1)
+    spec = fused.LossSpec(**case, temperature=0.7, chunk_size=chunk_size)
+    rollout = tensors[-1]
+    expected = value_and_grads(lambda *t: unfused(*t[:-1], rollout, spec)[0], tensors)
+    actual = value_and_grads(lambda *t: fused.chunked_loss(*t[:-1], spec)[0], tensors)
+    for want, got in zip(expected, actual, strict=True):
+        assert torch.allclose(want, got, atol=1e-5, rtol=1e-5), (want - got).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["topk_logits", "sampled_token"])
+def test_chunked_with_importance_clipping_and_outputs(mode):
+    tensors = inputs(seed=1)
+    spec = fused.LossSpec(mode=mode, alpha=1.0, topk=5, is_clip=1.5, chunk_size=5)
+    rollout = tensors[-1]
+    expected = value_and_grads(lambda *t: unfused(*t[:-1], rollout, spec)[0], tensors)
+    actual = value_and_grads(lambda *t: fused.chunked_loss(*t[:-1], spec, rollout_logps=rollout)[0], tensors)
+    for want, got in zip(expected, actual, strict=True):
+        assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
+    _, per_token, logps = fused.chunked_loss(*tensors[:-1], spec, rollout_logps=rollout)
+    _, want_per_token = unfused(*tensors[:-1], rollout, spec)
+    assert torch.allclose(per_token, want_per_token, atol=1e-5)
+    want_logps = losses.token_log_probs(fused.project(tensors[0], tensors[1], 1.0), tensors[4])
+    assert torch.allclose(logps, want_logps, atol=1e-5)
+
+
+def test_chunked_gradient_scales_with_the_upstream_gradient():
+    tensors = inputs(seed=2)
+    spec = fused.LossSpec(mode="topk_logits", alpha=0.5, topk=5)
+    once = value_and_grads(lambda *t: fused.chunked_loss(*t[:-1], spec)[0], tensors)
+    thrice = value_and_grads(lambda *t: 3 * fused.chunked_loss(*t[:-1], spec)[0], tensors)
+    assert torch.allclose(thrice[1], 3 * once[1]) and torch.allclose(thrice[2], 3 * once[2])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
+def test_liger_jsd_equals_full_logits(alpha):
+    """Liger's beta convention, checked: beta == distillation_alpha gives our full_logits loss."""
+    pytest.importorskip("liger_kernel")
+    tensors = inputs(seed=3, skip=1)
+    spec = fused.LossSpec(mode="full_logits", alpha=alpha, temperature=0.8)
+    expected = value_and_grads(lambda *t: unfused(*t[:-1], None, spec)[0], tensors)
+
+    def liger(student_hidden, student_weight, teacher_hidden, teacher_weight, token_ids, mask):
+        return fused.liger_jsd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, mask, alpha, 0.8, chunk_size=4
+        )[0]
+
+    actual = value_and_grads(lambda *t: liger(*t[:-1]), tensors)
+    for want, got in zip(expected, actual, strict=True):
+        assert torch.allclose(want, got, atol=1e-5, rtol=1e-5), (want - got).abs().max()
+
+
+# ---------------------------------------------------------------------------------------------- in the trainer
+TRAINER_MODES = [
+    dict(distillation_mode="topk_logits", distillation_alpha=0.5),
+    dict(
+        distillation_mode="topk_logits",
+        distillation_alpha=0.0,
+        distillation_add_tail=True,
+        distillation_topk_support="union",
+    ),
+    dict(distillation_mode="full_logits", distillation_alpha=0.0),
+    dict(distillation_mode="sampled_token", distillation_alpha=1.0),
+]
+TEACHERS = [("base", False), ("live", False), ("ema", False), ("base", True), ("ema", True)]
+
+
+def build_trainer(model_dir, tokenizer, tmp_path, use_lora, **overrides):
+    from conftest import tiny_config
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from trl_sdft import SDFTTrainer
+    from trl_sdft.testing import facts_rows
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
+    return SDFTTrainer(
+        model=model_dir,
+        args=tiny_config(tmp_path, num_loss_tokens_to_skip=1, **overrides),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
+def loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_same_step(reference, other, batch):
+    want_loss, want_grads = loss_and_grads(reference, batch)
+    got_loss, got_grads = loss_and_grads(other, batch)
+    assert torch.allclose(want_loss, got_loss, atol=1e-5), (want_loss, got_loss)
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    for name, grad in want_grads.items():
+        assert torch.allclose(grad, got_grads[name], atol=1e-5), (name, (grad - got_grads[name]).abs().max())
+
+
+@pytest.mark.parametrize("kind, use_lora", TEACHERS, ids=lambda v: str(v))
+@pytest.mark.parametrize("mode", TRAINER_MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_trainer_chunked_loss_equals_logits_path(tiny_model_dir, tokenizer, tmp_path, mode, kind, use_lora):
+    from trl_sdft.testing import facts_rows
+
+    common = dict(teacher_model_kind=kind, **mode)
+    reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, **common)
+    chunked = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, loss_chunk_size=5, **common)
+    batch = reference._build_batch(facts_rows()[:4], "train")
+    assert_same_step(reference, chunked, batch)
+
+
+@pytest.mark.parametrize("kind, use_lora", TEACHERS, ids=lambda v: str(v))
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_trainer_liger_equals_full_logits(tiny_model_dir, tokenizer, tmp_path, alpha, kind, use_lora):
+    from trl_sdft.testing import facts_rows
+
+    common = dict(teacher_model_kind=kind, distillation_mode="full_logits", distillation_alpha=alpha)
+    reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, **common)
+    liger = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, use_liger_kernel=True, **common)
+    batch = reference._build_batch(facts_rows()[:4], "train")
+    assert_same_step(reference, liger, batch)
+
+
+@pytest.mark.parametrize("overrides", [dict(loss_chunk_size=4), dict(use_liger_kernel=True)], ids=["chunked", "liger"])
+def test_training_from_hidden_states_runs_and_learns(tiny_model_dir, tokenizer, tmp_path, overrides):
+    trainer = build_trainer(
+        tiny_model_dir,
+        tokenizer,
+        tmp_path,
+        False,
+        distillation_mode="full_logits",
+        distillation_alpha=0.0,
+        max_steps=3,
+        **overrides,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(history) == 3 and all("self_distillation/distillation_loss" in e for e in history)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(use_liger_kernel=True, distillation_mode="topk_logits"), "set `distillation_mode='full_logits'`"),
+        (
+            dict(
+                use_liger_kernel=True,
+                distillation_mode="full_logits",
+                num_iterations=2,
+            ),
+            "importance-sampling clipping applies",
+        ),
+        (dict(loss_chunk_size=0), "must be >= 1"),
+    ],
+)
+def test_bad_loss_path_settings(tmp_path, overrides, message):
+    from conftest import tiny_config
+
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **overrides)
+
+
+def test_scaled_logits_models_are_refused(tiny_model_dir, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        build_trainer(model, tokenizer, tmp_path, False, loss_chunk_size=8)
+
+
+@pytest.mark.parametrize("path", ["liger", "chunked"])
+def test_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path, path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    job = os.path.join(os.path.dirname(__file__), "ddp_fused_job.py")
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    result = subprocess.run(
+        [*command, job, tiny_model_dir, str(tmp_path), path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["world"] == 2 and len(ranks[0]["losses"]) == 3
+    assert ranks[0]["checksums"] == ranks[1]["checksums"]
+    start = {name: float(p.double().sum()) for name, p in _load(tiny_model_dir).named_parameters()}
+    assert start["lm_head.weight"] != ranks[0]["checksums"]["lm_head.weight"]  # the lm_head was trained
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir)
