@@ -78,14 +78,15 @@ class ChunkedSelfDistillation(torch.autograd.Function):
         per_token, student_logps = [], []
         for start in range(0, student_hidden.size(0), spec.chunk_size):
             rows = slice(start, start + spec.chunk_size)
+            hidden = student_hidden[rows]
             with torch.enable_grad():
-                hidden = student_hidden[rows].detach().requires_grad_(True)
-                weight = student_weight.detach().requires_grad_(True)
-                student_logits = project(hidden, weight, spec.temperature)
+                # The gradient is taken w.r.t. the chunk's logits only; the two matmuls that carry it to the hidden
+                # states and the weight are done by hand, accumulating in place (no weight-sized temporaries).
+                raw = (hidden @ student_weight.t()).float().requires_grad_(True)
                 with torch.no_grad():
                     teacher_logits = project(teacher_hidden[rows], teacher_weight, spec.temperature)
                 chunk_total, chunk_losses, chunk_logps = _chunk_loss(
-                    student_logits,
+                    raw / spec.temperature,
                     teacher_logits,
                     token_ids[rows],
                     token_weights[rows],
@@ -93,9 +94,11 @@ class ChunkedSelfDistillation(torch.autograd.Function):
                     spec,
                 )
                 del teacher_logits
-                chunk_grad_hidden, chunk_grad_weight = torch.autograd.grad(chunk_total, (hidden, weight))
-            grad_hidden[rows] = chunk_grad_hidden
-            grad_weight += chunk_grad_weight
+                (grad_raw,) = torch.autograd.grad(chunk_total, raw)
+            del raw
+            grad_hidden[rows] = (grad_raw.to(student_weight.dtype) @ student_weight).to(grad_hidden.dtype)
+            grad_weight.addmm_(grad_raw.t(), hidden.float())
+            del grad_raw
             total += chunk_total.detach()
             per_token.append(chunk_losses)
             student_logps.append(chunk_logps)
@@ -107,7 +110,9 @@ class ChunkedSelfDistillation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_per_token, _grad_logps):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, grad_weight * grad_total, None, None, None, None, None, None
+        if grad_total is not None and not bool(grad_total == 1):
+            grad_hidden, grad_weight = grad_hidden * grad_total, grad_weight * grad_total
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def sequence_mean_weights(mask: torch.Tensor) -> torch.Tensor:
