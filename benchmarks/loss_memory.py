@@ -5,11 +5,14 @@
 Methods, each from the same hidden states and LM-head weights (float32, CPU), each case in a fresh process:
   naive     logits for the whole batch, our `losses.py` on them (what the trainer does with `loss_chunk_size=None`)
   peer      logits for the whole batch, `trl.experimental.sdft.loss_utils` on them
-  chunked   ours, `fused.chunked_loss` with `--chunk` tokens per chunk (`loss_chunk_size`)
+  chunked   ours, `fused.chunked_loss` with `--chunk` tokens per chunk (`loss_chunk_size`; the default, 128,
+            and half of it)
   liger     Liger's fused linear JSD, once per sequence (`use_liger_kernel`; full_logits only)
   trl       TRL's `ChunkedDivergenceFunction` (full_logits only), for reference
-Peak extra memory: the process's peak RSS (VmHWM, reset just before the loss) minus its RSS with the inputs built.
-Time: mean wall time of `--repeats` forward+backward passes after one warm-up pass.
+Peak extra memory: the process's peak RSS (VmHWM, reset just before the loss) minus its RSS with the inputs built,
+in a run with MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the system at once (otherwise glibc keeps
+chunk-sized blocks and RSS overstates what is live). Time: mean wall time of `--repeats` forward+backward passes after
+one warm-up pass, in a separate run with the default allocator (mmap for every block slows small chunks down).
 """
 
 import argparse
@@ -107,8 +110,6 @@ def run_case(method: str, mode: str, batch: int, length: int, chunk: int, repeat
         return losses.sequence_mean(divergence.view(batch, length), mask)
 
     fn = {"naive": naive, "peer": peer, "chunked": chunked, "liger": liger, "trl": trl_kernel}[method]
-    with torch.no_grad():
-        pass
     base = rss_kib("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -117,7 +118,7 @@ def run_case(method: str, mode: str, batch: int, length: int, chunk: int, repeat
         start = time.perf_counter()
         fn().backward()
         elapsed = time.perf_counter() - start
-        if index:
+        if index or not repeats:
             times.append(elapsed)
         student_hidden.grad = student_weight.grad = None
     peak = rss_kib("VmHWM:")
@@ -131,10 +132,24 @@ def run_case(method: str, mode: str, batch: int, length: int, chunk: int, repeat
     }
 
 
+def measure(method: str, mode: str, size: str, chunk: int, repeats: int) -> dict | None:
+    """Memory from a run with mmap'd allocations, time from a run with the default allocator; None if it failed (e.g.
+    out of memory)."""
+    outputs = []
+    for env, runs in (({"MALLOC_MMAP_THRESHOLD_": "65536"}, 0), ({}, repeats)):
+        command = [sys.executable, __file__, "--repeats", str(runs), "--case", method, mode, size, str(chunk)]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+        if done.returncode != 0:
+            print(f"{method} {mode} {size}: failed ({done.returncode})\n{done.stderr[-1500:]}", file=sys.stderr)
+            return None
+        outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {**outputs[1], "peak_extra_mib": outputs[0]["peak_extra_mib"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="8x256,8x1024")
-    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/loss_memory.json")
     parser.add_argument("--case", nargs=4, metavar=("METHOD", "MODE", "SIZE", "CHUNK"), help=argparse.SUPPRESS)
@@ -147,21 +162,25 @@ def main():
     results = []
     for size in options.sizes.split(","):
         for mode in MODES:
-            methods = ["naive", "peer", "chunked"] + (["liger", "trl"] if mode == "full_logits" else [])
-            for method in methods:
-                command = [sys.executable, __file__, "--repeats", str(options.repeats)]
-                command += ["--case", method, mode, size, str(options.chunk)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    print(f"{method} {mode} {size}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                result = json.loads(done.stdout.strip().splitlines()[-1])
-                results.append(result)
-                print(json.dumps(result), flush=True)
+            methods = [("naive", 0), ("peer", 0), ("chunked", options.chunk), ("chunked", options.chunk // 2)]
+            if mode == "full_logits":
+                methods += [("liger", options.chunk), ("trl", 0)]
+            for method, chunk in methods:
+                result = measure(method, mode, size, chunk, options.repeats)
+                if result is not None:
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
     for result in results:
         naive = next(
-            r for r in results if r["method"] == "naive" and r["mode"] == result["mode"] and r["size"] == result["size"]
+            (
+                r
+                for r in results
+                if r["method"] == "naive" and r["mode"] == result["mode"] and r["size"] == result["size"]
+            ),
+            None,
         )
+        if naive is None:
+            continue
         result["memory_vs_naive"] = round(result["peak_extra_mib"] / max(naive["peak_extra_mib"], 1), 3)
         result["time_vs_naive"] = round(result["seconds"] / naive["seconds"], 2)
     os.makedirs(os.path.dirname(options.out), exist_ok=True)

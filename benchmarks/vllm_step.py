@@ -12,6 +12,7 @@ and stopped here; it shares the machine's cores with the trainer, as colocated v
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,14 +56,16 @@ def start_server(model_dir: str) -> tuple[subprocess.Popen, int]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command, env = vllm_serve_command(["--model", model_dir, "--host", "127.0.0.1", "--port", str(port)])
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     for _ in range(300):
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return process, port
         except requests.RequestException:
             time.sleep(1)
-    process.kill()
+    os.killpg(process.pid, signal.SIGKILL)
     raise RuntimeError("the vLLM server did not start in 300 s")
 
 
@@ -127,7 +130,7 @@ def main():
         results.append(run("server", model_dir, options.steps, options.tokens, port))
         results.append(run("server+teacher", model_dir, options.steps, options.tokens, port))
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the server, its engine and workers
         server.wait()
     results.append(run("colocate", model_dir, options.steps, options.tokens, None))
     base = results[0]["step_s"]

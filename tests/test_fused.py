@@ -85,11 +85,15 @@ def test_chunked_with_importance_clipping_and_outputs(mode):
     actual = value_and_grads(lambda *t: fused.chunked_loss(*t[:-1], spec, rollout_logps=rollout)[0], tensors)
     for want, got in zip(expected, actual, strict=True):
         assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
-    _, per_token, logps = fused.chunked_loss(*tensors[:-1], spec, rollout_logps=rollout)
+    _, per_token, logps, kl = fused.chunked_loss(*tensors[:-1], spec, rollout_logps=rollout)
     _, want_per_token = unfused(*tensors[:-1], rollout, spec)
     assert torch.allclose(per_token, want_per_token, atol=1e-5)
     want_logps = losses.token_log_probs(fused.project(tensors[0], tensors[1], 1.0), tensors[4])
     assert torch.allclose(logps, want_logps, atol=1e-5)
+    student_logits = fused.project(tensors[0], tensors[1], 1.0)
+    teacher_logits = fused.project(tensors[2], tensors[3], 1.0)
+    want_kl = losses.kl(teacher_logits.log_softmax(-1), student_logits.log_softmax(-1))
+    assert torch.allclose(kl, want_kl, atol=1e-5)
 
 
 def test_chunked_gradient_scales_with_the_upstream_gradient():
@@ -174,7 +178,7 @@ def test_trainer_chunked_loss_equals_logits_path(tiny_model_dir, tokenizer, tmp_
     from trl_sdft.testing import facts_rows
 
     common = dict(teacher_model_kind=kind, **mode)
-    reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, **common)
+    reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=0, **common)
     chunked = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, loss_chunk_size=5, **common)
     batch = reference._build_batch(facts_rows()[:4], "train")
     assert_same_step(reference, chunked, batch)
@@ -186,7 +190,7 @@ def test_trainer_liger_equals_full_logits(tiny_model_dir, tokenizer, tmp_path, a
     from trl_sdft.testing import facts_rows
 
     common = dict(teacher_model_kind=kind, distillation_mode="full_logits", distillation_alpha=alpha)
-    reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, **common)
+    reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=0, **common)
     liger = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, use_liger_kernel=True, **common)
     batch = reference._build_batch(facts_rows()[:4], "train")
     assert_same_step(reference, liger, batch)
@@ -223,7 +227,7 @@ def test_training_from_hidden_states_runs_and_learns(tiny_model_dir, tokenizer, 
             ),
             "importance-sampling clipping applies",
         ),
-        (dict(loss_chunk_size=0), "must be >= 1"),
+        (dict(loss_chunk_size=-1), "must be >= 1"),
     ],
 )
 def test_bad_loss_path_settings(tmp_path, overrides, message):
@@ -240,6 +244,15 @@ def test_scaled_logits_models_are_refused(tiny_model_dir, tokenizer, tmp_path):
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
         build_trainer(model, tokenizer, tmp_path, False, loss_chunk_size=8)
+    # By default such a model silently keeps the logits path.
+    assert build_trainer(model, tokenizer, tmp_path, False).loss_chunk_size == 0
+
+
+def test_default_is_the_chunked_path_and_zero_the_logits_path(tiny_model_dir, tokenizer, tmp_path):
+    from trl_sdft.config import DEFAULT_LOSS_CHUNK_SIZE
+
+    assert build_trainer(tiny_model_dir, tokenizer, tmp_path, False).loss_chunk_size == DEFAULT_LOSS_CHUNK_SIZE
+    assert build_trainer(tiny_model_dir, tokenizer, tmp_path, False, loss_chunk_size=0).loss_chunk_size == 0
 
 
 @pytest.mark.parametrize("path", ["liger", "chunked"])
@@ -267,7 +280,7 @@ def test_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path, path):
     ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["world"] == 2 and len(ranks[0]["losses"]) == 3
     assert ranks[0]["checksums"] == ranks[1]["checksums"]
-    start = {name: float(p.double().sum()) for name, p in _load(tiny_model_dir).named_parameters()}
+    start = {name: float(p.detach().double().sum()) for name, p in _load(tiny_model_dir).named_parameters()}
     assert start["lm_head.weight"] != ranks[0]["checksums"]["lm_head.weight"]  # the lm_head was trained
 
 

@@ -3,6 +3,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def server(vllm_model_dir, tmp_path_factory):
     command = [sys.executable, "-m", "trl_sdft.cli", "vllm-serve", "--model", vllm_model_dir, "--host", "127.0.0.1"]
     command += ["--port", str(port), "--max-model-len", str(SERVER_CONTEXT)]
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # Its own process group: vLLM's engine and worker processes go down with it at teardown.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -60,14 +62,27 @@ def server(vllm_model_dir, tmp_path_factory):
             pass
         time.sleep(2)
     else:
-        process.kill()
+        stop(process)
         pytest.fail(f"vLLM server did not start in 300 s:\n{log_path.read_text()[-3000:]}")
     yield {"port": port, "process": process, "url": url}
-    process.terminate()
+    stop(process)
+
+
+def stop(process, sig=signal.SIGTERM):
+    """Stop the server and every process it started (engine core, workers)."""
     try:
+        os.killpg(process.pid, sig)
         process.wait(timeout=30)
+    except ProcessLookupError:
+        pass
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    time.sleep(1)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers
+    except ProcessLookupError:
+        pass
 
 
 def server_config(tmp_path, server, **overrides):
@@ -260,8 +275,7 @@ class KillServerAt(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            self.process.kill()
-            self.process.wait()
+            stop(self.process, signal.SIGKILL)
 
 
 def test_server_dying_mid_training_stops_the_run_and_keeps_the_checkpoint(vllm_model_dir, tmp_path, server):

@@ -16,6 +16,8 @@ DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
 TEACHER_MODEL_KINDS = ("base", "live", "ema")
 VLLM_MODES = ("server", "colocate")
 VLLM_MODEL_IMPLS = ("vllm", "transformers")
+# Tokens per chunk of the loss from hidden states; see benchmarks/loss_memory.py for the measurements behind it.
+DEFAULT_LOSS_CHUNK_SIZE = 128
 
 
 @dataclass
@@ -122,8 +124,10 @@ class SDFTConfig(_BaseConfig):
         default=None,
         metadata={
             "help": "Compute the loss from hidden states in chunks of this many tokens, never holding the batch's "
-            "[tokens, vocab] logits (every distillation mode). `None`: logits as TRL does. `use_liger_kernel=True` "
-            "uses Liger's fused JSD instead (`full_logits` only)."
+            "[tokens, vocab] logits (every distillation mode; same values and gradients). `None` (default): chunks "
+            f"of {DEFAULT_LOSS_CHUNK_SIZE} tokens where the model allows it (a plain linear lm_head without logit "
+            "scaling), the logits path otherwise. `0`: always the logits path, as TRL. `use_liger_kernel=True` uses "
+            "Liger's fused JSD instead (`full_logits` only)."
         },
     )
 
@@ -340,8 +344,11 @@ class SDFTConfig(_BaseConfig):
                 )
 
     def _check_loss_path(self):
-        if self.loss_chunk_size is not None and self.loss_chunk_size < 1:
-            raise ValueError(f"`loss_chunk_size={self.loss_chunk_size}` must be >= 1 (tokens per chunk) or None.")
+        if self.loss_chunk_size is not None and self.loss_chunk_size < 0:
+            raise ValueError(
+                f"`loss_chunk_size={self.loss_chunk_size}` must be >= 1 (tokens per chunk), 0 (logits path) or None "
+                "(automatic)."
+            )
         if not self.use_liger_kernel:
             return
         if self.distillation_mode != "full_logits":

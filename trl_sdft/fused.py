@@ -54,7 +54,9 @@ def _chunk_loss(student_logits, teacher_logits, token_ids, token_weights, rollou
         raise ValueError(f"Unknown distillation mode {spec.mode!r}.")
     if spec.is_clip is not None and rollout_logps is not None:
         per_token = losses.clip_importance_weights(per_token, student_logps, rollout_logps, spec.is_clip)
-    return (per_token * token_weights).sum(), per_token.detach(), student_logps.detach()
+    with torch.no_grad():  # the `teacher_student_kl` metric: full-vocabulary KL(teacher || student) per token
+        kl = losses.kl(teacher_logits.log_softmax(-1), student_logits.detach().log_softmax(-1))
+    return (per_token * token_weights).sum(), per_token.detach(), student_logps.detach(), kl
 
 
 class ChunkedSelfDistillation(torch.autograd.Function):
@@ -75,7 +77,7 @@ class ChunkedSelfDistillation(torch.autograd.Function):
         grad_hidden = torch.empty_like(student_hidden)
         grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device)
         total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        per_token, student_logps = [], []
+        per_token, student_logps, kls = [], [], []
         for start in range(0, student_hidden.size(0), spec.chunk_size):
             rows = slice(start, start + spec.chunk_size)
             hidden = student_hidden[rows]
@@ -85,7 +87,7 @@ class ChunkedSelfDistillation(torch.autograd.Function):
                 raw = (hidden @ student_weight.t()).float().requires_grad_(True)
                 with torch.no_grad():
                     teacher_logits = project(teacher_hidden[rows], teacher_weight, spec.temperature)
-                chunk_total, chunk_losses, chunk_logps = _chunk_loss(
+                chunk_total, chunk_losses, chunk_logps, chunk_kl = _chunk_loss(
                     raw / spec.temperature,
                     teacher_logits,
                     token_ids[rows],
@@ -102,14 +104,18 @@ class ChunkedSelfDistillation(torch.autograd.Function):
             total += chunk_total.detach()
             per_token.append(chunk_losses)
             student_logps.append(chunk_logps)
-        ctx.save_for_backward(grad_hidden, grad_weight.to(student_weight.dtype))
-        per_token, student_logps = torch.cat(per_token), torch.cat(student_logps)
-        ctx.mark_non_differentiable(per_token, student_logps)
-        return total, per_token, student_logps
+            kls.append(chunk_kl)
+        # Kept as plain attributes, not saved tensors, and dropped in backward: with no other reference left autograd
+        # can take the weight gradient as `.grad` instead of copying it (one weight-sized buffer less).
+        ctx.grads = (grad_hidden, grad_weight.to(student_weight.dtype))
+        per_token, student_logps, kls = torch.cat(per_token), torch.cat(student_logps), torch.cat(kls)
+        ctx.mark_non_differentiable(per_token, student_logps, kls)
+        return total, per_token, student_logps, kls
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_per_token, _grad_logps):
-        grad_hidden, grad_weight = ctx.saved_tensors
+    def backward(ctx, grad_total, _grad_per_token, _grad_logps, _grad_kl):
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
         if grad_total is not None and not bool(grad_total == 1):
             grad_hidden, grad_weight = grad_hidden * grad_total, grad_weight * grad_total
         return grad_hidden, grad_weight, None, None, None, None, None, None
@@ -130,13 +136,14 @@ def chunked_loss(
     mask: torch.Tensor,
     spec: LossSpec,
     rollout_logps: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The masked per-sequence mean loss from `[B, T, H]` hidden states (positions predicting `token_ids` `[B, T]`).
 
-    Returns the scalar loss and, detached, the per-token losses and the student's token log-probs (`[B, T]`)."""
+    Returns the scalar loss and, detached, `[B, T]`: the per-token losses, the student's token log-probs and the
+    full-vocabulary KL(teacher || student) (the `teacher_student_kl` metric)."""
     batch, length = token_ids.shape
     flat = lambda tensor: None if tensor is None else tensor.reshape(batch * length, *tensor.shape[2:])  # noqa: E731
-    total, per_token, student_logps = ChunkedSelfDistillation.apply(
+    total, per_token, student_logps, kl = ChunkedSelfDistillation.apply(
         flat(student_hidden),
         student_weight,
         flat(teacher_hidden).detach(),
@@ -146,7 +153,7 @@ def chunked_loss(
         flat(rollout_logps),
         spec,
     )
-    return total, per_token.view(batch, length), student_logps.view(batch, length)
+    return total, per_token.view(batch, length), student_logps.view(batch, length), kl.view(batch, length)
 
 
 def liger_jsd_loss(

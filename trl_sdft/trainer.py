@@ -38,7 +38,7 @@ from trl.trainer.utils import (
 
 from . import fused, losses
 from .callbacks import dispatch
-from .config import SDFTConfig
+from .config import DEFAULT_LOSS_CHUNK_SIZE, SDFTConfig
 from .data import REQUIRED_COLUMNS, validate_dataset
 from .prompts import build_teacher_prompt, is_chat, resolve_teacher_prompt_template
 from .rollout import TransformersRollout, left_pad, right_pad
@@ -174,9 +174,7 @@ class SDFTTrainer(_BaseTrainer):
             gather_deepspeed3_params=args.ds3_gather_for_generation,
         )
         self.vllm = self._build_vllm() if args.use_vllm else None
-        self._loss_from_hidden = args.use_liger_kernel or args.loss_chunk_size is not None
-        if self._loss_from_hidden:
-            self._check_model_for_loss_from_hidden()
+        self.loss_chunk_size = self._resolve_loss_path()
 
     # ----------------------------------------------------------------------------------------------- construction
     @staticmethod
@@ -312,25 +310,36 @@ class SDFTTrainer(_BaseTrainer):
         )
         return backend
 
-    def _check_model_for_loss_from_hidden(self) -> None:
-        """The fused/chunked losses recompute the logits as `hidden @ lm_head.weight.T`: refuse models where that is
-        not what the model outputs."""
+    def _resolve_loss_path(self) -> int:
+        """Tokens per chunk of the loss from hidden states, or 0 for the logits path.
+
+        The hidden-state losses recompute the logits as `hidden @ lm_head.weight.T`: models where that is not what the
+        model outputs are refused when the user asked for them, and fall back to the logits path by default."""
+        args = self.args
+        requested = args.use_liger_kernel or bool(args.loss_chunk_size)
+        if args.use_teacher_server or args.loss_chunk_size == 0 and not args.use_liger_kernel:
+            return 0
         config = unwrap(self.model).config.get_text_config()
-        path = "`use_liger_kernel`" if self.args.use_liger_kernel else "`loss_chunk_size`"
+        path = "`use_liger_kernel`" if args.use_liger_kernel else "`loss_chunk_size`"
+        problem = None
         for name, neutral in (("logit_scale", 1.0), ("final_logit_softcapping", None), ("logits_scaling", 1.0)):
             value = getattr(config, name, neutral)
             if value is not None and value != neutral:
-                raise ValueError(
-                    f"{path} recomputes logits as hidden @ lm_head.weight, but this model transforms them ({name}="
-                    f"{value}). Turn {path} off for this model."
-                )
+                problem = f"this model transforms its logits ({name}={value})"
         head = unwrap(self.model).get_output_embeddings()
         if not isinstance(head, nn.Linear) or hasattr(head, "base_layer") or head.bias is not None:
-            raise ValueError(
-                f"{path} needs a plain bias-free linear `lm_head` (got {type(head).__name__}); a LoRA adapter or "
-                "`modules_to_save` on the lm_head is not supported there. Leave the lm_head out of the adapter."
+            problem = (
+                f"it needs a plain bias-free linear lm_head (got {type(head).__name__}; a LoRA adapter or "
+                "`modules_to_save` on the lm_head is not supported there)"
             )
-        if self.args.use_liger_kernel:
+        if "logits_to_keep" not in self._forward_params:
+            problem = "the model's forward has no `logits_to_keep`, so it would compute the full logits anyway"
+        if problem is not None:
+            if requested:
+                raise ValueError(f"{path} recomputes logits from hidden states, but {problem}. Turn {path} off.")
+            logger.info(f"Loss on the logits path: {problem}.")
+            return 0
+        if args.use_liger_kernel:
             from importlib.util import find_spec
 
             if find_spec("liger_kernel") is None:
@@ -342,6 +351,7 @@ class SDFTTrainer(_BaseTrainer):
                     name: False
                     for name in ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "geglu")
                 }
+        return args.loss_chunk_size or DEFAULT_LOSS_CHUNK_SIZE
 
     @property
     def vllm_generation(self):
@@ -555,7 +565,7 @@ class SDFTTrainer(_BaseTrainer):
                 mask,
                 args.distillation_alpha,
                 args.temperature,
-                chunk_size=args.loss_chunk_size or 1024,
+                chunk_size=self.loss_chunk_size,
             )
         else:
             spec = fused.LossSpec(
@@ -566,9 +576,9 @@ class SDFTTrainer(_BaseTrainer):
                 support=args.distillation_topk_support,
                 temperature=args.temperature,
                 is_clip=args.distillation_is_clip,
-                chunk_size=args.loss_chunk_size,
+                chunk_size=self.loss_chunk_size,
             )
-            loss, per_token, _ = fused.chunked_loss(
+            loss, per_token, _, kl = fused.chunked_loss(
                 student_hidden,
                 student_weight,
                 teacher_hidden,
@@ -579,6 +589,7 @@ class SDFTTrainer(_BaseTrainer):
                 rollout_logps=inputs.get("old_per_token_logps"),
             )
             token_mean = losses.token_mean(per_token, mask)
+            self._log_metric(mode, "teacher_student_kl", losses.token_mean(kl, mask))
         self._log_metric(mode, "distillation_loss", token_mean)
         scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
         return loss / scale
@@ -588,7 +599,7 @@ class SDFTTrainer(_BaseTrainer):
             raise ValueError("SDFTTrainer.compute_loss does not return model outputs.")
         args = self.args
         mode = "train" if self.model.training else "eval"
-        if self._loss_from_hidden:
+        if self.loss_chunk_size:
             return self._loss_from_hidden_states(model, inputs, mode)
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         num_tokens = completion_ids.size(1)
