@@ -511,27 +511,25 @@ class SDFTTrainer(_BaseTrainer):
         metrics["completions/max_terminated_length"].append(terminated.max().item())
 
     # ----------------------------------------------------------------------------------------------------- loss
-    def _completion_logits(self, model, input_ids, attention_mask, num_completion_tokens: int) -> torch.Tensor:
-        """Temperature-scaled logits that predict each of the last `num_completion_tokens` tokens."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    def _forward(self, model, input_ids, attention_mask, logits_to_keep: int, **extra):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False, **extra}
         if "logits_to_keep" in self._forward_params:
-            kwargs["logits_to_keep"] = num_completion_tokens + 1
+            kwargs["logits_to_keep"] = logits_to_keep
         if "position_ids" in self._forward_params:
             # Left padding must not shift positions (matters for models with absolute positions).
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(**kwargs).logits[:, -(num_completion_tokens + 1) : -1]
-        return logits / self.args.temperature
+        return model(**kwargs)
+
+    def _completion_logits(self, model, input_ids, attention_mask, num_completion_tokens: int) -> torch.Tensor:
+        """Temperature-scaled logits that predict each of the last `num_completion_tokens` tokens."""
+        outputs = self._forward(model, input_ids, attention_mask, num_completion_tokens + 1)
+        return outputs.logits[:, -(num_completion_tokens + 1) : -1] / self.args.temperature
 
     def _completion_hidden(self, model, input_ids, attention_mask, num_completion_tokens: int) -> torch.Tensor:
-        """Last-layer hidden states (the lm_head's input) at the positions that predict the completion tokens."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        kwargs["output_hidden_states"] = True
-        if "logits_to_keep" in self._forward_params:
-            kwargs["logits_to_keep"] = 1  # no full logits: the loss projects the hidden states in chunks
-        if "position_ids" in self._forward_params:
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden = model(**kwargs).hidden_states[-1]
-        return hidden[:, -(num_completion_tokens + 1) : -1]
+        """Last-layer hidden states (the lm_head's input) at the positions that predict the completion tokens. Only
+        the last position's logits are computed: the loss projects the hidden states in chunks."""
+        outputs = self._forward(model, input_ids, attention_mask, 1, output_hidden_states=True)
+        return outputs.hidden_states[-1][:, -(num_completion_tokens + 1) : -1]
 
     def _loss_from_hidden_states(self, model, inputs, mode: str) -> torch.Tensor:
         """The loss from hidden states and lm_head weights (`fused.py`): same value and gradients as the logits path,
