@@ -66,6 +66,12 @@ def test_iterable_dataset_is_refused(tokenizer, tmp_path):
         make(ExplodingModel(), tokenizer, tmp_path, stream)
 
 
+def test_dataset_smaller_than_a_generation_batch(tokenizer, tmp_path):
+    # tiny_config: 4 completions per step, 2 per prompt -> 2 distinct prompts; one row could never fill a batch
+    with pytest.raises(ValueError, match="has 1 rows but one generation batch takes 2 distinct prompts"):
+        make(ExplodingModel(), tokenizer, tmp_path, Dataset.from_list(facts_rows(1)))
+
+
 def test_missing_train_dataset(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="train_dataset"):
         make(ExplodingModel(), tokenizer, tmp_path, None)
