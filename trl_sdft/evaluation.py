@@ -13,9 +13,9 @@ from .knowledge import chat, is_correct
 
 @torch.no_grad()
 def greedy_answers(
-    model, tokenizer, questions: list[str], max_new_tokens: int = 24, batch_size: int = 32, desc: str | None = None
+    model, tokenizer, questions: list, max_new_tokens: int = 24, batch_size: int = 32, desc: str | None = None
 ) -> list[str]:
-    """Greedy answers to chat questions, batched with left padding."""
+    """Greedy answers to chat prompts (a question string becomes one user turn), batched with left padding."""
     was_training = model.training
     model.eval()
     padding_side = tokenizer.padding_side
@@ -24,7 +24,7 @@ def greedy_answers(
     try:
         batches = range(0, len(questions), batch_size)
         for start in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            conversations = [chat(q) for q in questions[start : start + batch_size]]
+            conversations = [chat(q) if isinstance(q, str) else q for q in questions[start : start + batch_size]]
             encoded = tokenizer.apply_chat_template(
                 conversations, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
             ).to(model.device)

@@ -1,0 +1,126 @@
+"""`python scripts/continual.py` / `trl-sdft continual`: the SFT-vs-SDFT continual-learning comparison."""
+
+import argparse
+import os
+import sys
+import time
+
+from .harness import ContinualConfig, ContinualRunner
+from .tasks import BUNDLED_TASKS
+
+# `--quick`: a smoke run of every method on a few rows (minutes on a CPU); explicit flags still win.
+QUICK = {"steps": 2, "max_train_rows": 4, "max_test_rows": 4, "num_probes": 8}
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="continual",
+        description="Train tasks in sequence with SFT and/or SDFT; write retention.json, retention.md and "
+        "retention.png (accuracy on every task and the general probes after each stage).",
+    )
+    defaults = ContinualConfig()
+    p.add_argument("--method", choices=["sft", "sdft", "both"], default="both")
+    p.add_argument(
+        "--tasks",
+        type=_list(str),
+        default=defaults.tasks,
+        help=f"comma-separated, trained in this order: bundled ({', '.join(BUNDLED_TASKS)}) or JSONL paths",
+    )
+    p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per task (default {defaults.steps})")
+    p.add_argument(
+        "--learning_rates",
+        type=_list(float),
+        default=defaults.learning_rates,
+        help="the learning-rate grid every method runs (comma-separated)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=_list(float),
+        default=defaults.alphas,
+        help="SDFT distillation_alpha values: 0 forward KL, 0.5 JSD, 1 reverse KL",
+    )
+    p.add_argument("--seeds", type=_list(int), default=defaults.seeds)
+    p.add_argument("--model", default=defaults.model, help="model path or the smollm2-135m-instruct alias")
+    p.add_argument("--batch_size", type=int, default=defaults.batch_size, help="sequences per optimizer step")
+    p.add_argument(
+        "--num_generations",
+        type=int,
+        default=defaults.num_generations,
+        help="SDFT completions per prompt (batch_size / num_generations prompts per step)",
+    )
+    p.add_argument("--distillation_mode", default=defaults.distillation_mode)
+    p.add_argument(
+        "--teacher_model_kind",
+        default=defaults.teacher_model_kind,
+        help="base: the model at the start of each stage, frozen",
+    )
+    p.add_argument("--max_train_rows", type=int, default=None)
+    p.add_argument("--max_test_rows", type=int, default=None)
+    p.add_argument("--num_probes", type=int, default=None)
+    p.add_argument("--min_teacher_gap", type=float, default=defaults.min_teacher_gap)
+    p.add_argument("--output_dir", default=defaults.output_dir)
+    p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK} unless given explicitly")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="keep the finished runs of an earlier identical call")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing retention.json")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ContinualConfig:
+    values = {
+        "tasks": args.tasks,
+        "methods": ["sft", "sdft"] if args.method == "both" else [args.method],
+        "model": args.model,
+        "learning_rates": args.learning_rates,
+        "alphas": args.alphas,
+        "seeds": args.seeds,
+        "batch_size": args.batch_size,
+        "num_generations": args.num_generations,
+        "distillation_mode": args.distillation_mode,
+        "teacher_model_kind": args.teacher_model_kind,
+        "min_teacher_gap": args.min_teacher_gap,
+        "output_dir": args.output_dir,
+    }
+    for key in ("steps", "max_train_rows", "max_test_rows", "num_probes"):
+        value = getattr(args, key)
+        if value is None and args.quick:
+            value = QUICK[key]
+        if value is not None:
+            values[key] = value
+    return ContinualConfig(**values)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    started = time.time()
+    try:  # tasks and an existing output are checked here, before any model is loaded
+        runner = ContinualRunner(config, overwrite=args.overwrite, resume=args.resume)
+    except (ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    runner.run()
+    out = config.output_dir
+    print(
+        f"\nretention table: {os.path.join(out, 'retention.md')}\nplot: {os.path.join(out, 'retention.png')}\n"
+        f"all scores and answers: {os.path.join(out, 'retention.json')}\nwall time: {(time.time() - started) / 60:.1f} min"
+    )
+    return 0

@@ -1,0 +1,317 @@
+"""Sequential training on tasks with SFT or SDFT, evaluating every task and the probes after each stage.
+
+One *run* is a method (SFT, or SDFT with one `distillation_alpha`), a learning rate from the shared grid and a seed.
+Every run starts from the same base model and trains the tasks in the given order with the same number of optimizer
+steps and sequences per step. Stage 0 is the base model, scored once with greedy decoding like every later stage.
+"""
+
+import gc
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..evaluation import greedy_answers
+from ..models import resolve_model
+from .report import summarize, write_reports
+from .tasks import PROBES, Task, load_tasks, probes_task
+
+METHODS = ("sft", "sdft")
+
+
+@dataclass
+class ContinualConfig:
+    """Settings of a continual-learning comparison; every method shares them."""
+
+    tasks: list[str] = field(default_factory=lambda: ["facts", "tool_call", "identity"])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    model: str = "smollm2-135m-instruct"
+    steps: int = 30
+    learning_rates: list[float] = field(default_factory=lambda: [1e-4])
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    batch_size: int = 4
+    num_generations: int = 1
+    distillation_mode: str = "full_logits"
+    teacher_model_kind: str = "base"
+    lr_scheduler_type: str = "constant"
+    max_train_rows: int | None = None
+    max_test_rows: int | None = None
+    num_probes: int | None = None
+    eval_batch_size: int = 32
+    min_teacher_gap: float = 0.25
+    output_dir: str = "outputs/continual"
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"Unknown method(s) {unknown or self.methods}: use sft, sdft or both.")
+        if not self.tasks:
+            raise ValueError("No tasks given: pass --tasks, e.g. facts,tool_call,identity.")
+        for name, value in (("steps", self.steps), ("batch_size", self.batch_size)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"`batch_size={self.batch_size}` must be divisible by `num_generations={self.num_generations}`."
+            )
+        if not self.learning_rates or any(lr <= 0 for lr in self.learning_rates):
+            raise ValueError(f"`learning_rates` must be positive, got {self.learning_rates}.")
+        if "sdft" in self.methods and (not self.alphas or any(not 0 <= a <= 1 for a in self.alphas)):
+            raise ValueError(f"`alphas` must lie in [0, 1] (0 forward KL, 0.5 JSD, 1 reverse KL), got {self.alphas}.")
+        if not self.seeds:
+            raise ValueError("`seeds` is empty.")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    learning_rate: float
+    seed: int
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        """The run's name without the seed: seeds of one label are averaged."""
+        name = "SFT" if self.method == "sft" else f"SDFT a={self.alpha:g}"
+        return f"{name} lr={self.learning_rate:g}"
+
+
+def run_specs(config: ContinualConfig) -> list[RunSpec]:
+    specs = []
+    for method in config.methods:
+        for lr in config.learning_rates:
+            for alpha in config.alphas if method == "sdft" else [None]:
+                specs += [RunSpec(method, lr, seed, alpha) for seed in config.seeds]
+    return specs
+
+
+def evaluate(model, tokenizer, tasks: list[Task], batch_size: int = 32, with_context: bool = False) -> dict:
+    """Greedy answers to every test row; per task the accuracy, counts and the answers."""
+    results = {}
+    for task in tasks:
+        answers = greedy_answers(model, tokenizer, task.test_prompts(with_context), task.max_new_tokens, batch_size)
+        correct = task.score(answers)
+        results[task.name] = {
+            "accuracy": sum(correct) / len(correct),
+            "correct": sum(correct),
+            "total": len(correct),
+            "answers": [
+                {"prompt": row["prompt"], "answer": answer, "correct": ok}
+                for row, answer, ok in zip(task.test, answers, correct)
+            ],
+        }
+    return results
+
+
+def accuracy_only(results: dict) -> dict:
+    return {name: value["accuracy"] for name, value in results.items()}
+
+
+def _common_args(config: ContinualConfig, spec: RunSpec, output_dir: str) -> dict:
+    return dict(
+        output_dir=output_dir,
+        max_steps=config.steps,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing=False,
+        seed=spec.seed,
+        data_seed=spec.seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        logging_steps=max(1, config.steps // 5),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def train_stage(model, tokenizer, task: Task, spec: RunSpec, config: ContinualConfig) -> dict:
+    """Train `model` in place on one task; returns the stage's training statistics."""
+    with tempfile.TemporaryDirectory(prefix=f"continual-{task.name}-") as output_dir:
+        common = _common_args(config, spec, output_dir)
+        if spec.method == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            args = SFTConfig(**common, max_length=1024, packing=False, dataset_num_proc=None)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=task.sft_dataset(), processing_class=tokenizer)
+        else:
+            from ..config import SDFTConfig
+            from ..trainer import SDFTTrainer
+
+            args = SDFTConfig(
+                **common,
+                num_generations=config.num_generations,
+                max_completion_length=task.max_new_tokens,
+                teacher_model_kind=config.teacher_model_kind,
+                teacher_prompt_template=task.teacher_prompt_template,
+                distillation_mode=config.distillation_mode,
+                distillation_alpha=spec.alpha,
+            )
+            trainer = SDFTTrainer(model=model, args=args, train_dataset=task.sdft_dataset(), processing_class=tokenizer)
+        started = time.time()
+        output = trainer.train()
+        stats = {"train_seconds": round(time.time() - started, 1), "train_loss": output.training_loss}
+        del trainer
+        gc.collect()
+    return stats
+
+
+def load_model(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, tokenizer
+
+
+def teacher_check(student_scores: dict, teacher_scores: dict, tasks: list[Task], min_gap: float) -> dict:
+    """The in-context teacher's accuracy against the student's, per task, and whether the gap is large enough."""
+    check = {}
+    for task in tasks:
+        if task.name not in teacher_scores:
+            check[task.name] = {"student": student_scores[task.name], "teacher": None, "clear": None}
+            continue
+        gap = teacher_scores[task.name] - student_scores[task.name]
+        check[task.name] = {
+            "student": student_scores[task.name],
+            "teacher": teacher_scores[task.name],
+            "gap": gap,
+            "clear": gap >= min_gap,
+        }
+    return check
+
+
+class ContinualRunner:
+    """Runs every (method, learning rate, alpha, seed) over the task sequence and writes the reports as it goes."""
+
+    def __init__(self, config: ContinualConfig, overwrite: bool = False, resume: bool = False, log=print):
+        self.config = config
+        self.log = log
+        self.tasks = [t.head(config.max_train_rows, config.max_test_rows) for t in load_tasks(config.tasks)]
+        self.probes = probes_task(config.num_probes)
+        prompts_per_step = config.batch_size // config.num_generations
+        small = [f"{t.name} ({len(t.train)})" for t in self.tasks if len(t.train) < prompts_per_step]
+        if "sdft" in config.methods and small:
+            raise ValueError(
+                f"SDFT takes {prompts_per_step} distinct prompts per step (batch_size {config.batch_size} / "
+                f"num_generations {config.num_generations}) but task(s) {', '.join(small)} have fewer train rows. "
+                "Add rows, lower --batch_size or raise --num_generations."
+            )
+        self.path = os.path.join(config.output_dir, "retention.json")
+        self.results = self._start(overwrite, resume)
+
+    def _start(self, overwrite: bool, resume: bool) -> dict:
+        fresh = {"config": asdict(self.config), "tasks": self._task_info(), "runs": []}
+        if not os.path.exists(self.path) or overwrite:
+            return fresh
+        with open(self.path) as f:
+            previous = json.load(f)
+        if not resume:
+            raise FileExistsError(
+                f"{self.path} already exists. Pass --resume to finish it (runs already done are kept), --overwrite "
+                "to replace it, or another --output_dir."
+            )
+        if previous.get("config") != fresh["config"]:
+            changed = sorted(k for k in fresh["config"] if previous.get("config", {}).get(k) != fresh["config"][k])
+            raise ValueError(
+                f"--resume: {self.path} was written with other settings ({', '.join(changed)} differ); use the same "
+                "settings, or --overwrite / another --output_dir."
+            )
+        previous["runs"] = [run for run in previous["runs"] if len(run["stages"]) == len(self.tasks) + 1]
+        return previous
+
+    def _task_info(self) -> list[dict]:
+        return [
+            {
+                "name": t.name,
+                "kind": t.kind,
+                "description": t.description,
+                "num_train": len(t.train),
+                "num_test": len(t.test),
+            }
+            for t in [*self.tasks, self.probes]
+        ]
+
+    def _save(self):
+        os.makedirs(self.config.output_dir, exist_ok=True)
+        self.results["summary"] = summarize(self.results)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.results, f, indent=1)
+        os.replace(tmp, self.path)
+        write_reports(self.results, self.config.output_dir)
+
+    def _baseline(self, model, tokenizer):
+        if "base" in self.results:
+            return
+        started = time.time()
+        scores = evaluate(model, tokenizer, [*self.tasks, self.probes], self.config.eval_batch_size)
+        with_context = [t for t in self.tasks if t.has_test_context]
+        teacher = evaluate(model, tokenizer, with_context, self.config.eval_batch_size, with_context=True)
+        self.results["base"] = scores
+        self.results["teacher_check"] = teacher_check(
+            accuracy_only(scores), accuracy_only(teacher), self.tasks, self.config.min_teacher_gap
+        )
+        self.results["teacher_answers"] = teacher
+        self.log(f"[base] {_fmt(accuracy_only(scores))} ({time.time() - started:.0f} s)")
+        for name, check in self.results["teacher_check"].items():
+            if check["teacher"] is None:
+                self.log(f"[teacher check] {name}: test rows carry no privileged_context, not checked")
+                continue
+            verdict = "ok" if check["clear"] else f"WARNING: gap below {self.config.min_teacher_gap:.0%}"
+            self.log(
+                f"[teacher check] {name}: in-context teacher {check['teacher']:.0%} vs student {check['student']:.0%}"
+                f" ({verdict})"
+            )
+        self._save()
+
+    def run(self) -> dict:
+        model_path = resolve_model(self.config.model)
+        done = {(r["method"], r["learning_rate"], r["alpha"], r["seed"]) for r in self.results["runs"]}
+        model, tokenizer = load_model(model_path)
+        self._baseline(model, tokenizer)
+        base_scores = self.results["base"]
+        for spec in run_specs(self.config):
+            if (spec.method, spec.learning_rate, spec.alpha, spec.seed) in done:
+                self.log(f"[{spec.label} seed={spec.seed}] done before, kept")
+                continue
+            model, tokenizer = load_model(model_path)
+            run = {
+                **asdict(spec),
+                "label": spec.label,
+                "stages": [{"stage": 0, "trained": None, "scores": base_scores}],
+            }
+            for number, task in enumerate(self.tasks, start=1):
+                stats = train_stage(model, tokenizer, task, spec, self.config)
+                scores = evaluate(model, tokenizer, [*self.tasks, self.probes], self.config.eval_batch_size)
+                run["stages"].append({"stage": number, "trained": task.name, **stats, "scores": scores})
+                self.log(
+                    f"[{spec.label} seed={spec.seed}] after {task.name} ({stats['train_seconds']:.0f} s): "
+                    f"{_fmt(accuracy_only(scores))}"
+                )
+            self.results["runs"].append(run)
+            self._save()
+            del model
+            gc.collect()
+        self._save()
+        return self.results
+
+
+def _fmt(scores: dict) -> str:
+    return ", ".join(f"{name} {value:.0%}" for name, value in scores.items())
+
+
+def run_continual(config: ContinualConfig, overwrite: bool = False, resume: bool = False, log=print) -> dict:
+    """Run the comparison and write retention.json, retention.md and retention.png into `config.output_dir`."""
+    return ContinualRunner(config, overwrite=overwrite, resume=resume, log=log).run()
+
+
+__all__ = ["PROBES", "ContinualConfig", "ContinualRunner", "RunSpec", "evaluate", "run_continual", "run_specs"]
