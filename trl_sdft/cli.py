@@ -262,6 +262,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["vllm-serve"]:
         return vllm_serve(argv[1:])
+    if argv[:1] == ["continual"]:
+        from .continual.cli import main as continual_main
+
+        return continual_main(argv[1:])
     relaunched = relaunch_cpu_processes(argv)
     if relaunched is not None:
         return relaunched

@@ -9,7 +9,7 @@ from .harness import ContinualConfig, ContinualRunner
 from .tasks import BUNDLED_TASKS
 
 # `--quick`: a smoke run of every method on a few rows (minutes on a CPU); explicit flags still win.
-QUICK = {"steps": 2, "max_train_rows": 4, "max_test_rows": 4, "num_probes": 8}
+QUICK = {"steps": 2, "max_train_rows": 4, "max_test_rows": 4, "num_probes": 8, "learning_rates": [1e-4]}
 
 
 def _list(kind):
@@ -26,7 +26,7 @@ def _list(kind):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="continual",
+        prog="scripts/continual.py",
         description="Train tasks in sequence with SFT and/or SDFT; write retention.json, retention.md and "
         "retention.png (accuracy on every task and the general probes after each stage).",
     )
@@ -42,8 +42,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--learning_rates",
         type=_list(float),
-        default=defaults.learning_rates,
-        help="the learning-rate grid every method runs (comma-separated)",
+        default=None,
+        help=f"the learning-rate grid every method runs, comma-separated (default {defaults.learning_rates})",
     )
     p.add_argument(
         "--alphas",
@@ -83,7 +83,6 @@ def config_from_args(args: argparse.Namespace) -> ContinualConfig:
         "tasks": args.tasks,
         "methods": ["sft", "sdft"] if args.method == "both" else [args.method],
         "model": args.model,
-        "learning_rates": args.learning_rates,
         "alphas": args.alphas,
         "seeds": args.seeds,
         "batch_size": args.batch_size,
@@ -93,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> ContinualConfig:
         "min_teacher_gap": args.min_teacher_gap,
         "output_dir": args.output_dir,
     }
-    for key in ("steps", "max_train_rows", "max_test_rows", "num_probes"):
+    for key in ("steps", "max_train_rows", "max_test_rows", "num_probes", "learning_rates"):
         value = getattr(args, key)
         if value is None and args.quick:
             value = QUICK[key]

@@ -29,8 +29,8 @@ class ContinualConfig:
     tasks: list[str] = field(default_factory=lambda: ["facts", "tool_call", "identity"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     model: str = "smollm2-135m-instruct"
-    steps: int = 30
-    learning_rates: list[float] = field(default_factory=lambda: [1e-4])
+    steps: int = 15
+    learning_rates: list[float] = field(default_factory=lambda: [3e-5, 1e-4])
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     seeds: list[int] = field(default_factory=lambda: [42])
     batch_size: int = 4
