@@ -115,7 +115,7 @@ def test_extraction_writes_aligned_parquet_and_jsonl(tmp_path, tiny_model_dir, t
     assert settings["topk"] == 5 and settings["positions"] == POSITIONS_RULE
     assert settings["vocab_size"] == len(tokenizer)
     kept = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert kept == [{"messages": normalize_record(records[i])[0]} for i in [0, 2, 4, 6, 7]]
+    assert kept == [{"idx": i, "messages": normalize_record(records[i])[0]} for i in [0, 2, 4, 6, 7]]
     assert summary["skipped"] == {
         "no messages": 1,
         "unknown role 'narrator'": 1,

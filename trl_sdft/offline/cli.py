@@ -4,6 +4,7 @@ Several processes: `torchrun --nproc_per_node N scripts/extract_logits.py ...` (
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -110,7 +111,7 @@ def run_extraction(args: argparse.Namespace, log=print) -> dict:
         if log:
             log(f"{args.output_file} is complete already (same settings): nothing to extract")
         if not os.path.exists(args.filtered_data_file):
-            write_filtered(kept_messages, args.filtered_data_file)
+            write_filtered(items, kept_messages, args.filtered_data_file)
     seconds = time.time() - started
     summary = {
         "records": len(records),
@@ -140,3 +141,122 @@ def extract_main(argv=None) -> int:
 
 
 __all__ = ["extract_main", "extract_parser", "read_records", "read_settings", "run_extraction"]
+
+
+def distill_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scripts/distill_sft.py",
+        description="Distil a student on stored teacher top-K logits: SFT + loss_multi * KD (TRL SFTTrainer).",
+    )
+    p.add_argument("--config_file", required=True, help="JSON with sections trainer, lora, train, validation")
+    p.add_argument("--output_dir", required=True, help="where the model and tokenizer are saved")
+    return p
+
+
+def _set_special_tokens(tokenizer, config) -> None:
+    vocab = tokenizer.get_vocab()
+    for name in ("bos_token", "eos_token", "pad_token"):
+        token = getattr(config, name)
+        if token is None:
+            continue
+        if token not in vocab:
+            raise ValueError(f"{name} {token!r} is not in the student's vocabulary; pick an existing token.")
+        setattr(tokenizer, name, token)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def run_distillation(config_file: str, output_dir: str, log=print):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from .distill import DistillConfig, DistillSFTTrainer, TopKCollator, build_rows, check_quantization
+
+    config = DistillConfig.from_file(config_file)
+    quantization = check_quantization(config)
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    unknown = sorted(set(config.trainer) - known)
+    if unknown:
+        raise ValueError(f"{config_file}: `trainer` has keys that are not SFTConfig fields: {unknown}.")
+    model_path = resolve_model(config.model_name)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    _set_special_tokens(tokenizer, config)
+    train, train_table, topk, too_long = build_rows(
+        config.train["data_path"],
+        config.train["teacher_logits"],
+        tokenizer,
+        config.max_seq_length,
+        config.only_target_loss,
+    )
+    tables, eval_dataset = {"train": train_table}, None
+    if config.validation:
+        eval_dataset, tables["validation"], eval_topk, _ = build_rows(
+            config.validation["data_path"],
+            config.validation["teacher_logits"],
+            tokenizer,
+            config.max_seq_length,
+            config.only_target_loss,
+            source="validation",
+        )
+        if eval_topk != topk:
+            raise ValueError(f"train logits are top-{topk} but validation logits top-{eval_topk}; extract both alike.")
+    if log:
+        log(f"{len(train)} training rows (top-{topk} teacher logits), {too_long} longer than max_seq_length skipped")
+    trainer_args = {
+        "report_to": "none",
+        "use_cpu": not torch.cuda.is_available(),
+        **config.trainer,
+        "output_dir": output_dir,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "max_length": config.max_seq_length,
+        "remove_unused_columns": False,
+        "dataset_kwargs": {"skip_prepare_dataset": True},
+    }
+    args = SFTConfig(**trainer_args)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **quantization)
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        lora = dict(config.lora)
+        peft_config = LoraConfig(
+            r=lora.pop("r", 16),
+            lora_alpha=lora.pop("alpha", 32),
+            lora_dropout=lora.pop("dropout", 0.05),
+            bias=lora.pop("bias", "none"),
+            target_modules=lora.pop("target_modules", "all-linear"),
+            modules_to_save=lora.pop("modules_to_save", None),
+            task_type="CAUSAL_LM",
+        )
+        if lora:
+            raise ValueError(f"{config_file}: unknown `lora` keys {sorted(lora)}.")
+    collator = TopKCollator(tables, topk, tokenizer.pad_token_id)
+    trainer = DistillSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        peft_config=peft_config,
+        loss_multi=config.loss_multi,
+        per_token=config.per_token,
+        adaptive_kd=config.adaptive_kd,
+    )
+    trainer.train()
+    trainer.save_model(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    if log:
+        log(f"model and tokenizer saved to {output_dir}")
+    return trainer
+
+
+def distill_main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = distill_parser().parse_args(argv)
+    try:
+        run_distillation(args.config_file, args.output_dir)
+    except ValueError as err:
+        print(f"distill_sft: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -218,16 +218,16 @@ def merge(
     finally:
         writer.close()
     if filtered_data_file:
-        write_filtered(kept_messages, filtered_data_file)
+        write_filtered(items, kept_messages, filtered_data_file)
     os.replace(tmp, output)
     shutil.rmtree(parts_dir(output), ignore_errors=True)
     return rows
 
 
-def write_filtered(kept_messages: list[list], path: str) -> None:
-    """The kept records (normalised messages), one per line, in the Parquet's row order."""
+def write_filtered(items: list[Item], kept_messages: list[list], path: str) -> None:
+    """The kept records (`idx` and normalised messages), one per line, in the Parquet's row order."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        for messages in kept_messages:
-            f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        for item, messages in zip(items, kept_messages):
+            f.write(json.dumps({"idx": item.idx, "messages": messages}, ensure_ascii=False) + "\n")
     os.replace(path + ".tmp", path)
