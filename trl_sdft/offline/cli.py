@@ -93,7 +93,7 @@ def run_extraction(args: argparse.Namespace, log=print) -> dict:
     )
     check_resumable(args.output_file, settings)
     items, kept_messages, skips = plan(records, tokenizer, args.max_length, args.sort_by_len)
-    tokens = 0
+    tokens, extract_started = 0, time.time()
     if not os.path.exists(args.output_file):
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype))
         model.eval()
@@ -113,13 +113,16 @@ def run_extraction(args: argparse.Namespace, log=print) -> dict:
         if not os.path.exists(args.filtered_data_file):
             write_filtered(items, kept_messages, args.filtered_data_file)
     seconds = time.time() - started
+    extract_seconds = time.time() - extract_started
     summary = {
         "records": len(records),
         "kept": len(items),
         "skipped": dict(skips.reasons),
         "assistant_tokens": sum(item.end - item.start for item in items),
+        "input_tokens": sum(len(item.input_ids) for item in items),
         "tokens_this_run_rank0": tokens,
         "seconds": round(seconds, 2),
+        "extract_seconds": round(extract_seconds, 2),  # model load, forwards, writes and merge
     }
     if log:
         log(f"kept {len(items)} of {len(records)} records; {skips.summary()}")
