@@ -175,6 +175,9 @@ def test_interrupted_extraction_resumes_to_the_same_file(tmp_path, tiny_model_di
     # a finished file with other settings is not silently mixed with a new run
     with pytest.raises(ValueError, match="topk: 5 there, 3 now"):
         run_extraction(args_for(tmp_path, data, tiny_model_dir, "resumed", "--topk", "3"))
+    other = write_data(tmp_path / "data.jsonl", GOOD)  # the same path, other records
+    with pytest.raises(ValueError, match="data_hash"):
+        run_extraction(args_for(tmp_path, other, tiny_model_dir, "resumed"))
 
 
 def test_two_processes_write_the_same_file_as_one(tmp_path, tiny_model_dir):

@@ -146,7 +146,10 @@ class Task:
     def sft_dataset(self) -> Dataset:
         """TRL's conversational prompt-completion format: the loss is on the demonstration only."""
         rows = [
-            {"prompt": _as_chat(r["prompt"]), "completion": [{"role": "assistant", "content": r["demonstration"]}]}
+            {
+                "prompt": _as_chat(r["prompt"]),
+                "completion": [{"role": "assistant", "content": context_to_text(r["demonstration"])}],
+            }
             for r in self.train
         ]
         return Dataset.from_list(rows)

@@ -38,6 +38,7 @@ class ExtractionSettings:
     sort_by_len: bool
     batch_size: int
     positions: str = POSITIONS_RULE
+    data_hash: str = ""
     tokenizer: str = ""
     vocab_size: int = 0
     vocab_hash: str = ""
@@ -47,6 +48,15 @@ def vocab_fingerprint(tokenizer) -> str:
     """A hash of the token -> id map: equal hashes mean the same vocabulary."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: str) -> str:
+    """A hash of the input file's bytes: a resumed extraction must read the same records."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def file_metadata(settings: ExtractionSettings) -> dict[bytes, bytes]:
