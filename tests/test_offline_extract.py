@@ -221,3 +221,32 @@ def test_two_processes_write_the_same_file_as_one(tmp_path, tiny_model_dir):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
     assert one.schema.metadata == two.schema.metadata
     assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    "data_flag, filtered_flag",
+    [("--input_file", "--filtered_data"), ("--data_file", "--filtered_data_file")],
+    ids=["documented", "long-names"],
+)
+def test_the_documented_command_and_its_aliases(tmp_path, tiny_model_dir, data_flag, filtered_flag):
+    """The README's extraction command, typed with the pipeline's flag names and with the long aliases."""
+    data = write_data(tmp_path / "data.jsonl", GOOD[:2])
+    command = [
+        sys.executable,
+        "scripts/extract_logits.py",
+        data_flag,
+        data,
+        "--output_file",
+        str(tmp_path / "out.parquet"),
+        filtered_flag,
+        str(tmp_path / "kept.jsonl"),
+        "--model_name",
+        tiny_model_dir,
+        "--topk",
+        "5",
+    ]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert pq.read_table(tmp_path / "out.parquet").column("idx").to_pylist() == [0, 1]
+    assert len((tmp_path / "kept.jsonl").read_text().splitlines()) == 2

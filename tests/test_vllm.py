@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from trl_sdft import SDFTConfig, SDFTTrainer
 from trl_sdft.cli import vllm_serve_command
 from trl_sdft.rollout import VLLMServerError
-from trl_sdft.testing import build_model, build_tokenizer, facts_rows
+from trl_sdft.testing import build_model, build_tokenizer, completion_logits, facts_rows, logged_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_CONTEXT = 256  # --max-model-len of the test server
@@ -107,10 +107,6 @@ def server_config(tmp_path, server, **overrides):
     return SDFTConfig(**values)
 
 
-def losses_of(trainer):
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
 # ------------------------------------------------------------------------------------------------------ no engine
 def test_serve_command_adds_what_the_trainer_needs():
     command, env = vllm_serve_command(["--model", "m", "--port", "9001", "--dtype", "bfloat16"], cuda=False)
@@ -172,10 +168,10 @@ def test_server_training_then_sync_matches_trainer(vllm_model_dir, tmp_path, ser
     )
     assert trainer.vllm_generation.sync_method == "directory"
     trainer.train()
-    assert len(losses_of(trainer)) == 3 and trainer.num_generation_rounds == 3
-    assert max(trainer.vllm.logprob_differences()) > 1e-3  # stale: one optimizer step behind
-    trainer.vllm.sync(trainer.state.global_step)
-    assert max(trainer.vllm.logprob_differences()) < 1e-3
+    assert len(logged_losses(trainer)) == 3 and trainer.num_generation_rounds == 3
+    assert max(trainer.rollout.logprob_differences()) > 1e-3  # stale: one optimizer step behind
+    trainer.rollout.sync(trainer.state.global_step)
+    assert max(trainer.rollout.logprob_differences()) < 1e-3
 
 
 def test_server_with_lora_syncs_merged_weights(vllm_model_dir, tmp_path, server):
@@ -189,8 +185,8 @@ def test_server_with_lora_syncs_merged_weights(vllm_model_dir, tmp_path, server)
         peft_config=peft_config,
     )
     trainer.train()
-    trainer.vllm.sync(trainer.state.global_step)
-    assert max(trainer.vllm.logprob_differences()) < 1e-3
+    trainer.rollout.sync(trainer.state.global_step)
+    assert max(trainer.rollout.logprob_differences()) < 1e-3
     # The adapter is active in the trainer and not merged into its weights: vLLM got the merged copy.
     assert any("lora_A" in name for name, _ in trainer.model.named_parameters())
 
@@ -208,22 +204,22 @@ def test_teacher_scored_on_the_server(vllm_model_dir, tmp_path, server, mode):
     assert all("self_distillation/server_logprob_abs_diff" in entry for entry in history)
 
     # The server's teacher scores are the trainer model's on the teacher input.
-    trainer.vllm.sync(trainer.state.global_step)
+    trainer.rollout.sync(trainer.state.global_step)
     batch = trainer._build_batch(facts_rows()[:4], "eval")
     num_tokens = batch["completion_ids"].size(1)
-    served = trainer.vllm.teacher_log_probs(
-        batch["teacher_input_ids"], batch["teacher_attention_mask"], num_tokens, 5, trainer.state.global_step
+    mask = batch["completion_mask"].bool()
+    served = trainer.rollout.teacher_scores(
+        batch["teacher_input_ids"], batch["teacher_attention_mask"], mask, 5, trainer.state.global_step
     )
     with torch.no_grad():
-        logits = trainer._completion_logits(
+        logits = completion_logits(
             trainer.model, batch["teacher_input_ids"], batch["teacher_attention_mask"], num_tokens
         )
     local = logits.log_softmax(-1)
-    mask = batch["completion_mask"].bool()
     actual = local.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1)
-    assert torch.allclose(served["actual"][mask], actual[mask], atol=1e-4)
-    assert torch.allclose(served["topk"][mask], local.topk(5, dim=-1).values[mask], atol=1e-4)
-    assert torch.isinf(served["actual"][~mask]).all()
+    assert torch.allclose(served.token_logps[mask], actual[mask], atol=1e-4)
+    assert torch.allclose(served.topk_logps[mask], local.topk(5, dim=-1).values[mask], atol=1e-4)
+    assert torch.isinf(served.token_logps[~mask]).all()
 
 
 def test_two_training_processes_share_the_server(vllm_model_dir, tmp_path, server):

@@ -31,17 +31,17 @@ def main(model_dir: str, output_dir: str) -> None:
         vllm_max_model_length=256,
     )
     trainer = SDFTTrainer(model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
-    initial_gap = trainer.vllm.probe_gap
+    initial_gap = trainer.rollout.probe_gap
     trainer.train()
-    stale = trainer.vllm.logprob_differences()  # vLLM still holds the weights of the last generation round
-    trainer.vllm.sync(trainer.state.global_step)
-    synced = trainer.vllm.logprob_differences()
+    stale = trainer.rollout.logprob_differences()  # vLLM still holds the weights of the last generation round
+    trainer.rollout.sync(trainer.state.global_step)
+    synced = trainer.rollout.logprob_differences()
     result = {
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "initial_gap": initial_gap,
         "stale_max": max(stale),
         "synced_max": max(synced),
-        "sync_method": trainer.vllm.generation.sync_method,
+        "sync_method": trainer.rollout.generation.sync_method,
         "rounds": trainer.num_generation_rounds,
     }
     print(json.dumps(result))

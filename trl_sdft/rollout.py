@@ -1,75 +1,90 @@
 """Rollout backends: sample completions for a batch of tokenized prompts.
 
-`TransformersRollout` uses `model.generate` through TRL's `unwrap_model_for_generation` (DeepSpeed/FSDP aware).
+Every backend has one call, `generate(model, prompt_ids, num_generations, step) -> completions`: `prompt_ids` are
+the token ids of each prompt (already repeated `num_generations` times by the sampler), `step` the optimizer step of
+the weights to sample with, and each completion ends at its first end-of-sequence token. `TransformersRollout` (here)
+samples with `model.generate`; `vllm_rollout.VLLMRollout` with a colocated or a server vLLM engine.
 """
 
-from contextlib import nullcontext
+from collections.abc import Iterable, Sequence
 
 import torch
+from transformers import GenerationConfig
+from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import pad
+
+from .batch import left_pad
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "cache_implementation")
 
 
 class VLLMServerError(RuntimeError):
     """The vLLM server cannot be used: unreachable, a different model, or it stopped answering (`vllm_rollout.py`)."""
 
 
-def cut_at_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> list[list[int]]:
+def cut_at_eos(rows: Iterable[Sequence[int]], eos_token_ids: Iterable[int]) -> list[list[int]]:
     """Each row up to and including its first end-of-sequence token (all of it if none)."""
-    rows = []
-    eos = torch.tensor(eos_token_ids, device=completion_ids.device)
-    for row in completion_ids:
-        hits = torch.isin(row, eos).nonzero()
-        end = int(hits[0]) + 1 if len(hits) else row.numel()
-        rows.append(row[:end].tolist())
-    return rows
+    ends = set(eos_token_ids)
+    completions = []
+    for row in rows:
+        row = list(row)
+        end = next((position + 1 for position, token in enumerate(row) if token in ends), len(row))
+        completions.append(row[:end])
+    return completions
 
 
-def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask for a list of token-id lists."""
-    tensors = [torch.tensor(ids, dtype=torch.long) for ids in sequences]
-    ids = pad(tensors, padding_value=pad_token_id, padding_side="left").to(device)
-    mask = pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left").to(device)
-    return ids, mask
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every end id the model declares (e.g. end-of-turn) plus the tokenizer's."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    return ids
 
 
-def right_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask; an all-empty batch gives one padded column so shapes stay valid."""
-    tensors = [torch.tensor(ids if ids else [pad_token_id], dtype=torch.long) for ids in sequences]
-    masks = [torch.tensor([1] * len(ids) if ids else [0], dtype=torch.long) for ids in sequences]
-    ids = pad(tensors, padding_value=pad_token_id, padding_side="right").to(device)
-    mask = pad(masks, padding_value=0, padding_side="right").to(device)
-    return ids, mask
+def sampling_config(args, tokenizer, eos_ids: list[int]) -> GenerationConfig:
+    """The rollouts' `GenerationConfig`: the config's sampling fields, then `generation_kwargs` over them."""
+    kwargs = dict(
+        max_new_tokens=args.max_completion_length,
+        do_sample=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_ids,
+        **{name: getattr(args, name) for name in SAMPLING_FIELDS},
+    )
+    kwargs.update(args.generation_kwargs or {})
+    return GenerationConfig(**kwargs, disable_compile=True)
 
 
 class TransformersRollout:
-    """Sampling with `model.generate`."""
+    """Sampling with `model.generate`, under TRL's `unwrap_model_for_generation` (ZeRO-3 weights gathered).
 
-    def __init__(self, accelerator, generation_config, eos_token_ids, pad_token_id, gather_deepspeed3_params=True):
+    FSDP: version 1 wraps modules so that `generate` would see flat shards; its full parameters are summoned for the
+    call. Version 2 (`fully_shard`, what `configs/accelerate/fsdp.yaml` selects) unshards each module in its own forward
+    pre-hook, so `generate` needs nothing extra. TRL's `DistributedBackend.summon_full_params` does exactly this
+    (summon for v1, no-op for v2). Checked by reading torch's and TRL's code: FSDP cannot run on a CPU (accelerate and
+    the HF Trainer use it only on GPUs), so no test here exercises it.
+    """
+
+    def __init__(self, accelerator, generation_config, eos_ids, pad_token_id, gather_deepspeed3_params=True):
         self.accelerator = accelerator
         self.generation_config = generation_config
-        self.eos_token_ids = eos_token_ids
+        self.eos_token_ids = eos_ids
         self.pad_token_id = pad_token_id
         self.gather_deepspeed3_params = gather_deepspeed3_params
+        self.distributed = DistributedBackend(accelerator)
 
     @torch.no_grad()
-    def generate(self, model, prompt_ids: list[list[int]], generation_config=None) -> list[list[int]]:
-        generation_config = generation_config or self.generation_config
+    def generate(self, model, prompt_ids: list[list[int]], num_generations: int = 1, step: int | None = None):
+        """Completions for `prompt_ids` (repeated by the sampler, so `num_generations` and `step` are not needed)."""
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id, self.accelerator.device)
-        fsdp = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
-        if fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            full_params = FullyShardedDataParallel.summon_full_params(model, recurse=False)
-        else:
-            full_params = nullcontext()
         with (
             unwrap_model_for_generation(
                 model, self.accelerator, gather_deepspeed3_params=self.gather_deepspeed3_params
             ) as unwrapped,
-            full_params,
+            self.distributed.summon_full_params(model, recurse=False),
         ):
             output = unwrapped.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
             )
-        return cut_at_eos(output[:, input_ids.size(1) :], self.eos_token_ids)
+        return cut_at_eos(output[:, input_ids.size(1) :].tolist(), self.eos_token_ids)

@@ -1,11 +1,14 @@
 """Teacher strategies: which weights score the teacher prompt, how they move, and how they are checkpointed.
 
-| kind | plain model                      | PEFT model                                          |
-|------|----------------------------------|-----------------------------------------------------|
-| live | the student itself               | the student itself                                  |
-| base | a frozen copy of the initial one | the student with its adapter disabled               |
-| ema  | a copy, lerped toward the student| pure LoRA: a `teacher` adapter lerped toward the    |
-|      |                                  | student's adapter; anything else: a clear error     |
+| kind | plain model                                  | PEFT model                                          |
+|------|----------------------------------------------|-----------------------------------------------------|
+| live | `LiveTeacher`: the student itself            | `LiveTeacher`: the student itself                   |
+| base | `ModelCopyTeacher`: a frozen copy of the     | `AdapterTeacher`: the student with its adapter      |
+|      | initial weights                              | disabled                                            |
+| ema  | `ModelCopyTeacher`: a copy, lerped toward    | `AdapterTeacher`: pure LoRA, a `teacher` adapter    |
+|      | the student after optimizer steps            | lerped toward the student's; else a clear error     |
+
+`build_teacher` picks the class (and makes the model copy, placed like the student under DeepSpeed/FSDP).
 
 The EMA state is written into every checkpoint and read back on resume, so a resumed run keeps its teacher.
 """
@@ -18,17 +21,12 @@ import torch
 from accelerate.utils import is_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
+
+from .utils import unwrap
 
 TEACHER_ADAPTER = "teacher"
 TEACHER_STATE_FILE = "sdft_teacher.safetensors"
-
-
-def unwrap(model):
-    """The model under DDP/accelerate wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def student_adapter_name(model) -> str:
@@ -62,12 +60,9 @@ def check_ema_adapter_support(model) -> None:
 
 
 class Teacher:
-    """The student itself (`live`): no extra weights, nothing to update or save."""
+    """What every teacher does; the defaults are those of a teacher without weights of its own (`LiveTeacher`)."""
 
-    kind = "live"
-
-    def __init__(self, student):
-        self.student = student
+    kind: str
 
     def module(self, student):
         """The module to forward for the teacher; `student` is the (possibly wrapped) training model."""
@@ -107,8 +102,14 @@ class Teacher:
         return True
 
 
-class FrozenCopyTeacher(Teacher):
-    """A separate frozen model: the initial weights (`base`), or an EMA of the student (`ema`)."""
+class LiveTeacher(Teacher):
+    """The student itself (`live`): no extra weights, nothing to update or save."""
+
+    kind = "live"
+
+
+class ModelCopyTeacher(Teacher):
+    """A separate model without gradients: the initial weights, frozen (`base`), or an EMA of the student (`ema`)."""
 
     def __init__(self, teacher_model, kind: str):
         self.model = teacher_model
@@ -198,13 +199,35 @@ class AdapterTeacher(Teacher):
                 params[name].copy_(value)
 
 
-def make_teacher(kind: str, student, build_copy) -> Teacher:
-    """The teacher for `kind` and the (unwrapped) student; `build_copy()` returns a fresh frozen model copy."""
+def copy_for_teacher(student, accelerator, args):
+    """A copy of the student's current (initial) weights without gradients, placed like the student."""
+    from trl.models import prepare_deepspeed, prepare_fsdp
+
+    student = unwrap(student)
+    deepspeed_plugin = accelerator.state.deepspeed_plugin
+    if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
+        # ZeRO-3 shards are empty on each rank: a deep copy would copy nothing. Load the weights again.
+        init_kwargs = dict(args.model_init_kwargs or {})
+        init_kwargs.update(device_map=None, dtype=student.dtype, trust_remote_code=args.trust_remote_code)
+        teacher = create_model_from_path(get_config_model_id(student.config), **init_kwargs)
+    else:
+        teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if deepspeed_plugin is not None:
+        return prepare_deepspeed(teacher, accelerator)
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        return prepare_fsdp(teacher, accelerator)
+    return teacher.to(accelerator.device)
+
+
+def build_teacher(kind: str, student, accelerator, args) -> Teacher:
+    """The teacher for `kind` and the (prepared, not yet wrapped) student."""
     if kind == "live":
-        return Teacher(student)
+        return LiveTeacher()
     if is_peft_model(student):
         return AdapterTeacher(student, kind)
-    return FrozenCopyTeacher(build_copy(), kind)
+    return ModelCopyTeacher(copy_for_teacher(student, accelerator, args), kind)
 
 
 class TeacherUpdateCallback(TrainerCallback):

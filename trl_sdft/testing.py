@@ -85,3 +85,21 @@ def facts_rows(n: int = 8, chat: bool = False) -> list[dict]:
         prompt = [{"role": "user", "content": question}] if chat else question
         rows.append({"prompt": prompt, "privileged_context": f"{name} is {color}. Answer: {color}"})
     return rows
+
+
+def completion_logits(model, input_ids, attention_mask, num_tokens: int, temperature: float = 1.0):
+    """Logits at the positions that predict the last `num_tokens` tokens, positions counted past left padding: what
+    the trainer's logits path computes, written out independently as a reference for tests."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    return logits[:, -(num_tokens + 1) : -1] / temperature
+
+
+def logged_losses(trainer) -> list[float]:
+    """The training losses a trainer logged, one per logging step."""
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def snapshot(model) -> dict:
+    """Detached copies of every parameter, by name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}

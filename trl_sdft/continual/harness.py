@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..evaluation import greedy_answers
+from ..evaluation import greedy_answers, summary
 from ..models import resolve_model
+from ..utils import ensure_pad_token
 from .report import summarize, write_reports
 from .tasks import PROBES, Task, load_tasks, probes_task
 
@@ -107,10 +108,6 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int = 32, with_con
     return results
 
 
-def accuracy_only(results: dict) -> dict:
-    return {name: value["accuracy"] for name, value in results.items()}
-
-
 def _common_args(config: ContinualConfig, spec: RunSpec, output_dir: str) -> dict:
     return dict(
         output_dir=output_dir,
@@ -165,9 +162,7 @@ def train_stage(model, tokenizer, task: Task, spec: RunSpec, config: ContinualCo
 def load_model(path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(path, padding_side="left"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model, tokenizer
 
@@ -258,10 +253,10 @@ class ContinualRunner:
         teacher = evaluate(model, tokenizer, with_context, self.config.eval_batch_size, with_context=True)
         self.results["base"] = scores
         self.results["teacher_check"] = teacher_check(
-            accuracy_only(scores), accuracy_only(teacher), self.tasks, self.config.min_teacher_gap
+            summary(scores), summary(teacher), self.tasks, self.config.min_teacher_gap
         )
         self.results["teacher_answers"] = teacher
-        self.log(f"[base] {_fmt(accuracy_only(scores))} ({time.time() - started:.0f} s)")
+        self.log(f"[base] {_fmt(summary(scores))} ({time.time() - started:.0f} s)")
         for name, check in self.results["teacher_check"].items():
             if check["teacher"] is None:
                 self.log(f"[teacher check] {name}: test rows carry no privileged_context, not checked")
@@ -295,7 +290,7 @@ class ContinualRunner:
                 run["stages"].append({"stage": number, "trained": task.name, **stats, "scores": scores})
                 self.log(
                     f"[{spec.label} seed={spec.seed}] after {task.name} ({stats['train_seconds']:.0f} s): "
-                    f"{_fmt(accuracy_only(scores))}"
+                    f"{_fmt(summary(scores))}"
                 )
             self.results["runs"].append(run)
             self._save()

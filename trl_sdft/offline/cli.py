@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..models import DEFAULT_MODEL, resolve_model
+from ..utils import ensure_pad_token
 from .extract import (
     ExtractionSettings,
     check_resumable,
@@ -28,9 +29,22 @@ from .extract import (
 
 def extract_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/extract_logits.py", description=__doc__.splitlines()[0])
-    p.add_argument("--data_file", required=True, help="JSON or JSONL; each record {'messages': [{role, content}, ...]}")
+    # The offline pipeline's users type `--input_file` and `--filtered_data`; the longer names are kept as aliases.
+    p.add_argument(
+        "--input_file",
+        "--data_file",
+        dest="data_file",
+        required=True,
+        help="JSON or JSONL; each record {'messages': [{role, content}, ...]}",
+    )
     p.add_argument("--output_file", required=True, help="the Parquet file to write")
-    p.add_argument("--filtered_data_file", required=True, help="JSONL of the kept records, in the Parquet's row order")
+    p.add_argument(
+        "--filtered_data",
+        "--filtered_data_file",
+        dest="filtered_data_file",
+        required=True,
+        help="JSONL of the kept records, in the Parquet's row order",
+    )
     p.add_argument("--model_name", default=DEFAULT_MODEL, help="teacher: a path, a hub id or smollm2-135m-instruct")
     p.add_argument("--topk", type=int, default=100)
     p.add_argument("--max_length", type=int, default=2048, help="records with more tokens are skipped")
@@ -101,7 +115,7 @@ def run_extraction(args: argparse.Namespace, log=print) -> dict:
         model.eval()
         if torch.cuda.is_available():
             model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = ensure_pad_token(tokenizer).pad_token_id
         tokens = extract_shard(model, items, settings, args.output_file, pad, rank, world_size, log)
         if world_size > 1:
             torch.distributed.barrier()
@@ -167,8 +181,7 @@ def _set_special_tokens(tokenizer, config) -> None:
         if token not in vocab:
             raise ValueError(f"{name} {token!r} is not in the student's vocabulary; pick an existing token.")
         setattr(tokenizer, name, token)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer)
 
 
 def run_distillation(config_file: str, output_dir: str, log=print):

@@ -7,6 +7,8 @@ top-K (indices into the vocabulary, and the teacher's logits there).
 import torch
 import torch.nn.functional as F
 
+from ..losses import sequence_mean, token_mean
+
 
 def topk_kl(student_logits, teacher_indices, teacher_values):
     """KL(teacher || student) per position, over the teacher's top-K.
@@ -28,13 +30,9 @@ def teacher_agreement(teacher_indices, teacher_values, targets):
 
 
 def _reduce(values, mask, per_token: bool):
-    """Mean over masked positions: over all tokens of the batch, or per sequence and then over sequences."""
-    mask = mask.float()
-    if per_token:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    per_sequence = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    has_tokens = (mask.sum(-1) > 0).float()
-    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    """Mean over masked positions: over all tokens of the batch, or per sequence and then over sequences (SDFT's
+    aggregation, `losses.sequence_mean`: a sequence without positions counts as 0, as in TRL)."""
+    return token_mean(values, mask) if per_token else sequence_mean(values, mask)
 
 
 def sft_kd_loss(

@@ -1,9 +1,9 @@
-"""The losses from hidden states (`fused.py`) equal the unfused path on logits, values and gradients, in float32."""
+"""The losses from hidden states (`chunked_loss.py`) equal the logits path, values and gradients, in float32."""
 
 import pytest
 import torch
 
-from trl_sdft import fused, losses
+from trl_sdft import chunked_loss, losses
 
 B, T, H, V = 3, 7, 16, 97
 
@@ -24,18 +24,19 @@ def inputs(seed=0, skip=0):
 
 
 def unfused(student_hidden, student_weight, teacher_hidden, teacher_weight, token_ids, mask, rollout, spec):
-    student_logits = fused.project(student_hidden, student_weight, spec.temperature)
-    teacher_logits = fused.project(teacher_hidden, teacher_weight, spec.temperature)
-    per_token = losses.distillation_loss(
-        spec.mode,
-        student_logits,
-        teacher_logits,
-        token_ids,
-        alpha=spec.alpha,
-        topk=spec.topk,
-        add_tail=spec.add_tail,
-        topk_support=spec.support,
-    )
+    student_logits = chunked_loss.project(student_hidden, student_weight, spec.temperature)
+    teacher_logits = chunked_loss.project(teacher_hidden, teacher_weight, spec.temperature)
+    # An independent reference: the divergence functions composed directly, not through `losses.per_token_loss`.
+    if spec.mode == "topk_logits":
+        per_token = losses.topk_logits_loss(
+            student_logits, teacher_logits, spec.topk, spec.alpha, spec.add_tail, spec.support
+        )
+    elif spec.mode == "full_logits":
+        per_token = losses.full_logits_loss(student_logits, teacher_logits, spec.alpha)
+    else:
+        per_token = losses.sampled_token_loss(
+            losses.token_log_probs(student_logits, token_ids), losses.token_log_probs(teacher_logits, token_ids)
+        )
     if spec.is_clip is not None:
         per_token = losses.clip_importance_weights(
             per_token, losses.token_log_probs(student_logits, token_ids), rollout, spec.is_clip
@@ -68,10 +69,10 @@ CASES = (
 @pytest.mark.parametrize("chunk_size", [4, 1024])
 def test_chunked_equals_unfused(case, chunk_size):
     tensors = inputs(skip=1)
-    spec = fused.LossSpec(**case, temperature=0.7, chunk_size=chunk_size)
+    spec = losses.LossSettings(**case, temperature=0.7, chunk_size=chunk_size)
     rollout = tensors[-1]
     expected = value_and_grads(lambda *t: unfused(*t[:-1], rollout, spec)[0], tensors)
-    actual = value_and_grads(lambda *t: fused.chunked_loss(*t[:-1], spec)[0], tensors)
+    actual = value_and_grads(lambda *t: chunked_loss.chunked_loss(*t[:-1], spec)[0], tensors)
     for want, got in zip(expected, actual, strict=True):
         assert torch.allclose(want, got, atol=1e-5, rtol=1e-5), (want - got).abs().max()
 
@@ -79,28 +80,30 @@ def test_chunked_equals_unfused(case, chunk_size):
 @pytest.mark.parametrize("mode", ["topk_logits", "sampled_token"])
 def test_chunked_with_importance_clipping_and_outputs(mode):
     tensors = inputs(seed=1)
-    spec = fused.LossSpec(mode=mode, alpha=1.0, topk=5, is_clip=1.5, chunk_size=5)
+    spec = losses.LossSettings(mode=mode, alpha=1.0, topk=5, is_clip=1.5, chunk_size=5)
     rollout = tensors[-1]
     expected = value_and_grads(lambda *t: unfused(*t[:-1], rollout, spec)[0], tensors)
-    actual = value_and_grads(lambda *t: fused.chunked_loss(*t[:-1], spec, rollout_logps=rollout)[0], tensors)
+    actual = value_and_grads(
+        lambda *t: chunked_loss.chunked_loss(*t[:-1], spec, old_per_token_logps=rollout)[0], tensors
+    )
     for want, got in zip(expected, actual, strict=True):
         assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
-    _, per_token, logps, kl = fused.chunked_loss(*tensors[:-1], spec, rollout_logps=rollout)
+    _, per_token, logps, kl = chunked_loss.chunked_loss(*tensors[:-1], spec, old_per_token_logps=rollout)
     _, want_per_token = unfused(*tensors[:-1], rollout, spec)
     assert torch.allclose(per_token, want_per_token, atol=1e-5)
-    want_logps = losses.token_log_probs(fused.project(tensors[0], tensors[1], 1.0), tensors[4])
+    want_logps = losses.token_log_probs(chunked_loss.project(tensors[0], tensors[1], 1.0), tensors[4])
     assert torch.allclose(logps, want_logps, atol=1e-5)
-    student_logits = fused.project(tensors[0], tensors[1], 1.0)
-    teacher_logits = fused.project(tensors[2], tensors[3], 1.0)
+    student_logits = chunked_loss.project(tensors[0], tensors[1], 1.0)
+    teacher_logits = chunked_loss.project(tensors[2], tensors[3], 1.0)
     want_kl = losses.kl(teacher_logits.log_softmax(-1), student_logits.log_softmax(-1))
     assert torch.allclose(kl, want_kl, atol=1e-5)
 
 
 def test_chunked_gradient_scales_with_the_upstream_gradient():
     tensors = inputs(seed=2)
-    spec = fused.LossSpec(mode="topk_logits", alpha=0.5, topk=5)
-    once = value_and_grads(lambda *t: fused.chunked_loss(*t[:-1], spec)[0], tensors)
-    thrice = value_and_grads(lambda *t: 3 * fused.chunked_loss(*t[:-1], spec)[0], tensors)
+    spec = losses.LossSettings(mode="topk_logits", alpha=0.5, topk=5)
+    once = value_and_grads(lambda *t: chunked_loss.chunked_loss(*t[:-1], spec)[0], tensors)
+    thrice = value_and_grads(lambda *t: 3 * chunked_loss.chunked_loss(*t[:-1], spec)[0], tensors)
     assert torch.allclose(thrice[1], 3 * once[1]) and torch.allclose(thrice[2], 3 * once[2])
 
 
@@ -109,11 +112,11 @@ def test_liger_jsd_equals_full_logits(alpha):
     """Liger's beta convention, checked: beta == distillation_alpha gives our full_logits loss."""
     pytest.importorskip("liger_kernel")
     tensors = inputs(seed=3, skip=1)
-    spec = fused.LossSpec(mode="full_logits", alpha=alpha, temperature=0.8)
+    spec = losses.LossSettings(mode="full_logits", alpha=alpha, temperature=0.8)
     expected = value_and_grads(lambda *t: unfused(*t[:-1], None, spec)[0], tensors)
 
     def liger(student_hidden, student_weight, teacher_hidden, teacher_weight, token_ids, mask):
-        return fused.liger_jsd_loss(
+        return chunked_loss.liger_jsd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, mask, alpha, 0.8, chunk_size=4
         )[0]
 
@@ -137,22 +140,25 @@ TRAINER_MODES = [
 TEACHERS = [("base", False), ("live", False), ("ema", False), ("base", True), ("ema", True)]
 
 
-def build_trainer(model_dir, tokenizer, tmp_path, use_lora, **overrides):
-    from conftest import tiny_config
-    from datasets import Dataset
-    from peft import LoraConfig
+@pytest.fixture
+def build_trainer(tiny_config, lora_config):
+    """A factory: an SDFTTrainer on the toy facts, 1 completion token skipped, LoRA on request."""
 
-    from trl_sdft import SDFTTrainer
-    from trl_sdft.testing import facts_rows
+    def build(model_dir, tokenizer, tmp_path, use_lora, **overrides):
+        from datasets import Dataset
 
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if use_lora else None
-    return SDFTTrainer(
-        model=model_dir,
-        args=tiny_config(tmp_path, num_loss_tokens_to_skip=1, **overrides),
-        train_dataset=Dataset.from_list(facts_rows()),
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+        from trl_sdft import SDFTTrainer
+        from trl_sdft.testing import facts_rows
+
+        return SDFTTrainer(
+            model=model_dir,
+            args=tiny_config(tmp_path, num_loss_tokens_to_skip=1, **overrides),
+            train_dataset=Dataset.from_list(facts_rows()),
+            processing_class=tokenizer,
+            peft_config=lora_config(task_type=None) if use_lora else None,
+        )
+
+    return build
 
 
 def loss_and_grads(trainer, batch):
@@ -174,7 +180,15 @@ def assert_same_step(reference, other, batch):
 
 @pytest.mark.parametrize("kind, use_lora", TEACHERS, ids=lambda v: str(v))
 @pytest.mark.parametrize("mode", TRAINER_MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
-def test_trainer_chunked_loss_equals_logits_path(tiny_model_dir, tokenizer, tmp_path, mode, kind, use_lora):
+def test_trainer_chunked_loss_equals_logits_path(
+    tiny_model_dir,
+    tokenizer,
+    tmp_path,
+    mode,
+    kind,
+    use_lora,
+    build_trainer,
+):
     from trl_sdft.testing import facts_rows
 
     common = dict(teacher_model_kind=kind, **mode)
@@ -186,7 +200,7 @@ def test_trainer_chunked_loss_equals_logits_path(tiny_model_dir, tokenizer, tmp_
 
 @pytest.mark.parametrize("kind, use_lora", TEACHERS, ids=lambda v: str(v))
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
-def test_trainer_liger_equals_full_logits(tiny_model_dir, tokenizer, tmp_path, alpha, kind, use_lora):
+def test_trainer_liger_equals_full_logits(tiny_model_dir, tokenizer, tmp_path, alpha, kind, use_lora, build_trainer):
     from trl_sdft.testing import facts_rows
 
     common = dict(teacher_model_kind=kind, distillation_mode="full_logits", distillation_alpha=alpha)
@@ -197,7 +211,7 @@ def test_trainer_liger_equals_full_logits(tiny_model_dir, tokenizer, tmp_path, a
 
 
 @pytest.mark.parametrize("overrides", [dict(loss_chunk_size=4), dict(use_liger_kernel=True)], ids=["chunked", "liger"])
-def test_training_from_hidden_states_runs_and_learns(tiny_model_dir, tokenizer, tmp_path, overrides):
+def test_training_from_hidden_states_runs_and_learns(tiny_model_dir, tokenizer, tmp_path, overrides, build_trainer):
     trainer = build_trainer(
         tiny_model_dir,
         tokenizer,
@@ -230,14 +244,12 @@ def test_training_from_hidden_states_runs_and_learns(tiny_model_dir, tokenizer, 
         (dict(loss_chunk_size=-1), "must be >= 1"),
     ],
 )
-def test_bad_loss_path_settings(tmp_path, overrides, message):
-    from conftest import tiny_config
-
+def test_bad_loss_path_settings(tmp_path, overrides, message, tiny_config):
     with pytest.raises(ValueError, match=message):
         tiny_config(tmp_path, **overrides)
 
 
-def test_scaled_logits_models_are_refused(tiny_model_dir, tokenizer, tmp_path):
+def test_scaled_logits_models_are_refused(tiny_model_dir, tokenizer, tmp_path, build_trainer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -248,7 +260,7 @@ def test_scaled_logits_models_are_refused(tiny_model_dir, tokenizer, tmp_path):
     assert build_trainer(model, tokenizer, tmp_path, False).loss_chunk_size == 0
 
 
-def test_default_is_the_chunked_path_and_zero_the_logits_path(tiny_model_dir, tokenizer, tmp_path):
+def test_default_is_the_chunked_path_and_zero_the_logits_path(tiny_model_dir, tokenizer, tmp_path, build_trainer):
     from trl_sdft.config import DEFAULT_LOSS_CHUNK_SIZE
 
     assert build_trainer(tiny_model_dir, tokenizer, tmp_path, False).loss_chunk_size == DEFAULT_LOSS_CHUNK_SIZE
@@ -288,3 +300,16 @@ def _load(model_dir):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_settings_pick_the_loss_function(tmp_path, tiny_config):
+    logits_path = losses.LossSettings.from_config(tiny_config(tmp_path), chunk_size=0)
+    assert chunked_loss.loss_function(logits_path) is losses.logits_loss
+    chunked = losses.LossSettings.from_config(tiny_config(tmp_path), chunk_size=16)
+    assert chunked.chunk_size == 16 and chunked_loss.loss_function(chunked) is chunked_loss.hidden_states_loss
+    liger_args = tiny_config(
+        tmp_path, use_liger_kernel=True, distillation_mode="full_logits", distillation_is_clip=None
+    )
+    liger = losses.LossSettings.from_config(liger_args, chunk_size=16)
+    assert liger.use_liger and chunked_loss.loss_function(liger) is chunked_loss.liger_loss
+    assert not losses.LossSettings.from_config(liger_args, chunk_size=0).use_liger  # the logits path has no Liger

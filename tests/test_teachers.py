@@ -1,0 +1,162 @@
+"""Teachers (`teachers.py`): which weights score the teacher prompt, the EMA rule, checkpoint and resume."""
+
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_sdft import SDFTTrainer
+from trl_sdft.testing import build_model, facts_rows, logged_losses, snapshot
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_ema_update_rule(tiny_model, tokenizer, tmp_path, use_lora, tiny_config, lora_config):
+    """After one optimizer step: teacher = (1 - rate) * initial + rate * student."""
+    rate = 0.25
+    trainer = SDFTTrainer(
+        model=tiny_model,
+        args=tiny_config(tmp_path, teacher_model_kind="ema", teacher_update_rate=rate, max_steps=1),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+        peft_config=lora_config() if use_lora else None,
+    )
+    if use_lora:
+        params = dict(trainer.model.named_parameters())
+        pairs = [(n, n.replace(".default.", ".teacher.")) for n in params if "lora_" in n and ".default." in n]
+        initial = {t: params[t].detach().clone() for _, t in pairs}
+        assert all(torch.equal(params[s], params[t]) for s, t in pairs)  # the EMA starts at the student
+        assert not any(params[t].requires_grad for _, t in pairs)
+        trainer.train()
+        params = dict(trainer.model.named_parameters())
+        for student, teacher in pairs:
+            expected = (1 - rate) * initial[teacher] + rate * params[student]
+            torch.testing.assert_close(params[teacher], expected)
+        assert any(not torch.equal(params[s], initial[t]) for s, t in pairs if "lora_B" in s)
+    else:
+        initial = snapshot(trainer.teacher.model)
+        trainer.train()
+        student = dict(trainer.model.named_parameters())
+        for name, param in trainer.teacher.model.named_parameters():
+            torch.testing.assert_close(param, (1 - rate) * initial[name] + rate * student[name])
+
+
+def test_base_teacher_under_lora_is_the_adapter_free_model(tiny_model_dir, tokenizer, tmp_path, trained, lora_config):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = trained(tiny_model_dir, tokenizer, tmp_path, peft_config=lora_config(), learning_rate=5e-2)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), trainer.teacher.context():
+        teacher_logits = trainer.teacher.module(trainer.model)(input_ids=ids).logits
+        with_adapter = None
+    with torch.no_grad():
+        with_adapter = trainer.model(input_ids=ids).logits
+        torch.testing.assert_close(teacher_logits, reference(input_ids=ids).logits)
+    assert not torch.allclose(with_adapter, teacher_logits)
+
+
+def test_base_teacher_plain_model_stays_frozen(tiny_model, tokenizer, tmp_path, trained):
+    initial = snapshot(tiny_model)
+    trainer = trained(tiny_model, tokenizer, tmp_path, teacher_model_kind="base", learning_rate=5e-2)
+    for name, param in trainer.teacher.model.named_parameters():
+        assert torch.equal(param, initial[name])
+    assert trainer.teacher.model is not trainer.model
+
+
+def test_resume_with_ema_teacher_matches_uninterrupted_run(tokenizer, tmp_path, trained, tiny_config):
+    common = dict(
+        teacher_model_kind="ema",
+        teacher_update_rate=0.5,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        distillation_mode="full_logits",
+        distillation_alpha=0.5,
+    )
+    full = trained(build_model(tokenizer, init_range=0.2), tokenizer, tmp_path / "full", **common)
+    from transformers import TrainerCallback
+
+    class StopAfterTwo(TrainerCallback):  # an interruption: same schedule, stopped after the step-2 checkpoint
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+                control.should_save = True
+
+    first = SDFTTrainer(
+        model=build_model(tokenizer, init_range=0.2),
+        args=tiny_config(tmp_path / "resumed", **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+        callbacks=[StopAfterTwo()],
+    )
+    first.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    assert (checkpoint / "sdft_teacher.safetensors").exists()
+    resumed = SDFTTrainer(
+        model=build_model(tokenizer, init_range=0.2),
+        args=tiny_config(tmp_path / "resumed", **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected = logged_losses(full)[2:]
+    got = [e["loss"] for e in resumed.state.log_history if "loss" in e and e["step"] > 2]
+    assert len(got) == 2
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-7)
+    for (name, a), b in zip(full.teacher.model.named_parameters(), resumed.teacher.model.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_resume_refuses_checkpoint_without_teacher_state(tokenizer, tmp_path, trained, tiny_config):
+    common = dict(teacher_model_kind="ema", max_steps=1, save_strategy="steps", save_steps=1)
+    trained(build_model(tokenizer), tokenizer, tmp_path, **common)
+    checkpoint = tmp_path / "checkpoint-1"
+    os.remove(checkpoint / "sdft_teacher.safetensors")
+    trainer = SDFTTrainer(
+        model=build_model(tokenizer),
+        args=tiny_config(tmp_path, **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(ValueError, match="no EMA teacher state"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert (checkpoint / "model.safetensors").exists()  # nothing already written is touched
+
+
+def test_checkpoint_metadata(tiny_model, tokenizer, tmp_path, trained, lora_config):
+    trained(
+        tiny_model,
+        tokenizer,
+        tmp_path,
+        teacher_model_kind="ema",
+        max_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        peft_config=lora_config(),
+    )
+    checkpoint = tmp_path / "checkpoint-1"
+    from safetensors.torch import load_file
+
+    state = load_file(checkpoint / "sdft_teacher.safetensors")
+    assert state and all(".teacher." in name for name in state)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 1
+
+
+@pytest.mark.parametrize(
+    "lora_kwargs, message",
+    [(dict(modules_to_save=["lm_head"]), "modules_to_save"), (dict(bias="all"), "bias='all'")],
+)
+def test_ema_adapter_limits(tiny_model, tokenizer, tmp_path, lora_kwargs, message, tiny_config):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM", **lora_kwargs)
+    with pytest.raises(ValueError, match=message):
+        SDFTTrainer(
+            model=tiny_model,
+            args=tiny_config(tmp_path, teacher_model_kind="ema"),
+            train_dataset=Dataset.from_list(facts_rows()),
+            processing_class=tokenizer,
+            peft_config=config,
+        )

@@ -1,0 +1,268 @@
+"""The SDFT loss from hidden states and LM-head weights, without `[tokens, vocab]` logits for the whole batch.
+
+Which path a run takes is decided once, by `resolve_chunk_size` (into `LossSettings.chunk_size`), and `loss_function`
+hands the trainer the matching function; every path returns a `losses.LossOutput`:
+
+- `losses.logits_loss` (chunk size 0): the batch's logits, as TRL does.
+- `hidden_states_loss`: every distillation mode, token chunks of `chunk_size`. Each chunk's logits are projected,
+  reduced to its loss by `losses.per_token_loss` (the same function the logits path calls) and turned into gradients
+  for the hidden states and the LM head right away (inside the forward, as Liger does), then freed: the extra memory is
+  one chunk's logits and their gradient, O(chunk x vocab), and the matmuls are as many as the logits path's. The
+  per-token weights (the masked per-sequence mean) are applied inside, so the result is the same scalar loss.
+- `liger_loss`: Liger's fused linear JSD (`liger_kernel.chunked_loss`), `full_logits` only, once per sequence so that
+  its token mean becomes our per-sequence mean. Liger's `beta` is our `distillation_alpha` (checked numerically by the
+  tests: beta 0 is KL(teacher || student), 1 is KL(student || teacher), mixture `(1-beta) s + beta t`).
+"""
+
+import logging
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import losses
+from .losses import LossOutput, LossSettings
+from .utils import unwrap
+
+logger = logging.getLogger(__name__)
+# Tokens per chunk when `loss_chunk_size=None`; see benchmarks/loss_memory.py for the measurements behind it.
+DEFAULT_LOSS_CHUNK_SIZE = 128
+
+
+class HiddenStates(NamedTuple):
+    """Last-layer hidden states `[B, T, H]` at the positions that predict the completion, and the LM-head weight."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Float32 logits of `hidden @ weight.T`, divided by the sampling temperature (as the logits path does)."""
+    return (hidden @ weight.t()).float() / temperature
+
+
+def _chunk_loss(settings: LossSettings, student_logits, teacher_logits, token_ids, token_weights, old_logps):
+    """Weighted loss sum of one chunk, its per-token losses, the student's token log-probs and the teacher-student KL."""
+    per_token, student_logps = losses.per_token_loss(settings, student_logits, teacher_logits, token_ids, old_logps)
+    with torch.no_grad():  # the `teacher_student_kl` metric: full-vocabulary KL(teacher || student) per token
+        kl = losses.kl(teacher_logits.log_softmax(-1), student_logits.detach().log_softmax(-1))
+    return (per_token * token_weights).sum(), per_token.detach(), student_logps, kl
+
+
+class ChunkedSelfDistillation(torch.autograd.Function):
+    """Loss `sum_i w_i * loss_i` over tokens `i`, in chunks; gradients for the student's hidden states and weight."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        token_ids,
+        token_weights,
+        old_per_token_logps,
+        settings,
+    ):
+        grad_hidden = torch.empty_like(student_hidden)
+        grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        per_token, student_logps, kls = [], [], []
+        chunk = settings.chunk_size or max(1, student_hidden.size(0))  # 0: the whole batch as one chunk
+        for start in range(0, student_hidden.size(0), chunk):
+            rows = slice(start, start + chunk)
+            hidden = student_hidden[rows]
+            with torch.enable_grad():
+                # The gradient is taken w.r.t. the chunk's logits only; the two matmuls that carry it to the hidden
+                # states and the weight are done by hand, accumulating in place (no weight-sized temporaries).
+                raw = (hidden @ student_weight.t()).float().requires_grad_(True)
+                with torch.no_grad():
+                    teacher_logits = project(teacher_hidden[rows], teacher_weight, settings.temperature)
+                chunk_total, chunk_losses, chunk_logps, chunk_kl = _chunk_loss(
+                    settings,
+                    raw / settings.temperature,
+                    teacher_logits,
+                    token_ids[rows],
+                    token_weights[rows],
+                    None if old_per_token_logps is None else old_per_token_logps[rows],
+                )
+                del teacher_logits
+                (grad_raw,) = torch.autograd.grad(chunk_total, raw)
+            del raw
+            grad_hidden[rows] = (grad_raw.to(student_weight.dtype) @ student_weight).to(grad_hidden.dtype)
+            grad_weight.addmm_(grad_raw.t(), hidden.float())
+            del grad_raw
+            total += chunk_total.detach()
+            per_token.append(chunk_losses)
+            student_logps.append(chunk_logps)
+            kls.append(chunk_kl)
+        # Kept as plain attributes, not saved tensors, and dropped in backward: with no other reference left autograd
+        # can take the weight gradient as `.grad` instead of copying it (one weight-sized buffer less).
+        ctx.grads = (grad_hidden, grad_weight.to(student_weight.dtype))
+        per_token, student_logps, kls = torch.cat(per_token), torch.cat(student_logps), torch.cat(kls)
+        ctx.mark_non_differentiable(per_token, student_logps, kls)
+        return total, per_token, student_logps, kls
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_per_token, _grad_logps, _grad_kl):
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        if grad_total is not None and not bool(grad_total == 1):
+            grad_hidden, grad_weight = grad_hidden * grad_total, grad_weight * grad_total
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def sequence_mean_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Per-token weights `[B, T]` that turn a weighted sum into `losses.sequence_mean(per_token, mask)`."""
+    mask = mask.float()
+    return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.size(0))
+
+
+def chunked_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    settings: LossSettings,
+    old_per_token_logps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked per-sequence mean loss from `[B, T, H]` hidden states (positions predicting `token_ids` `[B, T]`).
+
+    Returns the scalar loss and, detached, `[B, T]`: the per-token losses, the student's token log-probs and the
+    full-vocabulary KL(teacher || student) (the `teacher_student_kl` metric)."""
+    batch, length = token_ids.shape
+    flat = lambda tensor: None if tensor is None else tensor.reshape(batch * length, *tensor.shape[2:])  # noqa: E731
+    total, per_token, student_logps, kl = ChunkedSelfDistillation.apply(
+        flat(student_hidden),
+        student_weight,
+        flat(teacher_hidden).detach(),
+        teacher_weight.detach(),
+        flat(token_ids),
+        flat(sequence_mean_weights(mask)),
+        flat(old_per_token_logps),
+        settings,
+    )
+    return total, per_token.view(batch, length), student_logps.view(batch, length), kl.view(batch, length)
+
+
+def liger_jsd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor,
+    alpha: float,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`full_logits` through Liger's fused linear JSD: the masked per-sequence mean, and the token mean (a metric)."""
+    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+
+    compiled = student_hidden.is_cuda
+    total = student_hidden.new_zeros((), dtype=torch.float32)
+    token_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    for row in range(mask.size(0)):
+        keep = mask[row].bool()
+        count = int(keep.sum())
+        if count == 0:
+            continue
+        hidden = student_hidden[row][keep]
+        sequence_loss = LigerFusedLinearJSDFunction.apply(
+            hidden,
+            student_weight,
+            teacher_hidden[row][keep].detach(),
+            teacher_weight.detach(),
+            torch.zeros(
+                count, dtype=torch.long, device=hidden.device
+            ),  # labels: only the (unused) hard loss reads them
+            None,
+            None,
+            0.0,  # weight_hard_loss
+            1.0,  # weight_soft_loss
+            alpha,  # beta
+            -100,
+            temperature,
+            compiled,
+            chunk_size,
+        )
+        total = total + sequence_loss
+        token_sum += sequence_loss.detach() * count
+    return total / mask.size(0), token_sum / mask.sum().clamp(min=1)
+
+
+def hidden_states_loss(
+    settings: LossSettings,
+    student: HiddenStates,
+    teacher: HiddenStates,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None = None,
+) -> LossOutput:
+    """`chunked_loss` with the trainer's metrics."""
+    loss, per_token, _, kl = chunked_loss(*student, *teacher, token_ids, mask, settings, old_per_token_logps)
+    metrics = {
+        "distillation_loss": losses.token_mean(per_token, mask),
+        "teacher_student_kl": losses.token_mean(kl, mask),
+    }
+    return LossOutput(loss, metrics)
+
+
+def liger_loss(
+    settings: LossSettings,
+    student: HiddenStates,
+    teacher: HiddenStates,
+    token_ids: torch.Tensor,
+    mask: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None = None,
+) -> LossOutput:
+    """`liger_jsd_loss` with the trainer's metrics. Importance weights cannot enter Liger's kernel: the config refuses
+    runs that would need them (`SDFTConfig._check_loss_path`)."""
+    loss, token_mean = liger_jsd_loss(
+        *student, *teacher, mask, settings.alpha, settings.temperature, chunk_size=settings.chunk_size
+    )
+    return LossOutput(loss, {"distillation_loss": token_mean})
+
+
+def loss_function(settings: LossSettings):
+    """The loss for the run's path: `fn(settings, student, teacher, token_ids, mask, old_per_token_logps)`."""
+    if not settings.chunk_size:
+        return losses.logits_loss
+    return liger_loss if settings.use_liger else hidden_states_loss
+
+
+def _hidden_states_problem(model, forward_params: set[str]) -> str | None:
+    """Why logits recomputed as `hidden @ lm_head.weight.T` would not be what `model` outputs; None if they would."""
+    config = model.config.get_text_config()
+    for name, neutral in (("logit_scale", 1.0), ("final_logit_softcapping", None), ("logits_scaling", 1.0)):
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral:
+            return f"this model transforms its logits ({name}={value})"
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or hasattr(head, "base_layer") or head.bias is not None:
+        return (
+            f"it needs a plain bias-free linear lm_head (got {type(head).__name__}; a LoRA adapter or "
+            "`modules_to_save` on the lm_head is not supported there)"
+        )
+    if "logits_to_keep" not in forward_params:
+        return "the model's forward has no `logits_to_keep`, so it would compute the full logits anyway"
+    return None
+
+
+def resolve_chunk_size(model, args, forward_params: set[str]) -> int:
+    """Tokens per chunk of the loss from hidden states, or 0 for the logits path.
+
+    Models where the hidden-state loss would not equal the logits path are refused when the user asked for it
+    (`loss_chunk_size` >= 1 or `use_liger_kernel`), and fall back to the logits path by default."""
+    requested = args.use_liger_kernel or bool(args.loss_chunk_size)
+    if args.use_teacher_server or args.loss_chunk_size == 0 and not args.use_liger_kernel:
+        return 0
+    problem = _hidden_states_problem(unwrap(model), forward_params)
+    if problem is not None:
+        path = "`use_liger_kernel`" if args.use_liger_kernel else "`loss_chunk_size`"
+        if requested:
+            raise ValueError(f"{path} recomputes logits from hidden states, but {problem}. Turn {path} off.")
+        logger.info(f"Loss on the logits path: {problem}.")
+        return 0
+    return args.loss_chunk_size or DEFAULT_LOSS_CHUNK_SIZE
