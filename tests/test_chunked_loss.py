@@ -274,7 +274,7 @@ def test_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path, path):
     import subprocess
     import sys
 
-    job = os.path.join(os.path.dirname(__file__), "ddp_fused_job.py")
+    job = os.path.join(os.path.dirname(__file__), "jobs", "ddp_chunked_loss.py")
     import socket
 
     with socket.socket() as sock:

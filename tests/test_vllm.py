@@ -146,7 +146,7 @@ def test_unreachable_server_is_a_clear_error_after_the_timeout(vllm_model_dir, t
 
 # ------------------------------------------------------------------------------------------------------ colocate
 def test_colocate_training_and_weight_sync(vllm_model_dir, tmp_path):
-    job = os.path.join(ROOT, "tests", "vllm_colocate_job.py")
+    job = os.path.join(ROOT, "tests", "jobs", "vllm_colocate.py")
     run = subprocess.run(
         [sys.executable, job, vllm_model_dir, str(tmp_path / "out")], capture_output=True, text=True, timeout=400
     )

@@ -1,6 +1,6 @@
-"""Two-process DDP (gloo, CPU) training with the loss from hidden states: run by tests/test_fused.py via torchrun.
+"""Two-process DDP (gloo, CPU) training with the loss from hidden states: run by tests/test_chunked_loss.py via torchrun.
 
-Usage: torchrun --nproc_per_node 2 tests/ddp_fused_job.py MODEL_DIR OUTPUT_DIR {liger|chunked}. Each rank writes
+Usage: torchrun --nproc_per_node 2 tests/jobs/ddp_chunked_loss.py MODEL_DIR OUTPUT_DIR {liger|chunked}. Each rank writes
 rank-<r>.json: its losses and a checksum of every parameter after training (DDP keeps the ranks identical only if the
 lm_head gradients computed outside the model's forward are all-reduced too).
 """

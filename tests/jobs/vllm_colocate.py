@@ -1,6 +1,6 @@
 """Colocated vLLM training in its own process (vLLM keeps process-wide state): run by tests/test_vllm.py.
 
-Usage: python tests/vllm_colocate_job.py MODEL_DIR OUTPUT_DIR. Prints one JSON line: losses, the vLLM-vs-trainer
+Usage: python tests/jobs/vllm_colocate.py MODEL_DIR OUTPUT_DIR. Prints one JSON line: losses, the vLLM-vs-trainer
 log-prob differences before and after the last sync, and the weight-sync method.
 """
 
