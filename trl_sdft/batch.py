@@ -5,17 +5,18 @@ The trainer calls these in order: `teacher_prompts` (the privileged-context prom
 per dataset at trainer init. No model here, and no trainer state.
 """
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.logging import get_logger
 from trl.trainer.utils import pad
 
 from .prompts import build_teacher_prompt, is_chat
 from .utils import tokenizer_of
 
-logger = get_logger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def teacher_prompts(prompts: list[Any], contexts: list[Any], template: str) -> list[Any]:
@@ -58,9 +59,10 @@ def check_prompt_lengths(
     max_teacher_prompt_length: int | None,
     chat_template_kwargs: dict | None = None,
     lengths: PromptLengths | None = None,
+    warn: Callable[[str], None] = logger.warning,
 ) -> PromptLengths:
-    """Tokenize every prompt of `dataset` once: fail on prompts with no tokens, log how many will be cut, and return
-    the longest prompts (updating `lengths` when given)."""
+    """Tokenize every prompt of `dataset` once: fail on prompts with no tokens, `warn` how many will be cut, and
+    return the longest prompts (updating `lengths` when given)."""
     lengths = lengths or PromptLengths()
     prompts = list(dataset["prompt"])
     student_ids = tokenize_prompts(processing_class, prompts, None, chat_template_kwargs)
@@ -80,10 +82,9 @@ def check_prompt_lengths(
         setattr(lengths, key, max(getattr(lengths, key), min(longest, limit or longest)))
         cut = 0 if limit is None else sum(len(ids) > limit for ids in ids_list)
         if cut:
-            logger.warning(
+            warn(
                 f"{cut} of {len(ids_list)} {label} of the {name} dataset are longer than {limit} tokens and will "
-                f"be cut from the left; raise `{field}` to keep them whole.",
-                main_process_only=True,
+                f"be cut from the left; raise `{field}` to keep them whole."
             )
     return lengths
 

@@ -133,6 +133,7 @@ class SDFTTrainer(_BaseTrainer):
                 self.max_teacher_prompt_length,
                 self.chat_template_kwargs,
                 self.prompt_lengths,
+                warn=lambda message: logger.warning(message, main_process_only=True),
             )
         self.generation_config = sampling_config(args, self._tokenizer, self.eos_token_ids)
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
