@@ -281,7 +281,7 @@ def test_two_processes_with_accelerate(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "qwen2.5-1.5b-lora.yaml", "vllm-server.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "paper.yaml", "qwen2.5-1.5b-lora.yaml", "vllm-server.yaml"])
 def test_shipped_configs_parse_and_validate(name):
     script_args, args, model_args = cli.parse(["--config", str(ROOT / "configs" / name), "--use_cpu"])
     assert args.output_dir and model_args.model_name_or_path
