@@ -301,3 +301,117 @@ def test_accelerate_configs_load(name):
     assert str(config.distributed_type).endswith(expected[name])
     if name == "zero3.yaml":
         assert config.deepspeed_config["zero_stage"] == 3
+
+
+def write_lines(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+USER_QUESTIONS = [
+    {"question": "What color is Zorbo?", "answers": ["red"], "paraphrase": "Which color does Zorbo have?"},
+    {"question": "What color is Quilla?", "answer": "blue", "paraphrase": "Quilla has which color?"},
+    {"question": "What color is Tovi?", "answers": ["black", "dark"]},
+]
+
+
+def test_your_own_questions_and_probes_get_the_same_table(tmp_path, tiny_model_dir, capsys):
+    data = write_lines(tmp_path / "train.jsonl", facts_rows())
+    questions = write_lines(tmp_path / "questions.jsonl", USER_QUESTIONS)
+    probes = write_lines(tmp_path / "probes.jsonl", [{"question": "What color is Mendax?", "answers": ["green"]}] * 2)
+    flags = ["--dataset_path", data, "--eval_questions", questions, "--eval_probes", probes]
+    code = cli.main([*flags, "--eval_max_new_tokens", "4", *tiny_flags(tmp_path, tiny_model_dir)])
+    out = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for stage in ("baseline", "final"):
+        totals = {name: results[stage][name]["total"] for name in ("new_facts", "paraphrases", "general_probes")}
+        assert totals == {"new_facts": 3, "paraphrases": 2, "general_probes": 2}
+        asked = [entry["question"] for entry in results[stage]["paraphrases"]["answers"]]
+        assert asked == ["Which color does Zorbo have?", "Quilla has which color?"]
+    assert "SDFT summary" in out and "paraphrases" in out and "general_probes" in out
+
+
+@pytest.mark.parametrize(
+    "records, flag, message",
+    [
+        (["{not json"], "--eval_questions", r"questions.jsonl, line 1: not valid JSON"),
+        (
+            [{"question": "q", "answers": ["a"]}, {"answers": ["a"]}],
+            "--eval_questions",
+            r"line 2: \"question\" is missing",
+        ),
+        ([{"question": "q", "answers": []}], "--eval_questions", r"line 1: \"answers\" must be a non-empty list"),
+        ([{"question": "q", "answers": ["a"], "paraphrase": 3}], "--eval_questions", r"line 1: \"paraphrase\" 3"),
+        ([], "--eval_questions", "holds no questions"),
+        (
+            [{"question": "q", "answers": ["a"], "paraphrase": "p"}],
+            "--eval_probes",
+            r"probes.jsonl, line 1: .*remove it",
+        ),
+    ],
+)
+def test_bad_question_files_fail_before_the_model_loads(tmp_path, records, flag, message):
+    data = write_lines(tmp_path / "train.jsonl", facts_rows())
+    good = write_lines(tmp_path / "good.jsonl", USER_QUESTIONS)
+    bad = write_lines(tmp_path / ("questions.jsonl" if flag == "--eval_questions" else "probes.jsonl"), records)
+    files = (
+        ["--eval_questions", bad] if flag == "--eval_questions" else ["--eval_questions", good, "--eval_probes", bad]
+    )
+    # A model path that does not exist: the file errors must come first.
+    args = [
+        "--dataset_path",
+        data,
+        *files,
+        "--model_name_or_path",
+        str(tmp_path / "no-model"),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    with pytest.raises(ValueError, match=message):
+        cli.load_data(*cli.parse(args)[:2])
+    result = run_cli(*args, "--use_cpu")
+    assert result.returncode == 2 and "trl-sdft: error:" in result.stderr and flag in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_question_files_need_your_dataset(tmp_path):
+    questions = write_lines(tmp_path / "q.jsonl", USER_QUESTIONS)
+    with pytest.raises(ValueError, match="with --dataset_path or --dataset_name"):
+        cli.load_data(*cli.parse(["--eval_questions", questions, "--output_dir", str(tmp_path)])[:2])
+    with pytest.raises(ValueError, match="--eval_probes goes with --eval_questions"):
+        cli.load_data(*cli.parse(["--eval_probes", questions, "--output_dir", str(tmp_path)])[:2])
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("requires_smollm")
+def test_your_own_questions_on_the_default_model(tmp_path, capsys):
+    """Once on SmolLM2: made-up facts it cannot know, probes it answers; two training steps, the same table."""
+    from trl_sdft.knowledge import load_facts
+
+    facts = load_facts(2)
+    data = write_lines(
+        tmp_path / "train.jsonl",
+        [{"prompt": [{"role": "user", "content": f["question"]}], "privileged_context": f["fact"]} for f in facts],
+    )
+    questions = write_lines(
+        tmp_path / "questions.jsonl",
+        [{"question": f["question"], "answer": f["answer"], "paraphrase": f["paraphrase"]} for f in facts],
+    )
+    probes = write_lines(
+        tmp_path / "probes.jsonl",
+        [
+            {"question": "What is the capital of France?", "answers": ["Paris"]},
+            {"question": "What is the capital of Japan?", "answers": ["Tokyo"]},
+        ],
+    )
+    flags = ["--dataset_path", data, "--eval_questions", questions, "--eval_probes", probes]
+    flags += ["--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "2"]
+    flags += ["--num_generations", "1", "--max_completion_length", "8", "--use_cpu", "--bf16", "false"]
+    flags += ["--save_strategy", "no", "--report_to", "none", "--eval_max_new_tokens", "16"]
+    assert cli.main(flags) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    baseline = results["baseline"]
+    assert baseline["new_facts"]["correct"] == 0 and baseline["general_probes"]["correct"] == 2
+    assert results["final"]["paraphrases"]["total"] == 2
+    assert "SDFT summary" in capsys.readouterr().out

@@ -35,7 +35,25 @@ class SDFTScriptArguments(ScriptArguments):
         default=None, metadata={"help": "Embedded task: how many general-knowledge probes to evaluate (default: all)."}
     )
     knowledge_eval: bool = field(
-        default=True, metadata={"help": "Embedded task: answer its questions before, during and after training."}
+        default=True,
+        metadata={
+            "help": "Answer the evaluation questions (embedded task, or --eval_questions) before, during and after training."
+        },
+    )
+    eval_questions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Your own before/after evaluation (with --dataset_path or --dataset_name): a JSONL file of "
+            '{"question", "answers" (or "answer"), optional "paraphrase"}, answered greedily; results.json and the '
+            "summary as for the embedded task."
+        },
+    )
+    eval_probes: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --eval_questions: a JSONL file of general questions the model should keep answering "
+            '({"question", "answers"}), to measure forgetting. Default: the bundled general-knowledge probes.'
+        },
     )
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Tokens per greedy answer in the evaluation."})
 
@@ -70,9 +88,24 @@ def load_local_dataset(path: str, split: str):
 def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
     """(train, eval or None, knowledge question sets or None)."""
     wants_eval = training_args.eval_strategy != "no"
+    questions = None
+    if script_args.eval_questions or script_args.eval_probes:
+        if not script_args.eval_questions:
+            raise ValueError("--eval_probes goes with --eval_questions: pass your question file too.")
+        if not (script_args.dataset_path or script_args.dataset_name):
+            raise ValueError(
+                "--eval_questions evaluates your own data: pass it with --dataset_path or --dataset_name (the embedded "
+                "task has its own questions)."
+            )
+        if script_args.knowledge_eval:
+            from .knowledge import question_sets_from_files
+
+            questions = question_sets_from_files(
+                script_args.eval_questions, script_args.eval_probes, script_args.num_probes
+            )
     if script_args.dataset_path:
         train = load_local_dataset(script_args.dataset_path, script_args.dataset_train_split)
-        return train, (train if wants_eval else None), None
+        return train, (train if wants_eval else None), questions
     if script_args.dataset_name:
         import datasets
 
@@ -86,7 +119,7 @@ def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
         if script_args.dataset_train_split not in loaded:
             raise ValueError(f"--dataset_train_split {script_args.dataset_train_split!r} not in {list(loaded)}.")
         evaluation = loaded.get(script_args.dataset_test_split) if wants_eval else None
-        return loaded[script_args.dataset_train_split], evaluation, None
+        return loaded[script_args.dataset_train_split], evaluation, questions
     from .knowledge import facts_dataset, load_facts, load_probes, question_sets
 
     facts = load_facts(script_args.num_facts)
@@ -160,6 +193,8 @@ def print_summary(results: dict | None, seconds: float, output_dir: str) -> None
     if results and results.get("baseline") and results.get("final"):
         lines.append(f"{'':18}{'baseline':>12}{'final':>12}")
         for key in ("new_facts", "paraphrases", "general_probes"):
+            if key not in results["baseline"]:
+                continue
             before, after = results["baseline"][key], results["final"][key]
             lines.append(
                 f"{key:18}{before['correct']:>5}/{before['total']:<3} {before['accuracy']:>4.0%}"

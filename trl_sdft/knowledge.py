@@ -7,6 +7,7 @@ answers correctly with greedy decoding (checked when the file was made), to meas
 """
 
 import json
+import os
 import re
 from importlib import resources
 
@@ -53,3 +54,71 @@ def question_sets(facts: list[dict], probes: list[dict]) -> dict[str, list[tuple
         "paraphrases": [(f["paraphrase"], [f["answer"]]) for f in facts],
         "general_probes": [(p["question"], p["answers"]) for p in probes],
     }
+
+
+QUESTION_FORMAT = (
+    'one JSON object per line: {"question": "...", "answers": ["accepted", "answers"]} (or "answer": "..."), '
+    'optionally "paraphrase": "the question asked another way"'
+)
+
+
+def read_question_file(path: str, flag: str = "--eval_questions", paraphrases: bool = True) -> list[dict]:
+    """Rows `{question, answers, paraphrase?}` of a user's question file (JSONL). Every problem is a `ValueError`
+    naming the file, the line and the fix, raised before any model is loaded."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r} does not exist (expected a JSONL file: {QUESTION_FORMAT}).")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{flag} {path}, line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg}). Write {QUESTION_FORMAT}.") from None
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{where}: expected a JSON object, got {type(record).__name__}. Write {QUESTION_FORMAT}."
+                )
+            question = record.get("question")
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f'{where}: "question" is missing or empty. Write {QUESTION_FORMAT}.')
+            answers = record.get("answers", record.get("answer"))
+            answers = [answers] if isinstance(answers, str) else answers
+            if (
+                not isinstance(answers, list)
+                or not answers
+                or not all(isinstance(a, str) and a.strip() for a in answers)
+            ):
+                raise ValueError(
+                    f'{where}: "answers" must be a non-empty list of non-empty strings (or "answer": one string), '
+                    f"got {answers!r}."
+                )
+            paraphrase = record.get("paraphrase")
+            if paraphrase is not None and (
+                not paraphrases or not isinstance(paraphrase, str) or not paraphrase.strip()
+            ):
+                fix = "remove it (probes have none)" if not paraphrases else "make it a non-empty string or remove it"
+                raise ValueError(f'{where}: "paraphrase" {paraphrase!r} is not usable: {fix}.')
+            rows.append({"question": question, "answers": answers, "paraphrase": paraphrase})
+    if not rows:
+        raise ValueError(f"{flag} {path!r} holds no questions. Write {QUESTION_FORMAT}.")
+    return rows
+
+
+def question_sets_from_files(questions_path: str, probes_path: str | None, num_probes: int | None = None) -> dict:
+    """The evaluation sets of a user's run: its questions, their paraphrases (where given) and the general probes (the
+    user's file, or the bundled ones)."""
+    rows = read_question_file(questions_path)
+    sets = {"new_facts": [(row["question"], row["answers"]) for row in rows]}
+    paraphrased = [(row["paraphrase"], row["answers"]) for row in rows if row["paraphrase"]]
+    if paraphrased:
+        sets["paraphrases"] = paraphrased
+    if probes_path:
+        probes = read_question_file(probes_path, "--eval_probes", paraphrases=False)
+        probes = probes if num_probes is None else probes[:num_probes]
+        sets["general_probes"] = [(row["question"], row["answers"]) for row in probes]
+    else:
+        sets["general_probes"] = [(p["question"], p["answers"]) for p in load_probes(num_probes)]
+    return sets
