@@ -113,10 +113,10 @@ class SDFTTrainer(_BaseTrainer):
         model = prepare_peft(load_model(model, args), peft_config, args)
         processing_class, self._tokenizer = prepare_processing_class(model, processing_class, args)
         self.eos_token_ids = eos_token_ids(model, self._tokenizer)
-        text_config = model.config.get_text_config()
-        text_config.pad_token_id = self._tokenizer.pad_token_id
+        text_config, pad_id = model.config.get_text_config(), self._tokenizer.pad_token_id
+        text_config.pad_token_id = pad_id
         if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = self._tokenizer.pad_token_id
+            model.generation_config.pad_token_id = pad_id
         self.max_prompt_length = args.max_prompt_length
         self.max_teacher_prompt_length = args.max_teacher_prompt_length
         context = getattr(text_config, "max_position_embeddings", None)
@@ -172,12 +172,9 @@ class SDFTTrainer(_BaseTrainer):
     def _build_rollout(self):
         """The rollout backend: vLLM (colocate or server) when `use_vllm`, else transformers' `generate`."""
         if not self.args.use_vllm:
+            pad_id, gather_zero3 = self._tokenizer.pad_token_id, self.args.ds3_gather_for_generation
             return TransformersRollout(
-                self.accelerator,
-                self.generation_config,
-                self.eos_token_ids,
-                self._tokenizer.pad_token_id,
-                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                self.accelerator, self.generation_config, self.eos_token_ids, pad_id, gather_zero3
             )
         from .vllm_rollout import VLLMRollout
 
