@@ -442,18 +442,18 @@ class VLLMRollout:
             sequences.append([t for t, m in zip(ids, row_mask, strict=True) if m])
             prompt_lengths.append(sum(row_mask[:prompt_width]))
         with self._server_errors("scoring the teacher"):
-            result = self.teacher_client.get_sequence_logprobs(
+            served = self.teacher_client.get_sequence_logprobs(
                 sequences=sequences, prompt_lengths=prompt_lengths, top_logprobs=top, temperature=self.args.temperature
             )
         actual = torch.full((batch, num_tokens), float("-inf"))
         topk = torch.full((batch, num_tokens, top), float("-inf"))
         topk_ids = torch.zeros((batch, num_tokens, top), dtype=torch.long)
         for row in range(batch):
-            count = min(len(result["actual_logprobs"][row]), num_tokens)
+            count = min(len(served["actual_logprobs"][row]), num_tokens)
             if count:
-                actual[row, :count] = torch.tensor(result["actual_logprobs"][row][:count])[:, 0]
-                topk[row, :count] = torch.tensor(result["logprobs"][row][:count])
-                topk_ids[row, :count] = torch.tensor(result["logprob_token_ids"][row][:count])
+                actual[row, :count] = torch.tensor(served["actual_logprobs"][row][:count])[:, 0]
+                topk[row, :count] = torch.tensor(served["logprobs"][row][:count])
+                topk_ids[row, :count] = torch.tensor(served["logprob_token_ids"][row][:count])
         device = teacher_input_ids.device
         actual, required = actual.to(device), mask.bool()
         if (required & ~torch.isfinite(actual)).any():
