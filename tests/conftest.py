@@ -24,6 +24,17 @@ def tiny_model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def sharp_model_dir(tmp_path_factory):
+    """The tiny Llama with larger initial weights: confident, far-from-uniform predictions, so that losses and
+    gradients are large enough for equivalence tests at 1e-5 to mean something."""
+    path = tmp_path_factory.mktemp("sharp-llama")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer, init_range=0.3).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trl_sdft import chunked_loss, losses
+from trl_sdft.testing import assert_same_step
 
 B, T, H, V = 3, 7, 16, 97
 
@@ -89,14 +90,15 @@ def test_chunked_with_importance_clipping_and_outputs(mode):
     for want, got in zip(expected, actual, strict=True):
         assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
     _, per_token, logps, kl = chunked_loss.chunked_loss(*tensors[:-1], spec, old_per_token_logps=rollout)
+    mask = tensors[5].bool()
     _, want_per_token = unfused(*tensors[:-1], rollout, spec)
-    assert torch.allclose(per_token, want_per_token, atol=1e-5)
     want_logps = losses.token_log_probs(chunked_loss.project(tensors[0], tensors[1], 1.0), tensors[4])
-    assert torch.allclose(logps, want_logps, atol=1e-5)
     student_logits = chunked_loss.project(tensors[0], tensors[1], 1.0)
     teacher_logits = chunked_loss.project(tensors[2], tensors[3], 1.0)
     want_kl = losses.kl(teacher_logits.log_softmax(-1), student_logits.log_softmax(-1))
-    assert torch.allclose(kl, want_kl, atol=1e-5)
+    for got, want in ((per_token, want_per_token), (logps, want_logps), (kl, want_kl)):
+        assert torch.allclose(got[mask], want[mask], atol=1e-5)
+        assert not got[~mask].any()  # positions outside the loss are not computed
 
 
 def test_chunked_gradient_scales_with_the_upstream_gradient():
@@ -161,23 +163,6 @@ def build_trainer(tiny_config, lora_config):
     return build
 
 
-def loss_and_grads(trainer, batch):
-    trainer.model.zero_grad()
-    loss = trainer.compute_loss(trainer.model, batch)
-    loss.backward()
-    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def assert_same_step(reference, other, batch):
-    want_loss, want_grads = loss_and_grads(reference, batch)
-    got_loss, got_grads = loss_and_grads(other, batch)
-    assert torch.allclose(want_loss, got_loss, atol=1e-5), (want_loss, got_loss)
-    assert want_grads.keys() == got_grads.keys() and want_grads
-    for name, grad in want_grads.items():
-        assert torch.allclose(grad, got_grads[name], atol=1e-5), (name, (grad - got_grads[name]).abs().max())
-
-
 @pytest.mark.parametrize("kind, use_lora", TEACHERS, ids=lambda v: str(v))
 @pytest.mark.parametrize("mode", TRAINER_MODES, ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_trainer_chunked_loss_equals_logits_path(
@@ -195,7 +180,7 @@ def test_trainer_chunked_loss_equals_logits_path(
     reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=0, **common)
     chunked = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, loss_chunk_size=5, **common)
     batch = reference._build_batch(facts_rows()[:4], "train")
-    assert_same_step(reference, chunked, batch)
+    assert_same_step(reference, chunked, batch, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind, use_lora", TEACHERS, ids=lambda v: str(v))
@@ -207,7 +192,7 @@ def test_trainer_liger_equals_full_logits(tiny_model_dir, tokenizer, tmp_path, a
     reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=0, **common)
     liger = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, use_liger_kernel=True, **common)
     batch = reference._build_batch(facts_rows()[:4], "train")
-    assert_same_step(reference, liger, batch)
+    assert_same_step(reference, liger, batch, rtol=1e-4)
 
 
 @pytest.mark.parametrize("overrides", [dict(loss_chunk_size=4), dict(use_liger_kernel=True)], ids=["chunked", "liger"])

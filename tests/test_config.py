@@ -184,3 +184,68 @@ def test_missing_optional_packages_name_the_option(tmp_path, monkeypatch):
         config.check_installed_packages()
     with pytest.raises(ImportError, match="`peft_config` needs the `peft` package"):
         make(tmp_path).check_installed_packages(peft_config=object())
+
+
+# ------------------------------------------------------------------------------------------------ precision
+@pytest.mark.parametrize(
+    "accelerator, gpu_bf16, cpu_bf16, use_cpu, want",
+    [
+        (False, False, True, False, True),  # a CPU with AVX512-BF16 / AMX (this machine): bf16 autocast
+        (False, False, False, False, False),  # an older CPU: float32
+        (True, True, False, False, True),  # a GPU with bf16
+        (True, False, True, False, False),  # a GPU without bf16: float32 (fp16 is the user's call)
+        (True, True, True, True, True),  # `use_cpu` on a GPU machine: the CPU decides
+        (True, True, False, True, False),
+    ],
+)
+def test_bf16_none_resolves_to_native_bf16(tmp_path, monkeypatch, accelerator, gpu_bf16, cpu_bf16, use_cpu, want):
+    import transformers.utils
+
+    from trl_sdft import utils
+
+    monkeypatch.setattr(utils, "has_accelerator", lambda: accelerator)
+    monkeypatch.setattr(utils, "cpu_runs_bf16", lambda: cpu_bf16)
+    monkeypatch.setattr(transformers.utils, "is_torch_bf16_gpu_available", lambda: gpu_bf16)
+    assert utils.native_bf16(use_cpu) is want
+    if not accelerator:  # a config can only be built for the hardware at hand
+        import trl_sdft.config
+
+        monkeypatch.setattr(trl_sdft.config, "native_bf16", utils.native_bf16)
+        args = SDFTConfig(output_dir=str(tmp_path), report_to="none")
+        assert args.bf16 is want and args.use_cpu is (want or args.use_cpu)
+
+
+def test_bf16_on_a_cpu_needs_no_use_cpu_flag(tmp_path):
+    import torch
+
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator")
+    args = SDFTConfig(output_dir=str(tmp_path), report_to="none", bf16=True)  # transformers alone would refuse
+    assert args.bf16 and args.use_cpu
+    assert make(tmp_path).bf16 is False  # explicit False stays float32
+
+
+def test_vllm_importance_sampling_fields(tmp_path):
+    args = make(tmp_path, use_vllm=True)
+    assert args.vllm_importance_sampling_active
+    settings = __import__("trl_sdft").losses.LossSettings.from_config(args)
+    assert (settings.vllm_is_mode, settings.vllm_is_min, settings.vllm_is_max) == ("token_truncate", None, 2.0)
+    assert make(tmp_path, use_vllm=True, vllm_importance_sampling_cap=3.0).vllm_importance_sampling_clip_max == 3.0
+    assert not make(tmp_path).vllm_importance_sampling_active  # transformers rollouts: nothing to correct
+    off = make(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False)
+    assert __import__("trl_sdft").losses.LossSettings.from_config(off).vllm_is_mode is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(vllm_importance_sampling_mode="sequence_mask"), "per token"),
+        (dict(vllm_importance_sampling_clip_min=2.0, vllm_importance_sampling_clip_max=1.0), "clip_min < clip_max"),
+        (dict(vllm_importance_sampling_clip_max=0.0), "clip_max"),
+        (dict(use_liger_kernel=True, distillation_mode="full_logits"), "vllm_importance_sampling_correction=False"),
+        (dict(vllm_dtype="float64"), "vllm_dtype"),
+    ],
+)
+def test_bad_vllm_importance_sampling_settings(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make(tmp_path, use_vllm=True, **overrides)

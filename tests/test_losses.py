@@ -209,3 +209,78 @@ def test_given_teacher_topk_leaves_out_missing_entries():
     assert torch.allclose(full, losses.given_teacher_topk_loss(student, top.values, top.indices, 0.5), atol=1e-10)
     (grad,) = torch.autograd.grad(full.sum(), student)
     assert torch.isfinite(grad).all()
+
+
+# ------------------------------------------------------------------------------------ vLLM mismatch correction
+def test_engine_importance_weights_truncate_and_mask():
+    from trl_sdft.losses import engine_importance_weights
+
+    behaviour = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]]))
+    sampling = torch.log(torch.tensor([[0.5, 0.4, 0.3, float("nan")]]))  # ratios 1, 0.5, 3, unknown
+    truncated = engine_importance_weights(behaviour, sampling, "token_truncate", 0.6, 2.0)
+    assert torch.allclose(truncated, torch.tensor([[1.0, 0.6, 2.0, 1.0]]))
+    masked = engine_importance_weights(behaviour, sampling, "token_mask", 0.6, 2.0)
+    assert torch.allclose(masked, torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
+    assert torch.allclose(
+        engine_importance_weights(behaviour, sampling, "token_truncate", None, None)[0, :3],
+        torch.tensor([1.0, 0.5, 3.0]),
+    )
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["on-policy", "reused"])
+def test_per_token_loss_weights_by_the_engine_ratio(old):
+    from dataclasses import replace
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    ids = torch.randint(0, 11, (2, 5), generator=g)
+    settings = losses.LossSettings(
+        mode="topk_logits", alpha=0.5, topk=4, vllm_is_mode="token_truncate", vllm_is_max=2.0
+    )
+    plain, student_logps = losses.per_token_loss(replace(settings, vllm_is_mode=None), student, teacher, ids)
+    old_logps = student_logps - 0.3 if old else None
+    behaviour = old_logps if old else student_logps
+    engine = behaviour + torch.randn(2, 5, generator=g)
+    # Without the engine's log-probs, or with the correction off, nothing changes.
+    assert torch.equal(losses.per_token_loss(settings, student, teacher, ids)[0], plain)
+    corrected, _ = losses.per_token_loss(settings, student, teacher, ids, old_logps, sampling_logps=engine)
+    assert torch.allclose(corrected, plain * (behaviour - engine).exp().clamp(max=2.0), atol=1e-6)
+    assert not torch.allclose(corrected, plain)
+    metrics = losses.importance_metrics(settings, student_logps, torch.ones(2, 5), old_logps, engine)
+    assert torch.isclose(metrics["vllm_importance_ratio"], (behaviour - engine).exp().mean())
+    assert torch.isclose(metrics["vllm_importance_clipped_fraction"], ((behaviour - engine).exp() > 2).float().mean())
+
+
+def test_chunked_loss_applies_the_engine_ratio_like_the_logits_path():
+    from trl_sdft import chunked_loss
+
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(2, 6, 8, generator=g), torch.randn(13, 8, generator=g)
+    teacher_hidden = torch.randn(2, 6, 8, generator=g)
+    ids = torch.randint(0, 13, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    settings = losses.LossSettings(mode="full_logits", alpha=0.0, vllm_is_mode="token_mask", vllm_is_max=1.5)
+    engine = losses.token_log_probs(hidden @ weight.t(), ids) + torch.randn(2, 6, generator=g) * 0.5
+    want = losses.logits_loss(settings, hidden @ weight.t(), teacher_hidden @ weight.t(), ids, mask, None, engine)
+    chunked = replace_chunk(settings, 3)
+    got = chunked_loss.hidden_states_loss(
+        chunked,
+        chunked_loss.HiddenStates(hidden, weight),
+        chunked_loss.HiddenStates(teacher_hidden, weight),
+        ids,
+        mask,
+        None,
+        engine,
+    )
+    assert torch.allclose(got.loss, want.loss, atol=1e-6)
+    assert torch.isclose(
+        got.metrics["vllm_importance_clipped_fraction"], want.metrics["vllm_importance_clipped_fraction"]
+    )
+    assert want.metrics["vllm_importance_clipped_fraction"] > 0
+
+
+def replace_chunk(settings, chunk_size):
+    from dataclasses import replace
+
+    return replace(settings, chunk_size=chunk_size)

@@ -97,6 +97,7 @@ def server_config(tmp_path, server, **overrides):
         save_strategy="no",
         report_to="none",
         use_cpu=True,
+        bf16=False,  # float32 on both sides: the trainer and the server agree within 1e-5
         use_vllm=True,
         vllm_mode="server",
         vllm_server_host="127.0.0.1",
@@ -159,6 +160,10 @@ def test_colocate_training_and_weight_sync(vllm_model_dir, tmp_path):
     # The check can fail: before the sync vLLM still has the previous step's weights.
     assert result["stale_max"] > 1e-3
     assert result["synced_max"] < 1e-3
+    # The engine samples at the trainer's precision, and its log-probs of the sampled tokens match the trainer's
+    # (importance ratios of 1 within 1e-3): the correction is on and changes nothing when the engine matches.
+    assert result["engine_dtype"] == "torch.float32"
+    assert len(result["importance_ratios"]) == 3 and all(abs(r - 1) < 1e-3 for r in result["importance_ratios"])
 
 
 # -------------------------------------------------------------------------------------------------------- server
@@ -189,6 +194,57 @@ def test_server_with_lora_syncs_merged_weights(vllm_model_dir, tmp_path, server)
     assert max(trainer.rollout.logprob_differences()) < 1e-3
     # The adapter is active in the trainer and not merged into its weights: vLLM got the merged copy.
     assert any("lora_A" in name for name, _ in trainer.model.named_parameters())
+
+
+def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, server):
+    """vLLM's log-probs of the sampled tokens come with the rollouts: equal to the trainer's when the engine holds the
+    same weights (ratios 1 within 1e-3, the loss unchanged), different once they differ, and the loss is then the
+    per-token loss weighted by the ratios truncated at `vllm_importance_sampling_clip_max`."""
+    from dataclasses import replace
+
+    from trl_sdft import losses
+
+    args = server_config(tmp_path, server, loss_chunk_size=0, distillation_topk=5)
+    trainer = SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
+    assert trainer.loss_settings.vllm_is_mode == "token_truncate" and trainer.loss_settings.vllm_is_max == 2.0
+    rows = facts_rows()
+    batch = trainer._build_batch([rows[0], rows[0], rows[1], rows[1]], "train")  # as the sampler repeats prompts
+    mask = batch["completion_mask"].bool()
+    engine = batch["sampling_per_token_logps"]
+
+    def trainer_logps():
+        with torch.no_grad():
+            logits = trainer._completion_view(trainer.model, batch, logits=True)
+        return losses.token_log_probs(logits, batch["completion_ids"])
+
+    assert ((trainer_logps() - engine).abs()[mask]).max() < 1e-3
+    uncorrected = replace(trainer.loss_settings, vllm_is_mode=None)
+
+    def loss_with(settings):
+        trainer.loss_settings = settings
+        return float(trainer.compute_loss(trainer.model, batch))
+
+    corrected_settings = trainer.loss_settings
+    assert abs(loss_with(corrected_settings) - loss_with(uncorrected)) < 1e-4
+    # The trainer moves away from the engine's weights (as between syncs, or with another precision).
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for parameter in trainer.model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    student = trainer_logps()
+    ratios = (student - engine).exp()[mask]
+    assert (ratios - 1).abs().max() > 0.1 and (ratios > 2).any()
+    with torch.no_grad(), trainer.teacher.context():
+        student_logits = trainer._completion_view(trainer.model, batch, logits=True)
+        teacher = trainer.teacher.module(trainer.model)  # the base teacher: the weights before the perturbation
+        teacher_logits = trainer._completion_view(teacher, batch, teacher=True, logits=True)
+    per_token, _ = losses.per_token_loss(uncorrected, student_logits, teacher_logits, batch["completion_ids"])
+    loss_mask = losses.loss_mask(batch["completion_mask"], 0)
+    want = losses.sequence_mean(per_token * (student - engine).exp().clamp(max=2.0), loss_mask)
+    got = loss_with(corrected_settings)
+    assert abs(got - float(want)) < 1e-4 and abs(got - loss_with(uncorrected)) > 1e-3
+    logged = trainer._metrics["train" if trainer.model.training else "eval"]
+    assert logged["self_distillation/vllm_importance_clipped_fraction"][-1] > 0
 
 
 @pytest.mark.parametrize("mode", ["topk_logits", "sampled_token"])

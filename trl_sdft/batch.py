@@ -97,9 +97,12 @@ def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[tor
     return ids, mask
 
 
-def right_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask; an all-empty batch gives one padded column so shapes stay valid."""
-    tensors = [torch.tensor(ids if ids else [pad_token_id], dtype=torch.long) for ids in sequences]
+def right_pad(
+    sequences: list[list[int]], pad_token_id: int, device, dtype: torch.dtype = torch.long
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (or values of `dtype`) and mask; an all-empty batch gives one padded column so shapes stay
+    valid."""
+    tensors = [torch.tensor(ids if ids else [pad_token_id], dtype=dtype) for ids in sequences]
     masks = [torch.tensor([1] * len(ids) if ids else [0], dtype=torch.long) for ids in sequences]
     ids = pad(tensors, padding_value=pad_token_id, padding_side="right").to(device)
     mask = pad(masks, padding_value=0, padding_side="right").to(device)

@@ -41,9 +41,11 @@ def project(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> t
     return (hidden @ weight.t()).float() / temperature
 
 
-def _chunk_loss(settings: LossSettings, student_logits, teacher_logits, token_ids, token_weights, old_logps):
+def _chunk_loss(settings: LossSettings, student_logits, teacher_logits, token_ids, token_weights, old_logps, sampling):
     """Weighted loss sum of one chunk, its per-token losses, the student's token log-probs and the teacher-student KL."""
-    per_token, student_logps = losses.per_token_loss(settings, student_logits, teacher_logits, token_ids, old_logps)
+    per_token, student_logps = losses.per_token_loss(
+        settings, student_logits, teacher_logits, token_ids, old_logps, sampling
+    )
     with torch.no_grad():  # the `teacher_student_kl` metric: full-vocabulary KL(teacher || student) per token
         kl = losses.kl(teacher_logits.log_softmax(-1), student_logits.detach().log_softmax(-1))
     return (per_token * token_weights).sum(), per_token.detach(), student_logps, kl
@@ -62,6 +64,7 @@ class ChunkedSelfDistillation(torch.autograd.Function):
         token_ids,
         token_weights,
         old_per_token_logps,
+        sampling_logps,
         settings,
     ):
         grad_hidden = torch.empty_like(student_hidden)
@@ -85,12 +88,16 @@ class ChunkedSelfDistillation(torch.autograd.Function):
                     token_ids[rows],
                     token_weights[rows],
                     None if old_per_token_logps is None else old_per_token_logps[rows],
+                    None if sampling_logps is None else sampling_logps[rows],
                 )
                 del teacher_logits
                 (grad_raw,) = torch.autograd.grad(chunk_total, raw)
             del raw
             grad_hidden[rows] = (grad_raw.to(student_weight.dtype) @ student_weight).to(grad_hidden.dtype)
-            grad_weight.addmm_(grad_raw.t(), hidden.float())
+            if torch.is_autocast_enabled(hidden.device.type):  # mixed precision: the matmul at autocast's dtype
+                grad_weight += grad_raw.t() @ hidden
+            else:
+                grad_weight.addmm_(grad_raw.t(), hidden.float())
             del grad_raw
             total += chunk_total.detach()
             per_token.append(chunk_losses)
@@ -109,7 +116,7 @@ class ChunkedSelfDistillation(torch.autograd.Function):
         ctx.grads = None
         if grad_total is not None and not bool(grad_total == 1):
             grad_hidden, grad_weight = grad_hidden * grad_total, grad_weight * grad_total
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def sequence_mean_weights(mask: torch.Tensor) -> torch.Tensor:
@@ -127,14 +134,22 @@ def chunked_loss(
     mask: torch.Tensor,
     settings: LossSettings,
     old_per_token_logps: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The masked per-sequence mean loss from `[B, T, H]` hidden states (positions predicting `token_ids` `[B, T]`).
 
     Returns the scalar loss and, detached, `[B, T]`: the per-token losses, the student's token log-probs and the
-    full-vocabulary KL(teacher || student) (the `teacher_student_kl` metric)."""
+    full-vocabulary KL(teacher || student) (the `teacher_student_kl` metric), 0 outside `mask`."""
     batch, length = token_ids.shape
-    flat = lambda tensor: None if tensor is None else tensor.reshape(batch * length, *tensor.shape[2:])  # noqa: E731
-    total, per_token, student_logps, kl = ChunkedSelfDistillation.apply(
+    # Only the positions in the loss are projected: padding and skipped tokens cost nothing.
+    kept = mask.reshape(-1).nonzero().squeeze(-1)
+    if kept.numel() == 0:
+        kept = kept.new_zeros(1)  # keeps shapes valid; its weight is 0
+
+    def flat(tensor):
+        return None if tensor is None else tensor.reshape(batch * length, *tensor.shape[2:])[kept]
+
+    total, *outputs = ChunkedSelfDistillation.apply(
         flat(student_hidden),
         student_weight,
         flat(teacher_hidden).detach(),
@@ -142,9 +157,13 @@ def chunked_loss(
         flat(token_ids),
         flat(sequence_mean_weights(mask)),
         flat(old_per_token_logps),
+        flat(sampling_logps),
         settings,
     )
-    return total, per_token.view(batch, length), student_logps.view(batch, length), kl.view(batch, length)
+    per_token, student_logps, kl = (
+        output.new_zeros(batch * length).index_copy_(0, kept, output).view(batch, length) for output in outputs
+    )
+    return total, per_token, student_logps, kl
 
 
 def liger_jsd_loss(
@@ -199,12 +218,16 @@ def hidden_states_loss(
     token_ids: torch.Tensor,
     mask: torch.Tensor,
     old_per_token_logps: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
 ) -> LossOutput:
     """`chunked_loss` with the trainer's metrics."""
-    loss, per_token, _, kl = chunked_loss(*student, *teacher, token_ids, mask, settings, old_per_token_logps)
+    loss, per_token, student_logps, kl = chunked_loss(
+        *student, *teacher, token_ids, mask, settings, old_per_token_logps, sampling_logps
+    )
     metrics = {
         "distillation_loss": losses.token_mean(per_token, mask),
         "teacher_student_kl": losses.token_mean(kl, mask),
+        **losses.importance_metrics(settings, student_logps, mask, old_per_token_logps, sampling_logps),
     }
     return LossOutput(loss, metrics)
 
@@ -216,6 +239,7 @@ def liger_loss(
     token_ids: torch.Tensor,
     mask: torch.Tensor,
     old_per_token_logps: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
 ) -> LossOutput:
     """`liger_jsd_loss` with the trainer's metrics. Importance weights cannot enter Liger's kernel: the config refuses
     runs that would need them (`SDFTConfig._check_loss_path`)."""
@@ -226,7 +250,8 @@ def liger_loss(
 
 
 def loss_function(settings: LossSettings):
-    """The loss for the run's path: `fn(settings, student, teacher, token_ids, mask, old_per_token_logps)`."""
+    """The loss for the run's path: `fn(settings, student, teacher, token_ids, mask, old_per_token_logps,
+    sampling_logps)`."""
     if not settings.chunk_size:
         return losses.logits_loss
     return liger_loss if settings.use_liger else hidden_states_loss
@@ -248,6 +273,15 @@ def _hidden_states_problem(model, forward_params: set[str]) -> str | None:
     if "logits_to_keep" not in forward_params:
         return "the model's forward has no `logits_to_keep`, so it would compute the full logits anyway"
     return None
+
+
+def packing_problem(model, forward_params: set[str]) -> str | None:
+    """Why padding-free forwards (`packing.py`) cannot serve `model`; None if they can. Packed, the logits come from
+    the LM head applied to the completion positions' hidden states, so the head must be plain, as for the chunked
+    loss."""
+    if "position_ids" not in forward_params:
+        return "the model's forward takes no `position_ids`"
+    return _hidden_states_problem(unwrap(model), forward_params)
 
 
 def resolve_chunk_size(model, args, forward_params: set[str]) -> int:

@@ -12,7 +12,7 @@ from trl.trainer.base_config import _BaseConfig
 from .chunked_loss import DEFAULT_LOSS_CHUNK_SIZE
 from .losses import DISTILLATION_MODES, TOPK_SUPPORTS, LossSettings
 from .prompts import resolve_teacher_prompt_template
-from .utils import require_package
+from .utils import has_accelerator, native_bf16, require_package
 
 TEACHER_MODEL_KINDS = ("base", "live", "ema")
 VLLM_MODES = ("server", "colocate")
@@ -41,6 +41,8 @@ class SDFTConfig(_BaseConfig):
             reused after an optimizer step; `None` disables the correction.
         distillation_add_tail (`bool`, defaults to `False`): add one bucket for the mass outside the top-k.
         num_loss_tokens_to_skip (`int`, defaults to `0`): completion tokens at the start left out of the loss.
+        padding_free (`bool`, defaults to `True`): student and teacher forwards on the batch packed into one row, no
+            compute on padding.
 
     > The teacher
         teacher_model_kind (`"base" | "live" | "ema"`, defaults to `"base"`).
@@ -135,6 +137,15 @@ class SDFTConfig(_BaseConfig):
         },
     )
 
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the student's and the teacher's forwards on the batch packed into one row, with positions "
+            "restarting per sequence, so that no compute goes to padding (same values and gradients as the padded "
+            "batch). Needs a model whose forward takes `position_ids`; `False` pads as TRL does."
+        },
+    )
+
     # vLLM
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM instead of `model.generate`."})
     use_teacher_server: bool = field(
@@ -165,6 +176,38 @@ class SDFTConfig(_BaseConfig):
             "help": "Run the colocated vLLM engine without graph compilation. `None`: eager on CPU (compiling took "
             "~2 min there and generated slower), compiled on GPU."
         },
+    )
+    vllm_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype of the colocated vLLM engine. `None`: the trainer's precision (bfloat16 under `bf16`, "
+            "float16 under `fp16`, else the model's dtype), so that rollouts are sampled at the precision trained."
+        },
+    )
+    vllm_importance_sampling_correction: bool = field(
+        default=True,
+        metadata={
+            "help": "Weight each completion token by the ratio of the trainer's probability of it to vLLM's (the "
+            "engine samples from a slightly different distribution: kernels, precision), as TRL's GRPO does and the "
+            "original SDFT implementation did. Only with `use_vllm`."
+        },
+    )
+    vllm_importance_sampling_mode: str = field(
+        default="token_truncate",
+        metadata={
+            "help": "'token_truncate': ratios clipped to [clip_min, clip_max]; 'token_mask': tokens with ratios "
+            "outside it get weight 0. (TRL's GRPO also has sequence-level modes; the SDFT loss is per token.)"
+        },
+    )
+    vllm_importance_sampling_clip_max: float | None = field(
+        default=2.0, metadata={"help": "Upper bound C_max of the ratio (the original SDFT implementation: 2)."}
+    )
+    vllm_importance_sampling_clip_min: float | None = field(
+        default=None, metadata={"help": "Lower bound C_min of the ratio; None: no lower bound."}
+    )
+    vllm_importance_sampling_cap: float | None = field(
+        default=None,
+        metadata={"help": "Deprecated in TRL: the former name of `vllm_importance_sampling_clip_max`, accepted."},
     )
     vllm_sync_dir: str | None = field(
         default=None,
@@ -228,16 +271,20 @@ class SDFTConfig(_BaseConfig):
     )
 
     def __post_init__(self):
+        if self.vllm_importance_sampling_cap is not None:
+            self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
         self._check_choices()
+        self._check_vllm_dtype()
         self._check_ranges()
         # Fails with the reason and the fix if the template is unusable.
         resolve_teacher_prompt_template(self.teacher_prompt_template)
         if self.bf16 is None and not self.fp16:
-            # TRL turns an unset bf16 on everywhere, which stops CPU-only machines with an error; use bf16 only
-            # where a GPU supports it.
-            from transformers.utils import is_torch_bf16_gpu_available
-
-            self.bf16 = bool(is_torch_bf16_gpu_available()) and not self.use_cpu
+            # TRL turns an unset bf16 on everywhere, which stops CPU-only machines with an error; here it is bf16
+            # mixed precision wherever the hardware runs bf16 natively (see `native_bf16`), float32 elsewhere.
+            self.bf16 = native_bf16(self.use_cpu)
+        if self.bf16 and not self.use_cpu and not has_accelerator():
+            # transformers trains in bf16 on a CPU only with `use_cpu`; with no accelerator that changes nothing else.
+            self.use_cpu = True
         if self.use_liger_kernel and self.liger_kernel_config is None:
             import torch
 
@@ -260,6 +307,14 @@ class SDFTConfig(_BaseConfig):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"`{name}={value!r}` is not supported: use one of {', '.join(map(repr, allowed))}.")
+
+    def _check_vllm_dtype(self):
+        allowed = ("auto", "float32", "bfloat16", "float16")
+        if self.vllm_dtype is not None and self.vllm_dtype not in allowed:
+            raise ValueError(
+                f"`vllm_dtype={self.vllm_dtype!r}` is not supported: use one of {', '.join(map(repr, allowed))}, or "
+                "None to follow the trainer's precision."
+            )
 
     def _check_ranges(self):
         LossSettings.from_config(self)  # the loss options: alpha, top-k, clipping, and their combinations
@@ -346,6 +401,11 @@ class SDFTConfig(_BaseConfig):
         LossSettings.from_config(self, chunk_size=1)  # Liger's fused JSD is `full_logits` only
         if self.use_teacher_server:
             raise ValueError("`use_liger_kernel=True` needs a local teacher: turn `use_teacher_server` off.")
+        if self.vllm_importance_sampling_active:
+            raise ValueError(
+                "Liger's fused JSD cannot weight tokens, which the vLLM importance-sampling correction does. Set "
+                "`vllm_importance_sampling_correction=False`, or use `loss_chunk_size` instead of Liger."
+            )
         if self.distillation_is_clip is not None and self.rollouts_outlive_optimizer_step:
             raise ValueError(
                 "Rollouts are reused after an optimizer step here (steps_per_generation x num_iterations = "
@@ -359,6 +419,11 @@ class SDFTConfig(_BaseConfig):
         """Micro-steps between generation rounds: each round serves `steps_per_generation` slices, `num_iterations`
         times."""
         return self.steps_per_generation * self.num_iterations
+
+    @property
+    def vllm_importance_sampling_active(self) -> bool:
+        """Whether rollouts are weighted by the trainer/vLLM probability ratio (vLLM rollouts, correction on)."""
+        return self.use_vllm and self.vllm_importance_sampling_correction
 
     @property
     def rollouts_outlive_optimizer_step(self) -> bool:

@@ -141,6 +141,53 @@ def clip_importance_weights(
     return per_token_loss * log_ratio.exp().clamp(max=clip)
 
 
+VLLM_IS_MODES = ("token_truncate", "token_mask")
+
+
+def _engine_ratio(behaviour_logps: torch.Tensor, sampling_logps: torch.Tensor) -> torch.Tensor:
+    """`exp(behaviour - sampling)`, detached; 1 where the engine gave no log-prob (NaN)."""
+    behaviour_logps = behaviour_logps.detach()
+    sampling_logps = torch.where(torch.isnan(sampling_logps), behaviour_logps, sampling_logps)
+    return (behaviour_logps - sampling_logps).clamp(-20.0, 20.0).exp()
+
+
+def engine_importance_weights(
+    behaviour_logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    mode: str,
+    clip_min: float | None,
+    clip_max: float | None,
+) -> torch.Tensor:
+    """Per-token weights (detached) correcting for the rollout engine sampling from a slightly different distribution
+    than the trainer's policy: the ratio `pi_trainer(y_t) / pi_engine(y_t)`, truncated to `[clip_min, clip_max]`
+    (`token_truncate`) or set to 0 outside it (`token_mask`), as TRL's GRPO `vllm_importance_sampling_mode`."""
+    ratio = _engine_ratio(behaviour_logps, sampling_logps)
+    if mode == "token_truncate":
+        return ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
+    keep = torch.ones_like(ratio, dtype=torch.bool)
+    if clip_min is not None:
+        keep &= ratio >= clip_min
+    if clip_max is not None:
+        keep &= ratio <= clip_max
+    return ratio * keep
+
+
+def engine_importance_metrics(
+    behaviour_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, settings: "LossSettings"
+) -> dict[str, torch.Tensor]:
+    """The mean trainer/engine ratio, the share of tokens whose ratio was clipped or masked, and the mean absolute
+    log-prob gap, over the loss positions."""
+    ratio = _engine_ratio(behaviour_logps, sampling_logps)
+    low = settings.vllm_is_min if settings.vllm_is_min is not None else 0.0
+    high = settings.vllm_is_max if settings.vllm_is_max is not None else float("inf")
+    clipped = ((ratio < low) | (ratio > high)).float()
+    return {
+        "vllm_importance_ratio": token_mean(ratio, mask),
+        "vllm_importance_clipped_fraction": token_mean(clipped, mask),
+        "vllm_logprob_abs_diff": token_mean(ratio.log().abs(), mask),
+    }
+
+
 def loss_mask(completion_mask: torch.Tensor, num_tokens_to_skip: int) -> torch.Tensor:
     """The completion mask without its first `num_tokens_to_skip` positions."""
     if num_tokens_to_skip <= 0:
@@ -197,6 +244,9 @@ class LossSettings:
     is_clip: float | None = None
     chunk_size: int = 0
     use_liger: bool = False
+    vllm_is_mode: str | None = None  # None: rollouts are not corrected for the engine's sampling distribution
+    vllm_is_min: float | None = None
+    vllm_is_max: float | None = None
 
     def __post_init__(self):
         if self.mode not in DISTILLATION_MODES:
@@ -219,6 +269,22 @@ class LossSettings:
             raise ValueError(f"Unknown top-k support {self.support!r}: use one of {', '.join(TOPK_SUPPORTS)}.")
         if self.is_clip is not None and self.is_clip <= 0:
             raise ValueError(f"`distillation_is_clip={self.is_clip}` must be > 0 (e.g. 2.0), or None to disable it.")
+        if self.vllm_is_mode is not None and self.vllm_is_mode not in VLLM_IS_MODES:
+            raise ValueError(
+                f"`vllm_importance_sampling_mode={self.vllm_is_mode!r}` is not supported: use one of "
+                f"{', '.join(map(repr, VLLM_IS_MODES))}. The SDFT loss is a divergence at each completion position, so "
+                "its correction is per token, as in the original SDFT implementation; sequence-level modes are GRPO's."
+            )
+        low, high = self.vllm_is_min, self.vllm_is_max
+        if (
+            (low is not None and low < 0)
+            or (high is not None and high <= 0)
+            or (None not in (low, high) and low >= high)
+        ):
+            raise ValueError(
+                f"`vllm_importance_sampling_clip_min={low}` / `vllm_importance_sampling_clip_max={high}`: need "
+                "0 <= clip_min < clip_max (either may be None), e.g. clip_max=2.0."
+            )
         if self.use_liger and self.mode != "full_logits":
             raise ValueError(
                 "`use_liger_kernel=True` computes Liger's fused JSD over the full vocabulary: set "
@@ -238,6 +304,9 @@ class LossSettings:
             is_clip=args.distillation_is_clip,
             chunk_size=chunk_size,
             use_liger=args.use_liger_kernel and chunk_size > 0,
+            vllm_is_mode=args.vllm_importance_sampling_mode if args.vllm_importance_sampling_active else None,
+            vllm_is_min=args.vllm_importance_sampling_clip_min,
+            vllm_is_max=args.vllm_importance_sampling_clip_max,
         )
 
     @property
@@ -275,11 +344,14 @@ def per_token_loss(
     teacher: torch.Tensor | ServerTeacherScores,
     token_ids: torch.Tensor,
     old_per_token_logps: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token divergence `[...]` for the configured mode, importance-clipped when the rollout's log-probs are given,
-    and the student's log-probs of `token_ids` (detached).
+    """Per-token divergence `[...]` for the configured mode and the student's log-probs of `token_ids` (detached).
 
     `teacher` is the teacher's logits (same shape as `student_logits`) or, for a server-scored teacher, its scores.
+    Importance weights, when given what they need: `old_per_token_logps` (the trainer's log-probs when the rollout was
+    sampled) clip the drift of reused rollouts (`is_clip`); `sampling_logps` (the rollout engine's own log-probs)
+    correct the engine's mismatch (`vllm_is_mode`), against the old log-probs, or the current ones when on-policy.
     """
     student_logps = token_log_probs(student_logits, token_ids)
     scored = isinstance(teacher, ServerTeacherScores)
@@ -300,7 +372,22 @@ def per_token_loss(
         )
     if settings.is_clip is not None and old_per_token_logps is not None:
         per_token = clip_importance_weights(per_token, student_logps, old_per_token_logps, settings.is_clip)
+    if settings.vllm_is_mode is not None and sampling_logps is not None:
+        behaviour = student_logps if old_per_token_logps is None else old_per_token_logps
+        per_token = per_token * engine_importance_weights(
+            behaviour, sampling_logps, settings.vllm_is_mode, settings.vllm_is_min, settings.vllm_is_max
+        )
     return per_token, student_logps.detach()
+
+
+def importance_metrics(
+    settings: LossSettings, student_logps, mask, old_per_token_logps=None, sampling_logps=None
+) -> dict[str, torch.Tensor]:
+    """The engine-mismatch metrics (`engine_importance_metrics`) when the run corrects for it, else none."""
+    if settings.vllm_is_mode is None or sampling_logps is None:
+        return {}
+    behaviour = student_logps if old_per_token_logps is None else old_per_token_logps
+    return engine_importance_metrics(behaviour, sampling_logps, mask, settings)
 
 
 def logits_loss(
@@ -310,10 +397,14 @@ def logits_loss(
     token_ids: torch.Tensor,
     mask: torch.Tensor,
     old_per_token_logps: torch.Tensor | None = None,
+    sampling_logps: torch.Tensor | None = None,
 ) -> LossOutput:
     """The SDFT loss on the batch's logits `[B, T, V]`: masked per-sequence mean of `per_token_loss`."""
-    per_token, student_logps = per_token_loss(settings, student_logits, teacher, token_ids, old_per_token_logps)
+    per_token, student_logps = per_token_loss(
+        settings, student_logits, teacher, token_ids, old_per_token_logps, sampling_logps
+    )
     metrics = {"distillation_loss": token_mean(per_token.detach(), mask)}
+    metrics.update(importance_metrics(settings, student_logps, mask, old_per_token_logps, sampling_logps))
     if isinstance(teacher, ServerTeacherScores):
         metrics["server_logprob_abs_diff"] = token_mean((student_logps - teacher.finite_token_logps).abs(), mask)
     else:

@@ -1,12 +1,14 @@
 """Rollout backends: sample completions for a batch of tokenized prompts.
 
-Every backend has one call, `generate(model, prompt_ids, num_generations, step) -> completions`: `prompt_ids` are
+Every backend has one call, `generate(model, prompt_ids, num_generations, step) -> Rollouts`: `prompt_ids` are
 the token ids of each prompt (already repeated `num_generations` times by the sampler), `step` the optimizer step of
-the weights to sample with, and each completion ends at its first end-of-sequence token. `TransformersRollout` (here)
+the weights to sample with; each completion ends at its first end-of-sequence token, and engines that report their
+own log-probs of the sampled tokens (vLLM) return them too. `TransformersRollout` (here)
 samples with `model.generate`; `vllm_rollout.VLLMRollout` with a colocated or a server vLLM engine.
 """
 
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from transformers import GenerationConfig
@@ -16,6 +18,14 @@ from trl.models import unwrap_model_for_generation
 from .batch import left_pad
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "cache_implementation")
+
+
+class Rollouts(NamedTuple):
+    """What a backend's `generate` returns: the completions' token ids, each cut after its first end-of-sequence token,
+    and, from engines that report them (vLLM), the engine's log-prob of each of those tokens."""
+
+    completions: list[list[int]]
+    logprobs: list[list[float]] | None = None
 
 
 class VLLMServerError(RuntimeError):
@@ -87,4 +97,4 @@ class TransformersRollout:
             output = unwrapped.generate(
                 input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
             )
-        return cut_at_eos(output[:, input_ids.size(1) :].tolist(), self.eos_token_ids)
+        return Rollouts(cut_at_eos(output[:, input_ids.size(1) :].tolist(), self.eos_token_ids))

@@ -103,3 +103,28 @@ def logged_losses(trainer) -> list[float]:
 def snapshot(model) -> dict:
     """Detached copies of every parameter, by name."""
     return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def loss_and_grads(trainer, batch):
+    """The trainer's loss on `batch` and the gradient of every trainable parameter."""
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_same_step(reference, other, batch, atol=1e-5, rtol=None):
+    """Two trainers give the same loss and the same gradients on `batch`, within `atol`. With `rtol`, each gradient
+    must also agree to `rtol` times its largest entry: a check that still means something when
+    the gradients themselves are below `atol`."""
+    want_loss, want_grads = loss_and_grads(reference, batch)
+    got_loss, got_grads = loss_and_grads(other, batch)
+    assert torch.allclose(want_loss, got_loss, atol=atol), (want_loss, got_loss)
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    assert any(bool(grad.any()) for grad in want_grads.values()), "every gradient is 0: nothing was compared"
+    for name, grad in want_grads.items():
+        error = (grad - got_grads[name]).abs().max()
+        assert torch.allclose(grad, got_grads[name], atol=atol), (name, error)
+        if rtol is not None:
+            assert error <= rtol * grad.abs().max(), (name, float(error), float(grad.abs().max()))

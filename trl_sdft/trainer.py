@@ -26,9 +26,9 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
 
 from . import batch as batching
-from . import losses
+from . import losses, packing
 from .callbacks import dispatch
-from .chunked_loss import HiddenStates, loss_function, resolve_chunk_size
+from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, validate_dataset
 from .evaluation import greedy_answers
@@ -168,6 +168,12 @@ class SDFTTrainer(_BaseTrainer):
             args, resolve_chunk_size(self.model, args, self._forward_params)
         )
         self.loss_fn = loss_function(self.loss_settings)
+        problem = packing_problem(self.model, self._forward_params)
+        self.padding_free = args.padding_free and problem is None
+        if args.padding_free and problem:
+            logger.info(f"Padded forwards: {problem}.")
+        # One packed row for flash-attention (it attends per sequence), rows of the longest sequence otherwise.
+        self._pack_capacity = None if "flash" in str(unwrap(self.model).config._attn_implementation) else 0
 
     def _build_rollout(self):
         """The rollout backend: vLLM (colocate or server) when `use_vllm`, else transformers' `generate`."""
@@ -267,7 +273,7 @@ class SDFTTrainer(_BaseTrainer):
             generation_prompts=teacher_prompts if from_teacher else prompts,
             generation_prompt_text=None,
         )
-        completions = self.rollout.generate(
+        completions, engine_logps = self.rollout.generate(
             self.model_wrapped,
             teacher_ids if from_teacher else student_ids,
             self._num_generations(mode),
@@ -277,6 +283,10 @@ class SDFTTrainer(_BaseTrainer):
         batch = batching.assemble_batch(
             student_ids, teacher_ids, completions, self._tokenizer.pad_token_id, self.accelerator.device
         )
+        if engine_logps is not None and self.loss_settings.vllm_is_mode and not from_teacher:
+            batch["sampling_per_token_logps"] = batching.right_pad(
+                engine_logps, 0.0, self.accelerator.device, torch.float32
+            )[0]
         if mode == "train" and not from_teacher and self.args.rollouts_outlive_optimizer_step:
             with torch.no_grad():  # the rollout policy's log-probs, for importance-sampling clipping
                 logits = self._completion_view(self.model, batch, logits=True)
@@ -309,9 +319,16 @@ class SDFTTrainer(_BaseTrainer):
         else:
             with torch.no_grad(), self.teacher.context():
                 teacher = self._completion_view(self.teacher.module(model), inputs, teacher=True)
-        result = self.loss_fn(
-            self.loss_settings, student, teacher, inputs["completion_ids"], mask, inputs.get("old_per_token_logps")
-        )
+        with self.accelerator.autocast():  # the chunked paths' LM-head matmuls at the forwards' precision
+            result = self.loss_fn(
+                self.loss_settings,
+                student,
+                teacher,
+                inputs["completion_ids"],
+                mask,
+                inputs.get("old_per_token_logps"),
+                inputs.get("sampling_per_token_logps"),
+            )
         for name, value in result.metrics.items():
             self._log_metric(mode, name, value)
         scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
@@ -320,24 +337,38 @@ class SDFTTrainer(_BaseTrainer):
     def _completion_view(self, model, inputs, teacher: bool = False, logits: bool = False):
         """What the loss reads at the positions that predict the completion tokens: temperature-scaled logits on the
         logits path; last hidden states and the LM-head weight on the chunked paths (only the last position's logits
-        are computed there)."""
+        are computed there). Padding-free, the forwards run on the batch packed into full rows (`packing.py`)."""
         if teacher:
             input_ids, attention_mask = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
         else:
             input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
             attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        kept = inputs["completion_ids"].size(1) + 1
+        length = inputs["completion_ids"].size(1)
+        hidden_path = self.loss_chunk_size and not logits
+        if self.padding_free:  # hidden states of the packed rows; only the last position's logits
+            packed = packing.pack(input_ids, attention_mask, length, self._pack_capacity)
+            outputs = model(
+                input_ids=packed.input_ids,
+                position_ids=packed.position_ids,
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
+            hidden = packed.gather(outputs.hidden_states[-1])
+            if not hidden_path:  # the LM head on the completion positions only (a plain head: see __init__)
+                with self.accelerator.autocast():
+                    return unwrap(model).get_output_embeddings()(hidden).float() / self.args.temperature
+            return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if "position_ids" in self._forward_params:
             # Left padding must not shift positions (matters for models with absolute positions).
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        hidden_path = self.loss_chunk_size and not logits
         if "logits_to_keep" in self._forward_params:
-            kwargs["logits_to_keep"] = 1 if hidden_path else kept
-        if hidden_path:
-            outputs = model(**kwargs, output_hidden_states=True)
-            return HiddenStates(outputs.hidden_states[-1][:, -kept:-1], unwrap(model).get_output_embeddings().weight)
-        return model(**kwargs).logits[:, -kept:-1] / self.args.temperature
+            kwargs["logits_to_keep"] = 1 if hidden_path else length + 1
+        if not hidden_path:
+            return model(**kwargs).logits[:, -length - 1 : -1] / self.args.temperature
+        hidden = model(**kwargs, output_hidden_states=True).hidden_states[-1][:, -length - 1 : -1]
+        return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
 
     def _tokenize(self, prompts: list[Any], limit: int | None) -> list[list[int]]:
         return batching.tokenize_prompts(self.processing_class, prompts, limit, self.chat_template_kwargs)

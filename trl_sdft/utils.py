@@ -26,3 +26,30 @@ def require_package(module: str, feature: str, install: str) -> None:
     """Raise an `ImportError` naming the feature that needs `module` and how to install it."""
     if find_spec(module) is None:
         raise ImportError(f"{feature} needs the `{module}` package: {install}.")
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...) to train on."""
+    import torch
+
+    return torch.accelerator.is_available()
+
+
+def cpu_runs_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 autocast is faster than float32.
+
+    Elsewhere torch emulates bf16 on a CPU, which works but is slower than float32."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def native_bf16(use_cpu: bool = False) -> bool:
+    """Whether training here runs bf16 natively: on a GPU with bf16, or (no accelerator, or `use_cpu`) on a CPU that
+    has AVX512-BF16 or AMX."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if not use_cpu and has_accelerator():
+        return bool(is_torch_bf16_gpu_available())
+    return cpu_runs_bf16()

@@ -45,7 +45,7 @@ with tolerate_vllm_version():
 from trl.trainer.utils import ensure_master_addr_port  # noqa: E402
 
 from .losses import ServerTeacherScores  # noqa: E402
-from .rollout import VLLMServerError, cut_at_eos  # noqa: E402
+from .rollout import Rollouts, VLLMServerError, cut_at_eos  # noqa: E402
 from .utils import tokenizer_of, unwrap  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,18 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3, 4, 5."
 # a sync, beyond which the two are not the same model. Same model in float32: ~1e-5; bf16 vs float32: ~0.05; a
 # different model: whole nats.
 PROBE_TOLERANCE = 0.5
+
+
+def engine_dtype(args, model) -> torch.dtype | str:
+    """The colocated engine's dtype: `vllm_dtype` if set, else the trainer's precision (bf16 / fp16 mixed precision,
+    else the model's dtype), so that rollouts are sampled at the precision the trainer computes in."""
+    if args.vllm_dtype is not None:
+        return args.vllm_dtype
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return model.dtype
 
 
 def start_command_hint(model_name: str) -> str:
@@ -328,7 +340,6 @@ class VLLMRollout:
             if limit is None:
                 limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
             self._check_length(longest, limit, "`vllm_max_model_length`")
-        on_cpu = accelerator.device.type == "cpu"
         self.generation = SDFTVLLMGeneration(
             model=model,
             accelerator=accelerator,
@@ -351,9 +362,9 @@ class VLLMRollout:
             top_k=args.top_k or 0,
             min_p=args.min_p or 0.0,
             max_completion_length=args.max_completion_length,
-            logprobs=None,
+            logprobs=0 if args.vllm_importance_sampling_active else None,  # 0: the sampled token's only
             generation_kwargs={"stop_token_ids": self.eos_token_ids, **(args.generation_kwargs or {})},
-            dtype=unwrap(model).dtype if on_cpu else None,
+            dtype=engine_dtype(args, unwrap(model)),
             enforce_eager=args.vllm_enforce_eager,
             sync_dir=args.vllm_sync_dir,
         )
@@ -420,13 +431,22 @@ class VLLMRollout:
             self.generation.sync_weights()
         self.synced_step = step
 
-    def generate(self, model, prompt_ids: list[list[int]], num_generations: int, step: int) -> list[list[int]]:
+    def generate(self, model, prompt_ids: list[list[int]], num_generations: int, step: int) -> Rollouts:
         """Completions sampled by vLLM with the weights of optimizer step `step` (synced from `self.model` first;
-        `model`, the trainer's wrapped model, is not needed)."""
+        `model`, the trainer's wrapped model, is not needed), with vLLM's log-probs of their tokens when the run
+        corrects for the engine's mismatch."""
         self.sync(step)
         with self._server_errors("generating completions"):
-            _, completions, _, _ = self.generation.generate(prompt_ids, None, num_generations)
-        return cut_at_eos(completions, self.eos_token_ids)
+            _, completions, logprobs, _ = self.generation.generate(prompt_ids, None, num_generations)
+        completions = cut_at_eos(completions, self.eos_token_ids)
+        if logprobs is None:
+            return Rollouts(completions)
+        # One entry per token (the sampled token's log-prob first); None where vLLM returned NaN.
+        sampled = [
+            [float("nan") if top[0] is None else top[0] for top in row[: len(ids)]]
+            for row, ids in zip(logprobs, completions, strict=True)
+        ]
+        return Rollouts(completions, sampled)
 
     def teacher_scores(
         self, teacher_input_ids, teacher_attention_mask, mask: torch.Tensor, top: int, step: int

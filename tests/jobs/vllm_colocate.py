@@ -1,6 +1,6 @@
 """Colocated vLLM training in its own process (vLLM keeps process-wide state): run by tests/test_vllm.py.
 
-Usage: python tests/jobs/vllm_colocate.py MODEL_DIR OUTPUT_DIR. Prints one JSON line: losses, the vLLM-vs-trainer
+Usage: python tests/jobs/vllm_colocate.py MODEL_DIR OUTPUT_DIR [--gpu]. Prints one JSON line: losses, the vLLM-vs-trainer
 log-prob differences before and after the last sync, and the weight-sync method.
 """
 
@@ -13,7 +13,8 @@ from trl_sdft import SDFTConfig, SDFTTrainer
 from trl_sdft.testing import facts_rows
 
 
-def main(model_dir: str, output_dir: str) -> None:
+def main(model_dir: str, output_dir: str, gpu: bool = False) -> None:
+    precision = dict(use_cpu=False, bf16=None) if gpu else dict(use_cpu=True, bf16=False)
     args = SDFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=4,
@@ -24,11 +25,12 @@ def main(model_dir: str, output_dir: str) -> None:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
         use_vllm=True,
         vllm_mode="colocate",
         vllm_gpu_memory_utilization=0.05,
         vllm_max_model_length=256,
+        # CPU: float32 trainer and engine, whose log-probs agree within 1e-5 after a sync. GPU: bf16 on both sides.
+        **precision,
     )
     trainer = SDFTTrainer(model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
     initial_gap = trainer.rollout.probe_gap
@@ -43,9 +45,15 @@ def main(model_dir: str, output_dir: str) -> None:
         "synced_max": max(synced),
         "sync_method": trainer.rollout.generation.sync_method,
         "rounds": trainer.num_generation_rounds,
+        "importance_ratios": [
+            entry["self_distillation/vllm_importance_ratio"]
+            for entry in trainer.state.log_history
+            if "self_distillation/vllm_importance_ratio" in entry
+        ],
+        "engine_dtype": str(trainer.rollout.generation.dtype),
     }
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:3], gpu="--gpu" in sys.argv)
