@@ -218,7 +218,8 @@ def copy_for_teacher(student, accelerator, args):
         return prepare_deepspeed(teacher, accelerator)
     if getattr(accelerator.state, "fsdp_plugin", None) is not None:
         return prepare_fsdp(teacher, accelerator)
-    return teacher.to(accelerator.device)
+    # On the student's device, and under the same mixed-precision autocast as the student's forward.
+    return accelerator.prepare_model(teacher.to(accelerator.device), evaluation_mode=True)
 
 
 def build_teacher(kind: str, student, accelerator, args) -> Teacher:
