@@ -133,3 +133,13 @@ def test_padding_free_equals_padded(
     packed._pack_capacity = capacity  # rows of the longest sequence (sdpa, eager) or one row (flash-attention)
     batch = ragged_batch(padded, facts_rows()[:4], steps_per_generation=2)
     assert_same_step(padded, packed, batch, rtol=1e-4)
+
+
+def test_row_capacity_follows_the_attention_implementation():
+    from types import SimpleNamespace
+
+    def model(attention):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attention))
+
+    assert packing.row_capacity(model("sdpa")) == 0 and packing.row_capacity(model("eager")) == 0
+    assert packing.row_capacity(model("flash_attention_2")) is None  # varlen kernels: one row costs nothing extra

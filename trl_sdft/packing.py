@@ -80,3 +80,23 @@ def pack(
     done = torch.tensor(completion_lengths)
     predicting = torch.where(offsets[None] < done[:, None], first[:, None] + offsets[None], first[:, None])
     return Packed(ids, positions.to(ids.device), predicting.to(ids.device))
+
+
+def row_capacity(model) -> int | None:
+    """`pack`'s capacity for `model`: one row under flash-attention (it attends per sequence), else rows of the
+    longest sequence (sdpa and eager attend over whole rows)."""
+    return None if "flash" in str(getattr(model.config, "_attn_implementation", "")) else 0
+
+
+def completion_hidden_states(model, input_ids, attention_mask, completion_length: int, capacity: int | None = 0):
+    """`model`'s last hidden states `[B, T, H]` at the positions that predict each completion token, from one forward
+    on the packed rows (only the last position's logits are computed)."""
+    packed = pack(input_ids, attention_mask, completion_length, capacity)
+    outputs = model(
+        input_ids=packed.input_ids,
+        position_ids=packed.position_ids,
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
+    return packed.gather(outputs.hidden_states[-1])

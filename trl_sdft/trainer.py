@@ -172,8 +172,7 @@ class SDFTTrainer(_BaseTrainer):
         self.padding_free = args.padding_free and problem is None
         if args.padding_free and problem:
             logger.info(f"Padded forwards: {problem}.")
-        # One packed row for flash-attention (it attends per sequence), rows of the longest sequence otherwise.
-        self._pack_capacity = None if "flash" in str(unwrap(self.model).config._attn_implementation) else 0
+        self._pack_capacity = packing.row_capacity(unwrap(self.model))
 
     def _build_rollout(self):
         """The rollout backend: vLLM (colocate or server) when `use_vllm`, else transformers' `generate`."""
@@ -319,16 +318,10 @@ class SDFTTrainer(_BaseTrainer):
         else:
             with torch.no_grad(), self.teacher.context():
                 teacher = self._completion_view(self.teacher.module(model), inputs, teacher=True)
+        # The rollout policy's log-probs (reused rollouts) and the engine's (vLLM): what importance weights need.
+        rollout_logps = (inputs.get("old_per_token_logps"), inputs.get("sampling_per_token_logps"))
         with self.accelerator.autocast():  # the chunked paths' LM-head matmuls at the forwards' precision
-            result = self.loss_fn(
-                self.loss_settings,
-                student,
-                teacher,
-                inputs["completion_ids"],
-                mask,
-                inputs.get("old_per_token_logps"),
-                inputs.get("sampling_per_token_logps"),
-            )
+            result = self.loss_fn(self.loss_settings, student, teacher, inputs["completion_ids"], mask, *rollout_logps)
         for name, value in result.metrics.items():
             self._log_metric(mode, name, value)
         scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
@@ -345,16 +338,8 @@ class SDFTTrainer(_BaseTrainer):
             attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         length = inputs["completion_ids"].size(1)
         hidden_path = self.loss_chunk_size and not logits
-        if self.padding_free:  # hidden states of the packed rows; only the last position's logits
-            packed = packing.pack(input_ids, attention_mask, length, self._pack_capacity)
-            outputs = model(
-                input_ids=packed.input_ids,
-                position_ids=packed.position_ids,
-                use_cache=False,
-                output_hidden_states=True,
-                logits_to_keep=1,
-            )
-            hidden = packed.gather(outputs.hidden_states[-1])
+        if self.padding_free:
+            hidden = packing.completion_hidden_states(model, input_ids, attention_mask, length, self._pack_capacity)
             if not hidden_path:  # the LM head on the completion positions only (a plain head: see __init__)
                 with self.accelerator.autocast():
                     return unwrap(model).get_output_embeddings()(hidden).float() / self.args.temperature
