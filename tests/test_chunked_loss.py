@@ -298,3 +298,61 @@ def test_settings_pick_the_loss_function(tmp_path, tiny_config):
     liger = losses.LossSettings.from_config(liger_args, chunk_size=16)
     assert liger.use_liger and chunked_loss.loss_function(liger) is chunked_loss.liger_loss
     assert not losses.LossSettings.from_config(liger_args, chunk_size=0).use_liger  # the logits path has no Liger
+
+
+# ------------------------------------------------------------------------------------- bf16 mixed precision (CPU)
+def head_casts(trainer, batch) -> int:
+    """How many times one training step (loss and backward) converts a tensor of the LM-head weight's shape to another
+    dtype: each such conversion copies vocab x hidden values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shape = tuple(trainer.model.get_output_embeddings().weight.shape)
+    casts = []
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                source = args[-1] if func is torch.ops.aten.copy_.default else args[0]
+                if tuple(source.shape) in (shape, shape[::-1]) and source.dtype != out.dtype:
+                    casts.append(func)
+            return out
+
+    trainer.model.zero_grad()
+    with CountCasts():
+        trainer.compute_loss(trainer.model, batch).backward()
+    return len(casts)
+
+
+@pytest.mark.parametrize("kind, use_lora", TEACHERS, ids=lambda v: str(v))
+def test_bf16_chunked_loss_equals_logits_path(sharp_model_dir, tokenizer, tmp_path, kind, use_lora, build_trainer):
+    """In bf16 autocast (what `bf16=None` gives on CPUs with native bf16 and on GPUs) the chunked loss, with its weights
+    cast once per step, agrees with the logits path within bf16 precision, for every teacher kind."""
+    from trl_sdft.testing import facts_rows
+
+    common = dict(teacher_model_kind=kind, bf16=True, distillation_mode="topk_logits", distillation_alpha=0.5)
+    reference = build_trainer(sharp_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=0, **common)
+    chunked = build_trainer(sharp_model_dir, tokenizer, tmp_path / "b", use_lora, loss_chunk_size=5, **common)
+    assert chunked.accelerator.mixed_precision == "bf16"
+    batch = reference._build_batch(facts_rows()[:4], "train")
+    assert_same_step(reference, chunked, batch, atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kind, use_lora", [("base", False), ("live", False), ("base", True)], ids=str)
+def test_bf16_head_weight_casts_do_not_grow_with_chunks(
+    tiny_model_dir, tokenizer, tmp_path, kind, use_lora, build_trainer
+):
+    """The LM-head weight is cast to bf16 a fixed number of times per step, however many chunks the loss has: casting
+    it per chunk (e.g. a matmul with `weight.t()`, which autocast does not cache) made the chunked loss slower than
+    the logits path on a CPU."""
+    from trl_sdft.testing import facts_rows
+
+    common = dict(teacher_model_kind=kind, bf16=True)
+    one = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=10_000, **common)
+    many = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, loss_chunk_size=2, **common)
+    batch = one._build_batch(facts_rows()[:4], "train")
+    assert int(batch["completion_mask"].sum()) > 8  # several chunks of 2
+    casts = head_casts(one, batch)
+    assert 0 < casts <= 4
+    assert head_casts(many, batch) == casts

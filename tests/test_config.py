@@ -249,3 +249,68 @@ def test_vllm_importance_sampling_fields(tmp_path):
 def test_bad_vllm_importance_sampling_settings(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         make(tmp_path, use_vllm=True, **overrides)
+
+
+@pytest.mark.parametrize(
+    "reuse, use_cpu, accelerator, want",
+    [
+        (True, True, False, 1),
+        (True, False, False, 1),  # no accelerator: the CPU trains
+        (True, False, True, 0),  # an accelerator trains: malloc is left alone
+        (False, True, False, 0),
+    ],
+)
+def test_cpu_memory_reuse_applies_only_to_cpu_training(
+    tiny_model_dir, tokenizer, tmp_path, monkeypatch, tiny_config, reuse, use_cpu, accelerator, want
+):
+    from datasets import Dataset
+
+    import trl_sdft.trainer as trainer_module
+    from trl_sdft import SDFTTrainer
+    from trl_sdft.testing import facts_rows
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "reuse_freed_cpu_memory", lambda: calls.append(1) or True)
+    args = tiny_config(tmp_path, reuse_cpu_memory=reuse, use_cpu=use_cpu)
+    monkeypatch.setattr(trainer_module, "has_accelerator", lambda: accelerator)
+    SDFTTrainer(tiny_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer)
+    assert len(calls) == want
+
+
+def test_reuse_freed_cpu_memory_keeps_large_blocks_mapped():
+    """On glibc, touching a large block again after it was freed costs no new page faults once the call is made."""
+    import ctypes
+    import resource
+    import subprocess
+    import sys
+
+    try:
+        assert ctypes.CDLL("libc.so.6").gnu_get_libc_version
+    except (OSError, AttributeError):
+        pytest.skip("not glibc")
+    probe = """
+import ctypes, resource, sys
+from trl_sdft.utils import reuse_freed_cpu_memory
+if sys.argv[1] == "reuse":
+    assert reuse_freed_cpu_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 << 20  # above glibc's largest default mmap threshold (32 MiB)
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    address = libc.malloc(size)
+    ctypes.memset(address, 1, size)
+    libc.free(address)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(faults[-1])
+"""
+    pages = (64 << 20) // resource.getpagesize()
+
+    def faults(mode):
+        run = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True)
+        return int(run.stdout.split()[-1])
+
+    assert faults("default") > pages // 2  # unmapped on free, faulted in again
+    assert faults("reuse") < pages // 10

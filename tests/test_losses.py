@@ -103,6 +103,28 @@ def test_teacher_student_kl_metric():
     torch.testing.assert_close(losses.teacher_student_kl(s, t, mask, chunk=2), expected)
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        losses.LossSettings("topk_logits", alpha=0.5, topk=3),
+        losses.LossSettings("full_logits", alpha=0.0),
+        losses.LossSettings("full_logits", alpha=0.5),
+        losses.LossSettings("sampled_token", alpha=1.0),
+    ],
+    ids=lambda s: f"{s.mode}-{s.alpha}",
+)
+def test_per_token_loss_shares_normalizers_with_its_metrics(settings):
+    """The KL metric and the token log-probs that `per_token_loss` derives from its shared log-normalizers equal the
+    textbook log-softmax formulas."""
+    s, t = logits(21).float() * 3, logits(22).float() * 3
+    ids = torch.randint(0, s.size(-1), s.shape[:-1], generator=torch.Generator().manual_seed(0))
+    result = losses.per_token_loss(settings, s, t, ids, with_kl=True)
+    torch.testing.assert_close(result.kl, losses.kl(t.log_softmax(-1), s.log_softmax(-1)), atol=1e-5, rtol=1e-5)
+    want_logps = s.log_softmax(-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(result.student_logps, want_logps, atol=1e-5, rtol=1e-5)
+    assert losses.per_token_loss(settings, s, t, ids).kl is None  # not computed unless asked for
+
+
 def test_unknown_mode_and_bad_alpha_raise():
     s = logits(0)
     ids = torch.zeros(3, 5, dtype=torch.long)
@@ -237,13 +259,13 @@ def test_per_token_loss_weights_by_the_engine_ratio(old):
     settings = losses.LossSettings(
         mode="topk_logits", alpha=0.5, topk=4, vllm_is_mode="token_truncate", vllm_is_max=2.0
     )
-    plain, student_logps = losses.per_token_loss(replace(settings, vllm_is_mode=None), student, teacher, ids)
+    plain, student_logps, _ = losses.per_token_loss(replace(settings, vllm_is_mode=None), student, teacher, ids)
     old_logps = student_logps - 0.3 if old else None
     behaviour = old_logps if old else student_logps
     engine = behaviour + torch.randn(2, 5, generator=g)
     # Without the engine's log-probs, or with the correction off, nothing changes.
     assert torch.equal(losses.per_token_loss(settings, student, teacher, ids)[0], plain)
-    corrected, _ = losses.per_token_loss(settings, student, teacher, ids, old_logps, sampling_logps=engine)
+    corrected, *_ = losses.per_token_loss(settings, student, teacher, ids, old_logps, sampling_logps=engine)
     assert torch.allclose(corrected, plain * (behaviour - engine).exp().clamp(max=2.0), atol=1e-6)
     assert not torch.allclose(corrected, plain)
     metrics = losses.importance_metrics(settings, student_logps, torch.ones(2, 5), old_logps, engine)

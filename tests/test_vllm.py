@@ -238,7 +238,7 @@ def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, serv
         student_logits = trainer._completion_view(trainer.model, batch, logits=True)
         teacher = trainer.teacher.module(trainer.model)  # the base teacher: the weights before the perturbation
         teacher_logits = trainer._completion_view(teacher, batch, teacher=True, logits=True)
-    per_token, _ = losses.per_token_loss(uncorrected, student_logits, teacher_logits, batch["completion_ids"])
+    per_token, *_ = losses.per_token_loss(uncorrected, student_logits, teacher_logits, batch["completion_ids"])
     loss_mask = losses.loss_mask(batch["completion_mask"], 0)
     want = losses.sequence_mean(per_token * (student - engine).exp().clamp(max=2.0), loss_mask)
     got = loss_with(corrected_settings)

@@ -36,23 +36,53 @@ class HiddenStates(NamedTuple):
     weight: torch.Tensor
 
 
+def scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits divided by the sampling temperature (a full pass over `[tokens, vocab]`, skipped at temperature 1)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def project(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
     """Float32 logits of `hidden @ weight.T`, divided by the sampling temperature (as the logits path does)."""
-    return (hidden @ weight.t()).float() / temperature
+    return scaled(nn.functional.linear(hidden, weight).float(), temperature)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` at autocast's dtype where it is on, else at `b`'s (the weight's or the hidden states' dtype)."""
+    if not torch.is_autocast_enabled(a.device.type):
+        a = a.to(b.dtype)
+    return a @ b
 
 
 def _chunk_loss(settings: LossSettings, student_logits, teacher_logits, token_ids, token_weights, old_logps, sampling):
     """Weighted loss sum of one chunk, its per-token losses, the student's token log-probs and the teacher-student KL."""
-    per_token, student_logps = losses.per_token_loss(
-        settings, student_logits, teacher_logits, token_ids, old_logps, sampling
+    per_token, student_logps, kl = losses.per_token_loss(
+        settings, student_logits, teacher_logits, token_ids, old_logps, sampling, with_kl=True
     )
-    with torch.no_grad():  # the `teacher_student_kl` metric: full-vocabulary KL(teacher || student) per token
-        kl = losses.kl(teacher_logits.log_softmax(-1), student_logits.detach().log_softmax(-1))
     return (per_token * token_weights).sum(), per_token.detach(), student_logps, kl
 
 
+def head_weight(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as the chunks' matmuls should take it, so that it is cast to autocast's dtype once per step, not once per
+    matmul (each cast copies the vocab x hidden weight; under bf16 autocast on a CPU that costs more than a chunk).
+
+    A trainable float32 weight is returned as is: autocast caches its cast for the whole autocast region, which the
+    trainer opens around `compute_loss`, so the model's own LM-head forward and every chunk share one copy. Autocast
+    does not cache frozen weights (a teacher copy, a LoRA model's head): those are cast here, once per call."""
+    device_type = weight.device.type
+    if not torch.is_autocast_enabled(device_type) or weight.dtype != torch.float32:
+        return weight
+    if weight.requires_grad and weight.is_leaf and torch.is_autocast_cache_enabled():
+        return weight
+    return weight.detach().to(torch.get_autocast_dtype(device_type))
+
+
 class ChunkedSelfDistillation(torch.autograd.Function):
-    """Loss `sum_i w_i * loss_i` over tokens `i`, in chunks; gradients for the student's hidden states and weight."""
+    """Loss `sum_i w_i * loss_i` over tokens `i`, in chunks; gradients for the student's hidden states and weight.
+
+    The LM-head matmuls run at the trainer's precision (autocast's dtype when it is on), the weights cast once per
+    step (`head_weight`); the per-token loss is computed in float32; the weight gradient accumulates in float32 across
+    chunks, as autograd's does in `.grad`. Matmuls take the weights untransposed (`linear`, `@ weight`): autocast
+    caches casts of parameters only, not of views such as `weight.t()`."""
 
     @staticmethod
     def forward(
@@ -67,23 +97,25 @@ class ChunkedSelfDistillation(torch.autograd.Function):
         sampling_logps,
         settings,
     ):
+        weight = head_weight(student_weight)
+        shared = teacher_weight.data_ptr() == student_weight.data_ptr() and teacher_weight.shape == weight.shape
+        teacher = weight if shared else head_weight(teacher_weight)  # a live teacher or an unadapted head: one cast
         grad_hidden = torch.empty_like(student_hidden)
-        grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device)
+        grad_weight = None
         total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
         per_token, student_logps, kls = [], [], []
         chunk = settings.chunk_size or max(1, student_hidden.size(0))  # 0: the whole batch as one chunk
         for start in range(0, student_hidden.size(0), chunk):
             rows = slice(start, start + chunk)
             hidden = student_hidden[rows]
+            # The gradient is taken w.r.t. the chunk's logits only (a leaf here); the two matmuls that carry it to the
+            # hidden states and the weight are done by hand (no weight-sized temporaries beyond the accumulator).
+            raw = nn.functional.linear(hidden, weight).float().requires_grad_(True)
+            teacher_logits = project(teacher_hidden[rows], teacher, settings.temperature)
             with torch.enable_grad():
-                # The gradient is taken w.r.t. the chunk's logits only; the two matmuls that carry it to the hidden
-                # states and the weight are done by hand, accumulating in place (no weight-sized temporaries).
-                raw = (hidden @ student_weight.t()).float().requires_grad_(True)
-                with torch.no_grad():
-                    teacher_logits = project(teacher_hidden[rows], teacher_weight, settings.temperature)
                 chunk_total, chunk_losses, chunk_logps, chunk_kl = _chunk_loss(
                     settings,
-                    raw / settings.temperature,
+                    scaled(raw, settings.temperature),
                     teacher_logits,
                     token_ids[rows],
                     token_weights[rows],
@@ -93,11 +125,13 @@ class ChunkedSelfDistillation(torch.autograd.Function):
                 del teacher_logits
                 (grad_raw,) = torch.autograd.grad(chunk_total, raw)
             del raw
-            grad_hidden[rows] = (grad_raw.to(student_weight.dtype) @ student_weight).to(grad_hidden.dtype)
-            if torch.is_autocast_enabled(hidden.device.type):  # mixed precision: the matmul at autocast's dtype
-                grad_weight += grad_raw.t() @ hidden
+            grad_hidden[rows] = _matmul(grad_raw, weight)
+            if grad_weight is None:  # the first chunk's product starts the float32 accumulator (no zero fill)
+                grad_weight = _matmul(grad_raw.t(), hidden).float()
+            elif grad_weight.dtype == hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
+                grad_weight.addmm_(grad_raw.t().to(hidden.dtype), hidden)  # in place: no weight-sized temporary
             else:
-                grad_weight.addmm_(grad_raw.t(), hidden.float())
+                grad_weight += _matmul(grad_raw.t(), hidden)
             del grad_raw
             total += chunk_total.detach()
             per_token.append(chunk_losses)

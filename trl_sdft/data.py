@@ -70,3 +70,30 @@ def validate_row(prompt: Any, context: Any, index: int, name: str = "train") -> 
             f"{where}: `privileged_context` is empty, so the teacher would see nothing the student does not. Remove "
             "the row or fill in its context."
         )
+
+
+def named_eval_sets(eval_dataset) -> list[tuple[str, Any]]:
+    """`(name, dataset)` for each evaluation set, named as errors call them."""
+    if eval_dataset is None:
+        return []
+    if isinstance(eval_dataset, dict):
+        return [(f"eval[{key!r}]", value) for key, value in eval_dataset.items()]
+    return [("eval", eval_dataset)]
+
+
+def check_datasets(train_dataset, eval_dataset, args) -> None:
+    """Every data problem of the trainer's datasets (`args` an `SDFTConfig`), before any model is loaded."""
+    if train_dataset is None:
+        raise ValueError("`train_dataset` is required: a Dataset with `prompt` and `privileged_context` columns.")
+    validate_dataset(train_dataset, "train")
+    prompts_per_generation = args.generation_batch_size // args.num_generations
+    if len(train_dataset) < prompts_per_generation:
+        # The repeat sampler drops incomplete batches: a smaller dataset would end training at step 0, silently.
+        raise ValueError(
+            f"The train dataset has {len(train_dataset)} rows but one generation batch takes "
+            f"{prompts_per_generation} distinct prompts (generation_batch_size {args.generation_batch_size} / "
+            f"num_generations {args.num_generations}), so no step could be built. Add rows, lower "
+            "`per_device_train_batch_size` / `steps_per_generation`, or raise `num_generations`."
+        )
+    for name, dataset in named_eval_sets(eval_dataset):
+        validate_dataset(dataset, name)

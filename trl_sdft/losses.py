@@ -11,6 +11,7 @@ Shapes: logits `[B, T, V]`, per-token values `[B, T]`. `alpha` follows TRL: 0 is
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from trl.trainer.utils import selective_log_softmax
@@ -71,12 +72,21 @@ def topk_support(
 
 
 def topk_support_log_probs(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, add_tail: bool, support: str = "student"
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int,
+    add_tail: bool,
+    support: str = "student",
+    student_norm: torch.Tensor | None = None,
+    teacher_norm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student and teacher log-probs on a top-k support: renormalised, or with a tail bucket."""
+    """Student and teacher log-probs on a top-k support: renormalised, or with a tail bucket. The log-normalizers
+    (`log_normalizer`) are computed here unless given."""
     index, keep = topk_support(student_logits, teacher_logits, k, support)
-    student = student_logits.gather(-1, index) - torch.logsumexp(student_logits, dim=-1, keepdim=True)
-    teacher = teacher_logits.gather(-1, index) - torch.logsumexp(teacher_logits, dim=-1, keepdim=True)
+    student_norm = log_normalizer(student_logits) if student_norm is None else student_norm
+    teacher_norm = log_normalizer(teacher_logits) if teacher_norm is None else teacher_norm
+    student = student_logits.gather(-1, index) - student_norm
+    teacher = teacher_logits.gather(-1, index) - teacher_norm
     if keep is not None:
         student = student.masked_fill(~keep, _ABSENT)
         teacher = teacher.masked_fill(~keep, _ABSENT)
@@ -92,8 +102,12 @@ def topk_logits_loss(
     alpha: float,
     add_tail: bool = False,
     support: str = "student",
+    student_norm: torch.Tensor | None = None,
+    teacher_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    student, teacher = topk_support_log_probs(student_logits, teacher_logits, k, add_tail, support)
+    student, teacher = topk_support_log_probs(
+        student_logits, teacher_logits, k, add_tail, support, student_norm, teacher_norm
+    )
     return generalized_jsd(student, teacher, alpha)
 
 
@@ -110,7 +124,7 @@ def given_teacher_topk_loss(
     (a server that returned fewer than k) are left out of the support. Equals `topk_logits_loss(..., support="teacher")`
     computed from the teacher's full logits.
     """
-    student = student_logits.gather(-1, teacher_topk_ids) - torch.logsumexp(student_logits, dim=-1, keepdim=True)
+    student = student_logits.gather(-1, teacher_topk_ids) - log_normalizer(student_logits)
     absent = ~torch.isfinite(teacher_topk_log_probs)
     student = student.masked_fill(absent, _ABSENT)
     teacher = teacher_topk_log_probs.masked_fill(absent, _ABSENT)
@@ -128,9 +142,25 @@ def sampled_token_loss(student_token_logps: torch.Tensor, teacher_token_logps: t
     return (student_token_logps - teacher_token_logps).detach() * student_token_logps
 
 
-def token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of `token_ids` under `logits` (TRL's memory-lean selective log-softmax)."""
-    return selective_log_softmax(logits, token_ids)
+def token_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, log_normalizer: torch.Tensor | None = None):
+    """Log-probabilities of `token_ids` under `logits`: from `log_normalizer` (`logsumexp(logits, -1, keepdim=True)`)
+    when the caller has it, else by TRL's memory-lean selective log-softmax."""
+    if log_normalizer is None:
+        return selective_log_softmax(logits, token_ids)
+    return (logits.gather(-1, token_ids.unsqueeze(-1)) - log_normalizer).squeeze(-1)
+
+
+def log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """`logsumexp` over the vocabulary, keeping the dimension: `logits - log_normalizer(logits)` are log-probs."""
+    return torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def kl_from_logits(teacher_logits, student_logits, teacher_norm, student_norm) -> torch.Tensor:
+    """Full-vocabulary KL(teacher || student) per position from logits and their log-normalizers (a metric):
+    `sum_v p_t(v) (t_v - s_v) - logZ_t + logZ_s`, two passes over the vocabulary instead of two log-softmaxes."""
+    weights = (teacher_logits - teacher_norm).exp_()
+    return (weights.mul_(teacher_logits - student_logits)).sum(-1) - (teacher_norm - student_norm).squeeze(-1)
 
 
 def clip_importance_weights(
@@ -338,6 +368,15 @@ class LossOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class PerToken(NamedTuple):
+    """`per_token_loss`'s result, each `[...]`: the loss (with gradient), the student's log-probs of the tokens
+    (detached) and, when asked for and the teacher's logits are known, the full-vocabulary KL(teacher || student)."""
+
+    loss: torch.Tensor
+    student_logps: torch.Tensor
+    kl: torch.Tensor | None = None
+
+
 def per_token_loss(
     settings: LossSettings,
     student_logits: torch.Tensor,
@@ -345,31 +384,51 @@ def per_token_loss(
     token_ids: torch.Tensor,
     old_per_token_logps: torch.Tensor | None = None,
     sampling_logps: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token divergence `[...]` for the configured mode and the student's log-probs of `token_ids` (detached).
+    with_kl: bool = False,
+) -> PerToken:
+    """Per-token divergence for the configured mode, the student's log-probs of `token_ids`, and (`with_kl`) the
+    `teacher_student_kl` metric per token. Each distribution's log-normalizer is computed once and shared by all three.
 
     `teacher` is the teacher's logits (same shape as `student_logits`) or, for a server-scored teacher, its scores.
     Importance weights, when given what they need: `old_per_token_logps` (the trainer's log-probs when the rollout was
     sampled) clip the drift of reused rollouts (`is_clip`); `sampling_logps` (the rollout engine's own log-probs)
     correct the engine's mismatch (`vllm_is_mode`), against the old log-probs, or the current ones when on-policy.
     """
-    student_logps = token_log_probs(student_logits, token_ids)
     scored = isinstance(teacher, ServerTeacherScores)
-    if settings.mode == "sampled_token":
-        teacher_logps = teacher.finite_token_logps if scored else token_log_probs(teacher, token_ids)
-        per_token = sampled_token_loss(student_logps, teacher_logps)
-    elif settings.mode == "full_logits":
+    kl_metric = None
+    if settings.mode == "full_logits":
         if scored:
             raise ValueError("A server-scored teacher gives top-k log-probs only: 'full_logits' needs its logits.")
-        per_token = full_logits_loss(student_logits, teacher, settings.alpha)
-    elif scored:  # topk_logits on the teacher's top-k, as the server returns it
-        per_token = given_teacher_topk_loss(
-            student_logits, teacher.topk_logps, teacher.topk_ids, settings.alpha, settings.add_tail
-        )
+        student_log_probs, teacher_log_probs = student_logits.log_softmax(-1), teacher.log_softmax(-1)
+        student_logps = student_log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+        per_token = generalized_jsd(student_log_probs, teacher_log_probs, settings.alpha)
+        if with_kl:
+            with torch.no_grad():
+                kl_metric = per_token if settings.alpha == 0.0 else kl(teacher_log_probs, student_log_probs)
     else:
-        per_token = topk_logits_loss(
-            student_logits, teacher, settings.topk, settings.alpha, settings.add_tail, settings.support
-        )
+        student_norm = log_normalizer(student_logits)
+        teacher_norm = None if scored else log_normalizer(teacher)
+        student_logps = token_log_probs(student_logits, token_ids, student_norm)
+        if settings.mode == "sampled_token":
+            teacher_logps = teacher.finite_token_logps if scored else token_log_probs(teacher, token_ids, teacher_norm)
+            per_token = sampled_token_loss(student_logps, teacher_logps)
+        elif scored:  # topk_logits on the teacher's top-k, as the server returns it
+            per_token = given_teacher_topk_loss(
+                student_logits, teacher.topk_logps, teacher.topk_ids, settings.alpha, settings.add_tail
+            )
+        else:
+            per_token = topk_logits_loss(
+                student_logits,
+                teacher,
+                settings.topk,
+                settings.alpha,
+                settings.add_tail,
+                settings.support,
+                student_norm,
+                teacher_norm,
+            )
+        if with_kl and not scored:
+            kl_metric = kl_from_logits(teacher, student_logits.detach(), teacher_norm, student_norm.detach())
     if settings.is_clip is not None and old_per_token_logps is not None:
         per_token = clip_importance_weights(per_token, student_logps, old_per_token_logps, settings.is_clip)
     if settings.vllm_is_mode is not None and sampling_logps is not None:
@@ -377,7 +436,7 @@ def per_token_loss(
         per_token = per_token * engine_importance_weights(
             behaviour, sampling_logps, settings.vllm_is_mode, settings.vllm_is_min, settings.vllm_is_max
         )
-    return per_token, student_logps.detach()
+    return PerToken(per_token, student_logps.detach(), None if kl_metric is None else kl_metric.detach())
 
 
 def importance_metrics(
@@ -400,7 +459,7 @@ def logits_loss(
     sampling_logps: torch.Tensor | None = None,
 ) -> LossOutput:
     """The SDFT loss on the batch's logits `[B, T, V]`: masked per-sequence mean of `per_token_loss`."""
-    per_token, student_logps = per_token_loss(
+    per_token, student_logps, _ = per_token_loss(
         settings, student_logits, teacher, token_ids, old_per_token_logps, sampling_logps
     )
     metrics = {"distillation_loss": token_mean(per_token.detach(), mask)}

@@ -30,14 +30,14 @@ from . import losses, packing
 from .callbacks import dispatch
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig
-from .data import REQUIRED_COLUMNS, validate_dataset
+from .data import REQUIRED_COLUMNS, check_datasets, named_eval_sets
 from .evaluation import greedy_answers
 from .metrics import completion_metrics, completion_stats
 from .models import load_model, prepare_peft, prepare_processing_class
 from .prompts import resolve_teacher_prompt_template
 from .rollout import TransformersRollout, eos_token_ids, sampling_config
 from .teachers import TeacherUpdateCallback, build_teacher
-from .utils import unwrap
+from .utils import has_accelerator, reuse_freed_cpu_memory, unwrap
 
 logger = get_logger(__name__)
 
@@ -50,32 +50,6 @@ CITATION = """@article{shenfeld2026selfdistillation,
   year    = 2026,
   eprint  = {arXiv:2601.19897}
 }"""
-
-
-def _named_eval_sets(eval_dataset) -> list[tuple[str, Any]]:
-    if eval_dataset is None:
-        return []
-    if isinstance(eval_dataset, dict):
-        return [(f"eval[{key!r}]", value) for key, value in eval_dataset.items()]
-    return [("eval", eval_dataset)]
-
-
-def _check_datasets(train_dataset, eval_dataset, args: SDFTConfig) -> None:
-    """Every data problem, before any model is loaded."""
-    if train_dataset is None:
-        raise ValueError("`train_dataset` is required: a Dataset with `prompt` and `privileged_context` columns.")
-    validate_dataset(train_dataset, "train")
-    prompts_per_generation = args.generation_batch_size // args.num_generations
-    if len(train_dataset) < prompts_per_generation:
-        # The repeat sampler drops incomplete batches: a smaller dataset would end training at step 0, silently.
-        raise ValueError(
-            f"The train dataset has {len(train_dataset)} rows but one generation batch takes "
-            f"{prompts_per_generation} distinct prompts (generation_batch_size {args.generation_batch_size} / "
-            f"num_generations {args.num_generations}), so no step could be built. Add rows, lower "
-            "`per_device_train_batch_size` / `steps_per_generation`, or raise `num_generations`."
-        )
-    for name, dataset in _named_eval_sets(eval_dataset):
-        validate_dataset(dataset, name)
 
 
 class SDFTTrainer(_BaseTrainer):
@@ -104,8 +78,10 @@ class SDFTTrainer(_BaseTrainer):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = SDFTConfig(f"{os.path.basename(str(name).rstrip('/')) or 'model'}-SDFT")
-        _check_datasets(train_dataset, eval_dataset, args)
+        check_datasets(train_dataset, eval_dataset, args)
         args.check_installed_packages(peft_config)
+        if args.reuse_cpu_memory and (args.use_cpu or not has_accelerator()):
+            logger.info(f"CPU malloc keeps freed blocks for reuse: {reuse_freed_cpu_memory()}.")
         self.teacher_prompt_template = resolve_teacher_prompt_template(args.teacher_prompt_template)
         self.chat_template_kwargs = dict(args.chat_template_kwargs or {})
 
@@ -123,7 +99,7 @@ class SDFTTrainer(_BaseTrainer):
         if self.max_teacher_prompt_length is None and context is not None:
             self.max_teacher_prompt_length = max(1, context - args.max_completion_length)
         self.prompt_lengths = batching.PromptLengths()
-        for name, dataset in [("train", train_dataset), *_named_eval_sets(eval_dataset)]:
+        for name, dataset in [("train", train_dataset), *named_eval_sets(eval_dataset)]:
             batching.check_prompt_lengths(
                 processing_class,
                 dataset,
@@ -287,7 +263,7 @@ class SDFTTrainer(_BaseTrainer):
                 engine_logps, 0.0, self.accelerator.device, torch.float32
             )[0]
         if mode == "train" and not from_teacher and self.args.rollouts_outlive_optimizer_step:
-            with torch.no_grad():  # the rollout policy's log-probs, for importance-sampling clipping
+            with torch.no_grad(), self.accelerator.autocast():  # the rollout policy's log-probs (importance weights)
                 logits = self._completion_view(self.model, batch, logits=True)
                 batch["old_per_token_logps"] = losses.token_log_probs(logits, batch["completion_ids"])
         self._record_completion_metrics(mode, completions)
@@ -301,6 +277,11 @@ class SDFTTrainer(_BaseTrainer):
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("SDFTTrainer.compute_loss does not return model outputs.")
+        # One autocast region: the student's LM-head weight is cast once for its head and the loss (`head_weight`).
+        with self.accelerator.autocast():
+            return self._distillation_loss(model, inputs)
+
+    def _distillation_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         mask = losses.loss_mask(inputs["completion_mask"], self.args.num_loss_tokens_to_skip)
         student = self._completion_view(model, inputs)
@@ -320,8 +301,7 @@ class SDFTTrainer(_BaseTrainer):
                 teacher = self._completion_view(self.teacher.module(model), inputs, teacher=True)
         # The rollout policy's log-probs (reused rollouts) and the engine's (vLLM): what importance weights need.
         rollout_logps = (inputs.get("old_per_token_logps"), inputs.get("sampling_per_token_logps"))
-        with self.accelerator.autocast():  # the chunked paths' LM-head matmuls at the forwards' precision
-            result = self.loss_fn(self.loss_settings, student, teacher, inputs["completion_ids"], mask, *rollout_logps)
+        result = self.loss_fn(self.loss_settings, student, teacher, inputs["completion_ids"], mask, *rollout_logps)
         for name, value in result.metrics.items():
             self._log_metric(mode, name, value)
         scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
@@ -341,8 +321,7 @@ class SDFTTrainer(_BaseTrainer):
         if self.padding_free:
             hidden = packing.completion_hidden_states(model, input_ids, attention_mask, length, self._pack_capacity)
             if not hidden_path:  # the LM head on the completion positions only (a plain head: see __init__)
-                with self.accelerator.autocast():
-                    return unwrap(model).get_output_embeddings()(hidden).float() / self.args.temperature
+                return unwrap(model).get_output_embeddings()(hidden).float() / self.args.temperature
             return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if "position_ids" in self._forward_params:

@@ -53,3 +53,27 @@ def native_bf16(use_cpu: bool = False) -> bool:
     if not use_cpu and has_accelerator():
         return bool(is_torch_bf16_gpu_available())
     return cpu_runs_bf16()
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep large freed blocks for reuse in this process; returns whether it applied.
+
+    By default glibc serves every allocation above at most 32 MiB with a fresh `mmap` and unmaps it when freed, so a
+    training step on a CPU page-faults through each of its large tensors (logits, weight casts, gradients) again on
+    every step. Raising the mmap and trim thresholds keeps those pages mapped and reused: the same effect as exporting
+    `MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483647`. Peak memory stays what the step needs; memory
+    freed below the top of the heap is not handed back to the system until the process ends. No-op off glibc."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
