@@ -13,6 +13,9 @@ Cases (each a fresh process, so that peak RSS is the case's own):
 - `ours`: trl-sdft at its defaults (`bf16` resolves to True where the CPU runs bf16 natively; padding-free).
 - `peer-fp32`, `ours-fp32`: both with `bf16=False` (equal precision, float32; forced workload by default).
 - `ours-padded`: ours with `padding_free=False` (natural workload).
+- `peer-reuse`, `ours-noreuse`: the allocator setting at equal footing. On a CPU ours makes glibc keep large freed
+  blocks mapped (`reuse_cpu_memory=True`, `utils.reuse_freed_cpu_memory`), so that a step does not page-fault its large
+  tensors in again; `peer-reuse` is the peer with the same setting, `ours-noreuse` ours without it.
 - `ours-vllm`: ours with vLLM colocate at its defaults (bf16 engine, importance-sampling correction; natural workload).
 At their defaults both sides train in bf16 autocast here, so `peer` vs `ours` is also the equal-precision comparison.
 
@@ -36,8 +39,8 @@ WORKLOADS = {
     "natural": dict(steps=6, batch=8, max_completion_length=128, forced=False, topk=None),
 }
 CASES = {
-    "forced": ["peer", "ours", "peer-fp32", "ours-fp32"],
-    "natural": ["peer", "ours", "ours-padded", "ours-vllm"],  # add peer-fp32 / ours-fp32 with --cases
+    "forced": ["peer", "ours", "peer-reuse", "ours-noreuse", "peer-fp32", "ours-fp32"],
+    "natural": ["peer", "ours", "peer-reuse", "ours-padded", "ours-vllm"],  # more with --cases
 }
 
 # (prompt, demonstration): answers from one word to a paragraph.
@@ -136,6 +139,8 @@ def config_kwargs(case: str, workload: dict, output_dir: str) -> dict:
         kwargs["bf16"] = False
     if case == "ours-padded":
         kwargs["padding_free"] = False
+    if case == "ours-noreuse":
+        kwargs["reuse_cpu_memory"] = False
     if case == "ours-vllm":
         kwargs.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_max_model_length=512)
         if workload["forced"]:
@@ -154,6 +159,10 @@ def run_case(case: str, workload_name: str) -> dict:
     else:
         from trl_sdft import SDFTConfig, SDFTTrainer
 
+    if case == "peer-reuse":
+        from trl_sdft.utils import reuse_freed_cpu_memory
+
+        assert reuse_freed_cpu_memory()
     workload = WORKLOADS[workload_name]
     step_times, generation_times, tokens = [], [], []
 

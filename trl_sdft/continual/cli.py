@@ -52,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
         help="SDFT distillation_alpha values: 0 forward KL, 0.5 JSD, 1 reverse KL",
     )
     p.add_argument("--seeds", type=_list(int), default=defaults.seeds)
+    p.add_argument(
+        "--grid",
+        default=None,
+        help="a budget grid file (YAML list or JSON lines of {method, learning_rate, steps, variant, alpha} points, "
+        "e.g. configs/continual_pareto.yaml): its points, once per seed, replace --learning_rates x --alphas",
+    )
     p.add_argument("--model", default=defaults.model, help="model path or the smollm2-135m-instruct alias")
     p.add_argument("--batch_size", type=int, default=defaults.batch_size, help="sequences per optimizer step")
     p.add_argument(
@@ -91,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ContinualConfig:
         "teacher_model_kind": args.teacher_model_kind,
         "min_teacher_gap": args.min_teacher_gap,
         "output_dir": args.output_dir,
+        "grid": args.grid,
     }
     for key in ("steps", "max_train_rows", "max_test_rows", "num_probes", "learning_rates"):
         value = getattr(args, key)

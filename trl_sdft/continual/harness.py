@@ -3,6 +3,8 @@
 One *run* is a method (SFT, or SDFT with one `distillation_alpha`), a learning rate from the shared grid and a seed.
 Every run starts from the same base model and trains the tasks in the given order with the same number of optimizer
 steps and sequences per step. Stage 0 is the base model, scored once with greedy decoding like every later stage.
+With a budget grid (`grid`, see `grid.py`) the runs are the grid's points instead, each with its own learning rate,
+steps and SDFT variant, every point once per seed.
 """
 
 import gc
@@ -16,7 +18,8 @@ import torch
 
 from ..evaluation import greedy_answers, summary
 from ..models import resolve_model
-from ..utils import ensure_pad_token
+from ..utils import ensure_pad_token, reuse_freed_cpu_memory
+from .grid import VARIANTS, Point, load_grid
 from .report import summarize, write_reports
 from .tasks import PROBES, Task, load_tasks, probes_task
 
@@ -45,6 +48,7 @@ class ContinualConfig:
     eval_batch_size: int = 32
     min_teacher_gap: float = 0.25
     output_dir: str = "outputs/continual"
+    grid: str | None = None  # a budget grid file (`grid.py`): its points replace learning_rates x alphas
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -73,15 +77,34 @@ class RunSpec:
     learning_rate: float
     seed: int
     alpha: float | None = None
+    steps: int | None = None  # None: the comparison's `steps`
+    variant: str | None = None  # an SDFT variant of `grid.VARIANTS`; None: the harness's defaults ("base")
 
     @property
     def label(self) -> str:
         """The run's name without the seed: seeds of one label are averaged."""
-        name = "SFT" if self.method == "sft" else f"SDFT a={self.alpha:g}"
-        return f"{name} lr={self.learning_rate:g}"
+        name = "SFT" if self.method == "sft" else f"SDFT{f' {self.variant}' if self.variant else ''} a={self.alpha:g}"
+        return f"{name} lr={self.learning_rate:g}" + (f" {self.steps} steps" if self.steps else "")
+
+    @property
+    def key(self) -> tuple:
+        """What identifies a finished run in `retention.json` (for `--resume`)."""
+        return (self.method, self.learning_rate, self.alpha, self.seed, self.steps, self.variant)
+
+    def sdft_overrides(self) -> dict:
+        return Point(self.method, self.learning_rate, self.steps, self.variant, self.alpha).sdft_overrides()
 
 
-def run_specs(config: ContinualConfig) -> list[RunSpec]:
+def run_specs(config: ContinualConfig, points: list[Point] | None = None) -> list[RunSpec]:
+    """Every run: the grid's points (those of `config.methods`) x seeds, else methods x learning rates x alphas x
+    seeds."""
+    if points is not None:
+        return [
+            RunSpec(p.method, p.learning_rate, seed, p.alpha, p.steps, p.variant)
+            for p in points
+            if p.method in config.methods
+            for seed in config.seeds
+        ]
     specs = []
     for method in config.methods:
         for lr in config.learning_rates:
@@ -111,7 +134,7 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int = 32, with_con
 def _common_args(config: ContinualConfig, spec: RunSpec, output_dir: str) -> dict:
     return dict(
         output_dir=output_dir,
-        max_steps=config.steps,
+        max_steps=spec.steps or config.steps,
         learning_rate=spec.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
         per_device_train_batch_size=config.batch_size,
@@ -128,6 +151,21 @@ def _common_args(config: ContinualConfig, spec: RunSpec, output_dir: str) -> dic
     )
 
 
+def sdft_settings(config: ContinualConfig, spec: RunSpec, task: Task, common: dict) -> dict:
+    """The SDFTConfig fields of one SDFT stage: the harness's, then the run's variant (`grid.VARIANTS`) over them."""
+    settings = dict(
+        common,
+        num_generations=config.num_generations,
+        max_completion_length=task.max_new_tokens,
+        teacher_model_kind=config.teacher_model_kind,
+        teacher_prompt_template=task.teacher_prompt_template,
+        distillation_mode=config.distillation_mode,
+        distillation_alpha=spec.alpha,
+    )
+    settings.update(spec.sdft_overrides())
+    return settings
+
+
 def train_stage(model, tokenizer, task: Task, spec: RunSpec, config: ContinualConfig) -> dict:
     """Train `model` in place on one task; returns the stage's training statistics."""
     with tempfile.TemporaryDirectory(prefix=f"continual-{task.name}-") as output_dir:
@@ -141,15 +179,7 @@ def train_stage(model, tokenizer, task: Task, spec: RunSpec, config: ContinualCo
             from ..config import SDFTConfig
             from ..trainer import SDFTTrainer
 
-            args = SDFTConfig(
-                **common,
-                num_generations=config.num_generations,
-                max_completion_length=task.max_new_tokens,
-                teacher_model_kind=config.teacher_model_kind,
-                teacher_prompt_template=task.teacher_prompt_template,
-                distillation_mode=config.distillation_mode,
-                distillation_alpha=spec.alpha,
-            )
+            args = SDFTConfig(**sdft_settings(config, spec, task, common))
             trainer = SDFTTrainer(model=model, args=args, train_dataset=task.sdft_dataset(), processing_class=tokenizer)
         started = time.time()
         output = trainer.train()
@@ -200,11 +230,15 @@ class ContinualRunner:
                 f"num_generations {config.num_generations}) but task(s) {', '.join(small)} have fewer train rows. "
                 "Add rows, lower --batch_size or raise --num_generations."
             )
+        self.points = load_grid(config.grid) if config.grid else None
         self.path = os.path.join(config.output_dir, "retention.json")
         self.results = self._start(overwrite, resume)
 
     def _start(self, overwrite: bool, resume: bool) -> dict:
-        fresh = {"config": asdict(self.config), "tasks": self._task_info(), "runs": []}
+        settings = asdict(self.config)
+        if self.points is not None:  # the grid's content, not only its path, decides what --resume may keep
+            settings["grid_points"] = [asdict(point) for point in self.points]
+        fresh = {"config": settings, "tasks": self._task_info(), "runs": []}
         if not os.path.exists(self.path) or overwrite:
             return fresh
         with open(self.path) as f:
@@ -269,13 +303,15 @@ class ContinualRunner:
         self._save()
 
     def run(self) -> dict:
+        if not torch.cuda.is_available():  # SFT and SDFT stages alike (SDFTTrainer would set it for its own runs only)
+            reuse_freed_cpu_memory()
         model_path = resolve_model(self.config.model)
-        done = {(r["method"], r["learning_rate"], r["alpha"], r["seed"]) for r in self.results["runs"]}
+        done = {RunSpec(**{k: r.get(k) for k in RunSpec.__dataclass_fields__}).key for r in self.results["runs"]}
         model, tokenizer = load_model(model_path)
         self._baseline(model, tokenizer)
         base_scores = self.results["base"]
-        for spec in run_specs(self.config):
-            if (spec.method, spec.learning_rate, spec.alpha, spec.seed) in done:
+        for spec in run_specs(self.config, self.points):
+            if spec.key in done:
                 self.log(f"[{spec.label} seed={spec.seed}] done before, kept")
                 continue
             model, tokenizer = load_model(model_path)
@@ -309,4 +345,14 @@ def run_continual(config: ContinualConfig, overwrite: bool = False, resume: bool
     return ContinualRunner(config, overwrite=overwrite, resume=resume, log=log).run()
 
 
-__all__ = ["PROBES", "ContinualConfig", "ContinualRunner", "RunSpec", "evaluate", "run_continual", "run_specs"]
+__all__ = [
+    "PROBES",
+    "VARIANTS",
+    "ContinualConfig",
+    "ContinualRunner",
+    "RunSpec",
+    "evaluate",
+    "run_continual",
+    "run_specs",
+    "sdft_settings",
+]
