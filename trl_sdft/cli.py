@@ -312,7 +312,18 @@ def main(argv=None):
             raise
         print(f"trl-sdft: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits: gloo's threads destroyed at exit instead can abort the
+    process ("terminate called without an active exception") after a successful multi-process run."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def main(model_dir: str, output_dir: str, path: str) -> None:
             f,
         )
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # no gloo threads left to abort the interpreter's exit
 
 
 if __name__ == "__main__":
