@@ -233,14 +233,18 @@ def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, serv
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
     student = trainer_logps()
     ratios = (student - engine).exp()[mask]
-    assert (ratios - 1).abs().max() > 0.1 and (ratios > 2).any()
+    assert (ratios - 1).abs().max() > 0.1
+    # Truncate at the median ratio, so that half the tokens are clipped whatever the server sampled (at the default cap
+    # of 2 it depends on the samples whether any ratio exceeds it).
+    cap = float(ratios.median())
+    corrected_settings = replace(corrected_settings, vllm_is_max=cap)
     with torch.no_grad(), trainer.teacher.context():
         student_logits = trainer._completion_view(trainer.model, batch, logits=True)
         teacher = trainer.teacher.module(trainer.model)  # the base teacher: the weights before the perturbation
         teacher_logits = trainer._completion_view(teacher, batch, teacher=True, logits=True)
     per_token, *_ = losses.per_token_loss(uncorrected, student_logits, teacher_logits, batch["completion_ids"])
     loss_mask = losses.loss_mask(batch["completion_mask"], 0)
-    want = losses.sequence_mean(per_token * (student - engine).exp().clamp(max=2.0), loss_mask)
+    want = losses.sequence_mean(per_token * (student - engine).exp().clamp(max=cap), loss_mask)
     got = loss_with(corrected_settings)
     assert abs(got - float(want)) < 1e-4 and abs(got - loss_with(uncorrected)) > 1e-3
     logged = trainer._metrics["train" if trainer.model.training else "eval"]
