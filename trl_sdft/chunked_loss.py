@@ -109,7 +109,7 @@ class ChunkedSelfDistillation(torch.autograd.Function):
             rows = slice(start, start + chunk)
             hidden = student_hidden[rows]
             # The gradient is taken w.r.t. the chunk's logits only (a leaf here); the two matmuls that carry it to the
-            # hidden states and the weight are done by hand (no weight-sized temporaries beyond the accumulator).
+            # hidden states and the weight are done by hand; the weight's accumulates in float32 across chunks.
             raw = nn.functional.linear(hidden, weight).float().requires_grad_(True)
             teacher_logits = project(teacher_hidden[rows], teacher, settings.temperature)
             with torch.enable_grad():
