@@ -314,3 +314,40 @@ print(faults[-1])
 
     assert faults("default") > pages // 2  # unmapped on free, faulted in again
     assert faults("reuse") < pages // 10
+
+
+@pytest.mark.parametrize("stuck", [False, True])
+def test_close_process_group_never_hangs(tmp_path, stuck):
+    """A teardown that finishes returns normally; one that hangs (pytorch#75097) is ended by the watchdog with the
+    run's exit code, after saying so, instead of hanging the job."""
+    import subprocess
+    import sys
+
+    probe = """
+import os, sys, time, torch
+from trl_sdft.utils import close_process_group
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+if sys.argv[1] == "stuck":
+    torch.distributed.destroy_process_group = lambda: time.sleep(600)
+close_process_group(exit_code=3, timeout_s=1)
+print("returned", torch.distributed.is_initialized(), flush=True)
+"""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "stuck" if stuck else "clean", str(port)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if stuck:
+        assert result.returncode == 3, result.stderr
+        assert "teardown did not finish within 1 s" in result.stderr
+        assert "returned" not in result.stdout
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "returned False" in result.stdout

@@ -16,6 +16,7 @@ from .config import SDFTConfig
 from .data import validate_dataset
 from .models import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
 from .rollout import VLLMServerError
+from .utils import close_process_group
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -304,26 +305,19 @@ def main(argv=None):
     relaunched = relaunch_cpu_processes(argv)
     if relaunched is not None:
         return relaunched
+    code = 1  # an unexpected exception propagates; the teardown watchdog exits with 1 then
     try:
         script_args, training_args, model_args = parse(argv)
         train(script_args, training_args, model_args)
+        code = 0
     except (ValueError, ImportError, ModelUnavailableError, VLLMServerError) as err:
+        code = 2
         if os.environ.get("TRL_SDFT_TRACEBACK"):
             raise
         print(f"trl-sdft: error: {err}", file=sys.stderr)
-        return 2
     finally:
-        _close_process_group()
-    return 0
-
-
-def _close_process_group() -> None:
-    """Tear down torch.distributed before the interpreter exits: gloo's threads destroyed at exit instead can abort the
-    process ("terminate called without an active exception") after a successful multi-process run."""
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        close_process_group(exit_code=code)
+    return code
 
 
 if __name__ == "__main__":

@@ -77,3 +77,38 @@ def reuse_freed_cpu_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+
+
+def close_process_group(exit_code: int = 0, timeout_s: float = 60.0) -> None:
+    """Tear down torch.distributed at the end of a multi-process run, never hanging there.
+
+    Left to the interpreter's exit, gloo's threads can abort a finished run ("terminate called without an active
+    exception", exit -6); `destroy_process_group` itself hangs now and then (pytorch/pytorch#75097). Everything the
+    run writes is written before this is called, so if the teardown has not finished after `timeout_s` seconds a
+    watchdog says so on stderr and ends the process with `exit_code` (what the run would have returned)."""
+    import os
+    import sys
+    import threading
+
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    finished = threading.Event()
+
+    def watchdog():
+        if not finished.wait(timeout_s):
+            print(
+                f"trl-sdft: torch.distributed teardown did not finish within {timeout_s:.0f} s (a known gloo hang); "
+                f"exiting with code {exit_code}: the run's outputs were already written",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.stdout.flush()
+            os._exit(exit_code)
+
+    threading.Thread(target=watchdog, name="trl-sdft-teardown-watchdog", daemon=True).start()
+    try:
+        torch.distributed.destroy_process_group()
+    finally:
+        finished.set()

@@ -14,6 +14,7 @@ from datasets import Dataset
 
 from trl_sdft import SDFTConfig, SDFTTrainer
 from trl_sdft.testing import facts_rows
+from trl_sdft.utils import close_process_group
 
 
 def main(model_dir: str, output_dir: str, path: str) -> None:
@@ -48,7 +49,7 @@ def main(model_dir: str, output_dir: str, path: str) -> None:
             f,
         )
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # no gloo threads left to abort the interpreter's exit
+    close_process_group()  # no gloo threads left to abort the interpreter's exit, and no hang in the teardown
 
 
 if __name__ == "__main__":

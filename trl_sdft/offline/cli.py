@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..models import DEFAULT_MODEL, resolve_model
-from ..utils import ensure_pad_token
+from ..utils import close_process_group, ensure_pad_token
 from .extract import (
     ExtractionSettings,
     check_resumable,
@@ -144,7 +144,7 @@ def run_extraction(args: argparse.Namespace, log=print) -> dict:
         log(f"kept {len(items)} of {len(records)} records; {skips.summary()}")
         log(f"wrote {args.output_file} (top-{args.topk}) and {args.filtered_data_file} in {seconds:.1f} s")
     if world_size > 1:
-        torch.distributed.destroy_process_group()
+        close_process_group()
     return summary
 
 
