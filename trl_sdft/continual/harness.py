@@ -96,14 +96,14 @@ class RunSpec:
 
 
 def run_specs(config: ContinualConfig, points: list[Point] | None = None) -> list[RunSpec]:
-    """Every run: the grid's points (those of `config.methods`) x seeds, else methods x learning rates x alphas x
-    seeds."""
+    """Every run: the grid's points (those of `config.methods`) x seeds, seed by seed (a grid cut short has every point
+    at its first seeds rather than the first points at every seed), else methods x learning rates x alphas x seeds."""
     if points is not None:
         return [
             RunSpec(p.method, p.learning_rate, seed, p.alpha, p.steps, p.variant)
+            for seed in config.seeds
             for p in points
             if p.method in config.methods
-            for seed in config.seeds
         ]
     specs = []
     for method in config.methods:
