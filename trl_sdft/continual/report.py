@@ -172,7 +172,10 @@ def pareto_plot(results: dict, path: str) -> None:
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower left")
+        else:  # e.g. earlier tasks with a single task
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, alpha=0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
