@@ -8,7 +8,7 @@ per dataset at trainer init. No model here, and no trainer state.
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from trl.trainer.utils import pad
@@ -40,6 +40,32 @@ def tokenize_prompts(
         ids = processing_class(text=prompts)["input_ids"]
     ids = [list(row) for row in ids]
     return ids if limit is None else [row[-limit:] for row in ids]
+
+
+class RoundPrompts(NamedTuple):
+    """A round's tokenized prompts: the student's, the teacher's, and those its rollouts are generated from."""
+
+    student: list[list[int]]
+    teacher: list[list[int]]
+    generation: list[list[int]]
+
+
+def round_prompts(
+    processing_class,
+    rows: list[dict],
+    template: str,
+    limits: tuple[int | None, int | None],
+    chat_template_kwargs: dict | None,
+    from_teacher: bool,
+) -> tuple[RoundPrompts, list[Any]]:
+    """The rows' student and teacher prompts, tokenized (cut to `limits`: student, teacher), and the prompts the
+    rollouts are generated from (the teacher's with `generate_from_teacher`) before tokenization."""
+    prompts = [row["prompt"] for row in rows]
+    teachers = teacher_prompts(prompts, [row["privileged_context"] for row in rows], template)
+    student_ids = tokenize_prompts(processing_class, prompts, limits[0], chat_template_kwargs)
+    teacher_ids = tokenize_prompts(processing_class, teachers, limits[1], chat_template_kwargs)
+    generation = (teacher_ids, teachers) if from_teacher else (student_ids, prompts)
+    return RoundPrompts(student_ids, teacher_ids, generation[0]), generation[1]
 
 
 @dataclass

@@ -229,6 +229,23 @@ class SDFTConfig(_BaseConfig):
         },
     )
 
+    async_rollouts: bool = field(
+        default=False,
+        metadata={
+            "help": "Server mode: the vLLM server generates the next round while the trainer learns on this one, so a "
+            "step costs about max(generation, training) instead of their sum. Rollouts are then one round off-policy: "
+            "each token is weighted by the ratio of the current student to the server's own log-prob of it, capped at "
+            "`distillation_is_clip`."
+        },
+    )
+    max_staleness: int = field(
+        default=1,
+        metadata={
+            "help": "With `async_rollouts`: the most optimizer steps between the weights that generated a rollout and "
+            "the weights trained on it; a round that would exceed it is discarded and generated again. 0: synchronous."
+        },
+    )
+
     # Training
     num_iterations: int = field(default=1, metadata={"help": "Optimizer passes over each generation batch (mu)."})
 
@@ -304,6 +321,7 @@ class SDFTConfig(_BaseConfig):
         super().__post_init__()
         self._resolve_generation_batch()
         self._check_teacher_server()
+        self._check_async_rollouts()
         self._check_loss_path()
 
     def _check_choices(self):
@@ -412,6 +430,11 @@ class SDFTConfig(_BaseConfig):
         LossSettings.from_config(self, chunk_size=1)  # Liger's fused JSD is `full_logits` only
         if self.use_teacher_server:
             raise ValueError("`use_liger_kernel=True` needs a local teacher: turn `use_teacher_server` off.")
+        if self.async_rollouts_active:
+            raise ValueError(
+                "`async_rollouts=True` weights each token by an importance ratio (rollouts from the previous weights), "
+                "which Liger's fused JSD cannot do. Use `loss_chunk_size` instead of Liger, or `max_staleness=0`."
+            )
         if self.vllm_importance_sampling_active:
             raise ValueError(
                 "Liger's fused JSD cannot weight tokens, which the vLLM importance-sampling correction does. Set "
@@ -457,6 +480,45 @@ class SDFTConfig(_BaseConfig):
             )
         if peft_config is not None:
             require_package("peft", "`peft_config`", "`pip install trl-sdft[peft]`")
+
+    @property
+    def async_rollouts_active(self) -> bool:
+        """Whether rounds are generated ahead (`async_rollouts` with `max_staleness` > 0)."""
+        return self.async_rollouts and self.max_staleness > 0
+
+    @property
+    def round_span(self) -> int:
+        """Optimizer steps one generation round is trained over (beyond the first, its last slices are stale)."""
+        return max(1, -(-self.generate_every // self.gradient_accumulation_steps))
+
+    def _check_async_rollouts(self):
+        if not self.async_rollouts:
+            return
+        if not (self.use_vllm and self.vllm_mode == "server"):
+            raise ValueError(
+                "`async_rollouts=True` generates on a vLLM server while this process trains: set `use_vllm=True` and "
+                "`vllm_mode='server'` (start one with `trl-sdft vllm-serve --model ...`), or turn `async_rollouts` off. "
+                "A colocated engine shares the trainer's device and gains nothing from overlapping."
+            )
+        if self.use_teacher_server:
+            raise ValueError(
+                "`async_rollouts=True` keeps the server generating with the previous weights while the trainer scores "
+                "the teacher; with `use_teacher_server` both would need the server at once. Turn one of them off."
+            )
+        if self.max_staleness < 0:
+            raise ValueError(f"`max_staleness={self.max_staleness}` must be >= 0 (0: synchronous rounds).")
+        if self.async_rollouts_active and self.max_staleness < self.round_span:
+            raise ValueError(
+                f"`max_staleness={self.max_staleness}` is too small: a round generated one round ahead is trained "
+                f"over {self.round_span} optimizer steps (steps_per_generation x num_iterations = {self.generate_every} "
+                f"micro-steps, gradient_accumulation_steps={self.gradient_accumulation_steps}), so its last slice "
+                f"trains on weights {self.round_span} steps newer. Set `max_staleness>={self.round_span}`, or 0."
+            )
+        if self.async_rollouts_active and self.distillation_is_clip is None:
+            raise ValueError(
+                "`async_rollouts=True` trains on rollouts from the previous weights, which `distillation_is_clip` "
+                "corrects (e.g. 2.0). Set it, or `max_staleness=0` for synchronous rounds."
+            )
 
     def _check_teacher_server(self):
         if not self.use_teacher_server:

@@ -1,12 +1,29 @@
-"""Dataset checks for SDFT: run once at trainer init so that no training starts on wrong data."""
+"""Dataset checks for SDFT, run once at trainer init so that no training starts on wrong data, and the training
+sampler."""
 
 from typing import Any
 
+import torch
 from datasets import Dataset, IterableDataset, IterableDatasetDict
+from trl.trainer.utils import RepeatSampler
 
 from .prompts import context_to_text, is_chat, message_text
 
 REQUIRED_COLUMNS = ("prompt", "privileged_context")
+
+
+class EpochRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler` whose order depends only on the epoch: `set_epoch(e)` (called by accelerate's loader at
+    every pass) puts the generator where the e-th pass of a fresh sampler starts, so every epoch reads what it read
+    before. A resumed run (a fresh sampler) then reads the rows the uninterrupted run read after the checkpoint; TRL's
+    draws each order from where the last pass left its generator, a state checkpoints do not keep."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.shuffle or self.seed is None:
+            return
+        self.generator.manual_seed(self.seed)
+        for _ in range(epoch):  # the orders of the earlier passes, drawn and dropped
+            torch.randperm(self.num_samples, generator=self.generator)
 
 
 def _describe(name: str) -> str:

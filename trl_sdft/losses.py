@@ -167,8 +167,14 @@ def clip_importance_weights(
     per_token_loss: torch.Tensor, student_logps: torch.Tensor, old_per_token_logps: torch.Tensor, clip: float
 ) -> torch.Tensor:
     """Weight each token by the (detached, capped) ratio of the current student to the policy that sampled it."""
-    log_ratio = (student_logps - old_per_token_logps).detach().clamp(-20.0, 20.0)
-    return per_token_loss * log_ratio.exp().clamp(max=clip)
+    return per_token_loss * _policy_ratio(student_logps, old_per_token_logps).clamp(max=clip)
+
+
+def _policy_ratio(student_logps: torch.Tensor, old_per_token_logps: torch.Tensor) -> torch.Tensor:
+    """`exp(student - old)`, detached; 1 where the old log-prob is unknown (NaN: an engine that returned none)."""
+    student_logps = student_logps.detach()
+    old = torch.where(torch.isnan(old_per_token_logps), student_logps, old_per_token_logps)
+    return (student_logps - old).clamp(-20.0, 20.0).exp()
 
 
 VLLM_IS_MODES = ("token_truncate", "token_mask")
@@ -442,11 +448,18 @@ def per_token_loss(
 def importance_metrics(
     settings: LossSettings, student_logps, mask, old_per_token_logps=None, sampling_logps=None
 ) -> dict[str, torch.Tensor]:
-    """The engine-mismatch metrics (`engine_importance_metrics`) when the run corrects for it, else none."""
-    if settings.vllm_is_mode is None or sampling_logps is None:
-        return {}
-    behaviour = student_logps if old_per_token_logps is None else old_per_token_logps
-    return engine_importance_metrics(behaviour, sampling_logps, mask, settings)
+    """The metrics of the importance weights in use: for rollouts older than the current weights (`is_clip`), the mean
+    ratio of the current student to the rollout policy and the share of tokens capped; the engine-mismatch metrics
+    (`engine_importance_metrics`) when the run corrects for it."""
+    metrics = {}
+    if settings.is_clip is not None and old_per_token_logps is not None:
+        ratio = _policy_ratio(student_logps, old_per_token_logps)
+        metrics["importance_ratio"] = token_mean(ratio, mask)
+        metrics["importance_clipped_fraction"] = token_mean((ratio > settings.is_clip).float(), mask)
+    if settings.vllm_is_mode is not None and sampling_logps is not None:
+        behaviour = student_logps if old_per_token_logps is None else old_per_token_logps
+        metrics.update(engine_importance_metrics(behaviour, sampling_logps, mask, settings))
+    return metrics
 
 
 def logits_loss(

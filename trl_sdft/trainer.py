@@ -27,10 +27,11 @@ from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_confi
 
 from . import batch as batching
 from . import losses, packing
+from .async_rollout import AsyncRounds
 from .callbacks import dispatch
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig
-from .data import REQUIRED_COLUMNS, check_datasets, named_eval_sets
+from .data import REQUIRED_COLUMNS, EpochRepeatSampler, check_datasets, named_eval_sets
 from .evaluation import greedy_answers
 from .metrics import completion_metrics, completion_stats
 from .models import load_model, prepare_peft, prepare_processing_class
@@ -140,6 +141,10 @@ class SDFTTrainer(_BaseTrainer):
         if self.teacher.kind == "ema":
             self.add_callback(TeacherUpdateCallback(self.teacher))
         self.rollout = self._build_rollout()
+        self.async_rounds, self._generated_at = None, 0
+        if args.async_rollouts:
+            spec = (args.num_generations, args.generate_every, args.max_staleness, args.round_span)
+            self.async_rounds = AsyncRounds(self.rollout, self.accelerator, *spec)
         self.loss_settings = losses.LossSettings.from_config(
             args, resolve_chunk_size(self.model, args, self._forward_params)
         )
@@ -191,16 +196,24 @@ class SDFTTrainer(_BaseTrainer):
 
     def get_train_dataloader(self):
         # One loader batch holds a whole generation round for this process (GRPO-style buffering).
-        return self._get_dataloader(
+        loader = self._get_dataloader(
             dataset=self.train_dataset,
             description="Training",
             batch_size=self._train_batch_size * self.args.steps_per_generation,
             sampler_fn=self._get_train_sampler,
             is_training=True,
         )
+        if self.async_rounds is not None:  # a new run reads the loader from here: nothing in flight
+            self.async_rounds.restart(loader, self._step)
+        return loader
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.async_rounds is not None:  # the loop reads the batches through the lookahead (next round's rows)
+            epoch_iterator = self.async_rounds.loop_iterator(epoch_iterator, int(self.state.epoch))
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def _get_train_sampler(self, dataset=None):
-        return RepeatSampler(
+        return EpochRepeatSampler(
             data_source=self.train_dataset if dataset is None else dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.generation_batch_size // self.args.num_generations,
@@ -232,37 +245,36 @@ class SDFTTrainer(_BaseTrainer):
         if self._buffered_inputs is None or self._step % generate_every == 0:
             self._buffered_inputs = split_tensor_dict(self._build_batch(generation_batch, "train"), slices)
             self._hook("on_generation_batch_built", generate_every=generate_every, steps_per_generation=slices)
+        if self.async_rounds is not None:
+            self._metrics["train"]["async/staleness"].append(float(self.state.global_step - self._generated_at))
         return self._buffered_inputs[self._step % slices]
 
     def _build_batch(self, rows: list[dict[str, Any]], mode: str) -> dict[str, torch.Tensor | None]:
-        """Rows -> rollouts -> the padded batch `compute_loss` reads."""
-        prompts = [row["prompt"] for row in rows]
-        teacher_prompts = batching.teacher_prompts(
-            prompts, [row["privileged_context"] for row in rows], self.teacher_prompt_template
-        )
-        student_ids = self._tokenize(prompts, self.max_prompt_length)
-        teacher_ids = self._tokenize(teacher_prompts, self.max_teacher_prompt_length)
-        from_teacher = self.args.generate_from_teacher
-        self._hook(
-            "on_generation_prompts_selected",
-            generation_prompts=teacher_prompts if from_teacher else prompts,
-            generation_prompt_text=None,
-        )
-        completions, engine_logps = self.rollout.generate(
-            self.model_wrapped,
-            teacher_ids if from_teacher else student_ids,
-            self._num_generations(mode),
-            self.state.global_step,
-        )
+        """Rows -> rollouts (generated now, or ahead by `async_rollouts`) -> the padded batch `compute_loss` reads."""
+        stale = None  # async: the server's log-probs of a round generated with older weights
+        if mode == "train" and self.async_rounds is not None:
+            last = self.state.max_steps * self.args.gradient_accumulation_steps
+            result = self.async_rounds.round(rows, self._step, self.state.global_step, last, self._round_prompts)
+            prompts, (completions, engine_logps), self._generated_at = result[:3]
+            for name, value in result.metrics.items():
+                self._metrics[mode][f"async/{name}"].append(value)
+            stale = engine_logps if self.args.async_rollouts_active else None
+        else:
+            prompts = self._round_prompts(rows)
+            n, step = self._num_generations(mode), self.state.global_step
+            completions, engine_logps = self.rollout.generate(self.model_wrapped, prompts.generation, n, step)
         self.num_generation_rounds += 1
         batch = batching.assemble_batch(
-            student_ids, teacher_ids, completions, self._tokenizer.pad_token_id, self.accelerator.device
+            prompts.student, prompts.teacher, completions, self._tokenizer.pad_token_id, self.accelerator.device
         )
+        from_teacher = self.args.generate_from_teacher
         if engine_logps is not None and self.loss_settings.vllm_is_mode and not from_teacher:
             batch["sampling_per_token_logps"] = batching.right_pad(
                 engine_logps, 0.0, self.accelerator.device, torch.float32
             )[0]
-        if mode == "train" and not from_teacher and self.args.rollouts_outlive_optimizer_step:
+        if stale is not None and not from_teacher:  # the rollout policy is the server's: its own log-probs
+            batch["old_per_token_logps"] = batching.right_pad(stale, 0.0, self.accelerator.device, torch.float32)[0]
+        elif mode == "train" and not from_teacher and self.args.rollouts_outlive_optimizer_step:
             with torch.no_grad(), self.accelerator.autocast():  # the rollout policy's log-probs (importance weights)
                 logits = self._completion_view(self.model, batch, logits=True)
                 batch["old_per_token_logps"] = losses.token_log_probs(logits, batch["completion_ids"])
@@ -273,6 +285,13 @@ class SDFTTrainer(_BaseTrainer):
             **{key: batch[key] for key in ("teacher_input_ids", "teacher_attention_mask")},
         )
         return batch
+
+    def _round_prompts(self, rows: list[dict[str, Any]]) -> batching.RoundPrompts:
+        template, limits = self.teacher_prompt_template, (self.max_prompt_length, self.max_teacher_prompt_length)
+        spec = (template, limits, self.chat_template_kwargs, self.args.generate_from_teacher)
+        prompts, generation_prompts = batching.round_prompts(self.processing_class, rows, *spec)
+        self._hook("on_generation_prompts_selected", generation_prompts=generation_prompts, generation_prompt_text=None)
+        return prompts
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         if return_outputs:
@@ -333,9 +352,6 @@ class SDFTTrainer(_BaseTrainer):
             return model(**kwargs).logits[:, -length - 1 : -1] / self.args.temperature
         hidden = model(**kwargs, output_hidden_states=True).hidden_states[-1][:, -length - 1 : -1]
         return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
-
-    def _tokenize(self, prompts: list[Any], limit: int | None) -> list[list[int]]:
-        return batching.tokenize_prompts(self.processing_class, prompts, limit, self.chat_template_kwargs)
 
     # -------------------------------------------------------------------------------------------- hooks, metrics
     def _hook(self, event: str, **payload) -> None:
@@ -402,12 +418,16 @@ class SDFTTrainer(_BaseTrainer):
                 global_step = json.load(f)["global_step"]
             self._step = global_step * self.args.gradient_accumulation_steps
             self._buffered_inputs = None
-        return super().train(
-            resume_from_checkpoint=resume_from_checkpoint,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
+        try:
+            return super().train(
+                resume_from_checkpoint=resume_from_checkpoint,
+                trial=trial,
+                ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+        finally:
+            if self.async_rounds is not None:
+                self.async_rounds.close()
 
     # ----------------------------------------------------------------------------------------------------- utils
     def generate(self, query: Any, max_new_tokens: int | None = None) -> str:

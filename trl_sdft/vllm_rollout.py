@@ -23,10 +23,12 @@ import os
 import tempfile
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 
 @contextmanager
@@ -314,9 +316,19 @@ def server_error(base_url: str, doing: str, error: Exception) -> VLLMServerError
     )
 
 
+class PendingRound(NamedTuple):
+    """A generation round sent to the server (`VLLMRollout.start`): the main process's future of the whole round's
+    completions, this process's share of it, and the optimizer step of the weights that generate it."""
+
+    future: Future | None
+    count: int
+    step: int
+
+
 class VLLMRollout:
     """What the trainer uses: rollouts (`rollout.py`'s `generate` call) and server teacher scores, with the weights
-    synced whenever the optimizer step changed."""
+    synced whenever the optimizer step changed. In server mode a round can be started and collected apart (`start`,
+    `finish`), so that the trainer learns while the server generates (`async_rollouts`)."""
 
     def __init__(
         self,
@@ -362,7 +374,8 @@ class VLLMRollout:
             top_k=args.top_k or 0,
             min_p=args.min_p or 0.0,
             max_completion_length=args.max_completion_length,
-            logprobs=0 if args.vllm_importance_sampling_active else None,  # 0: the sampled token's only
+            # 0: the sampled token's only; async rounds need them as the rollout policy's log-probs
+            logprobs=0 if args.vllm_importance_sampling_active or args.async_rollouts_active else None,
             generation_kwargs={"stop_token_ids": self.eos_token_ids, **(args.generation_kwargs or {})},
             dtype=engine_dtype(args, unwrap(model)),
             enforce_eager=args.vllm_enforce_eager,
@@ -381,6 +394,8 @@ class VLLMRollout:
                         base_url=self.generation.base_url, connection_timeout=args.vllm_server_timeout
                     )
         self.synced_step = None
+        self._inflight: Future | None = None  # the round the server is generating (main process, server mode)
+        self._executor: ThreadPoolExecutor | None = None
         # Before training: push the trainer's weights once and check that vLLM now scores like the trainer model.
         try:
             self.sync(step=-1)
@@ -424,9 +439,12 @@ class VLLMRollout:
             raise server_error(self.generation.base_url, doing, error) from error
 
     def sync(self, step: int) -> None:
-        """Push the student's weights to vLLM unless they are already there for this optimizer step."""
+        """Push the student's weights to vLLM unless they are already there for this optimizer step (after the round
+        the server may still be generating: weights never change under a running round)."""
         if self.synced_step == step:
             return
+        if self._inflight is not None:
+            wait([self._inflight])
         with self._server_errors("loading the trainer's weights"):
             self.generation.sync_weights()
         self.synced_step = step
@@ -435,9 +453,13 @@ class VLLMRollout:
         """Completions sampled by vLLM with the weights of optimizer step `step` (synced from `self.model` first;
         `model`, the trainer's wrapped model, is not needed), with vLLM's log-probs of their tokens when the run
         corrects for the engine's mismatch."""
+        if self._server():
+            return self.finish(self.start(prompt_ids, num_generations, step))
         self.sync(step)
-        with self._server_errors("generating completions"):
-            _, completions, logprobs, _ = self.generation.generate(prompt_ids, None, num_generations)
+        _, completions, logprobs, _ = self.generation.generate(prompt_ids, None, num_generations)
+        return self._rollouts(completions, logprobs)
+
+    def _rollouts(self, completions, logprobs) -> Rollouts:
         completions = cut_at_eos(completions, self.eos_token_ids)
         if logprobs is None:
             return Rollouts(completions)
@@ -447,6 +469,68 @@ class VLLMRollout:
             for row, ids in zip(logprobs, completions, strict=True)
         ]
         return Rollouts(completions, sampled)
+
+    def start(self, prompt_ids: list[list[int]], num_generations: int, step: int) -> PendingRound:
+        """Server mode, every process: push the weights of optimizer step `step`, gather every process's prompts and
+        send them to the server from a background thread of the main process. Returns at once; `finish` collects."""
+        self.sync(step)
+        prompts = gather_object(prompt_ids)
+        future = None
+        if self.accelerator.is_main_process:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-sdft-rollout")
+            future = self._executor.submit(self._server_generate, prompts[::num_generations], num_generations)
+            self._inflight = future
+        return PendingRound(future, len(prompt_ids), step)
+
+    def finish(self, pending: PendingRound) -> Rollouts:
+        """Every process: wait for the round `start` sent, and take this process's share of it. A server that failed
+        meanwhile raises `VLLMServerError` on every process."""
+        payload = [None]
+        if self.accelerator.is_main_process:
+            try:
+                payload = [("ok", pending.future.result())]
+            except Exception as error:
+                payload = [("error", f"{type(error).__name__}: {str(error)[:300]}")]
+            if self._inflight is pending.future:
+                self._inflight = None
+        broadcast_object_list(payload, from_process=0)
+        status, result = payload[0]
+        if status == "error":
+            raise server_error(self.generation.base_url, "generating completions", RuntimeError(result))
+        completions, logprobs = result
+        share = slice(
+            self.accelerator.process_index * pending.count, (self.accelerator.process_index + 1) * pending.count
+        )
+        return self._rollouts(completions[share], None if logprobs is None else logprobs[share])
+
+    def _server_generate(self, prompts: list[list[int]], num_generations: int):
+        """The server call (main process, background thread): `num_generations` completions per distinct prompt, as
+        TRL's `VLLMGeneration.generate` asks for them."""
+        g = self.generation
+        output = g.vllm_client.generate(
+            prompts=prompts,
+            n=num_generations,
+            repetition_penalty=g.repetition_penalty,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=g.top_k,
+            min_p=0.0 if g.min_p is None else g.min_p,
+            max_tokens=g.max_completion_length,
+            logprobs=g.logprobs,
+            structured_outputs_regex=g.structured_outputs_regex,
+            generation_kwargs=g.generation_kwargs,
+        )
+        return output["completion_ids"], output["logprobs"]
+
+    def close(self) -> None:
+        """Wait for a round still on the server and stop the background thread (end of training)."""
+        if self._inflight is not None:
+            wait([self._inflight])
+            self._inflight = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def teacher_scores(
         self, teacher_input_ids, teacher_attention_mask, mask: torch.Tensor, top: int, step: int
