@@ -308,6 +308,49 @@ def test_two_training_processes_share_the_server(vllm_model_dir, tmp_path, serve
     assert all("self_distillation/server_logprob_abs_diff" in entry for entry in logged)
 
 
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_async_rounds_on_the_server(vllm_model_dir, tmp_path, server, staleness):
+    """`async_rollouts`: with `max_staleness=1` each round after the first comes from the previous step's weights, so
+    the current student's log-probs differ from the server's (importance ratios away from 1, capped at 2); with 0 the
+    rounds are generated with the weights trained on and the ratios are 1 within 1e-3."""
+    args = server_config(tmp_path, server, max_steps=4, async_rollouts=True, max_staleness=staleness)
+    trainer = SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows(8)))
+    trainer.train()
+    history = trainer.state.log_history
+    assert len(logged_losses(trainer)) == 4 and trainer.num_generation_rounds == 4
+    assert [e["async/staleness"] for e in history if "async/staleness" in e] == [0.0] + [float(staleness)] * 3
+    assert all(e["async/regenerated"] == 0.0 for e in history if "async/regenerated" in e)
+    ratios = [e["self_distillation/importance_ratio"] for e in history if "self_distillation/importance_ratio" in e]
+    assert len(ratios) == 4 and abs(ratios[0] - 1) < 1e-3
+    if staleness:
+        assert max(abs(r - 1) for r in ratios[1:]) > 1e-3
+    else:
+        assert all(abs(r - 1) < 1e-3 for r in ratios)
+    assert trainer.rollout._inflight is None  # nothing left on the server after training
+
+
+def test_two_training_processes_with_async_rounds(vllm_model_dir, tmp_path, server):
+    """Two processes, rounds one step ahead: rank 0 relays both ranks' prompts to the server from its background
+    thread; the completions are broadcast on the main thread."""
+    data = tmp_path / "rows.jsonl"
+    Dataset.from_list(facts_rows(16)).to_json(data)
+    command = [str(os.path.join(os.path.dirname(sys.executable), "accelerate")), "launch", "--cpu"]
+    command += ["--num_processes", "2", os.path.join(ROOT, "scripts", "sdft.py"), "--dataset_path", str(data)]
+    command += ["--model_name_or_path", vllm_model_dir, "--output_dir", str(tmp_path / "out"), "--max_steps", "3"]
+    command += ["--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length", "6"]
+    command += ["--use_vllm", "--vllm_mode", "server", "--vllm_server_host", "127.0.0.1"]
+    command += ["--vllm_server_port", str(server["port"]), "--async_rollouts", "--distillation_topk", "5"]
+    command += ["--save_strategy", "steps", "--save_steps", "3", "--report_to", "none", "--use_cpu"]
+    command += ["--logging_steps", "1", "--gradient_checkpointing", "false"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    staleness = [entry["async/staleness"] for entry in state["log_history"] if "async/staleness" in entry]
+    assert state["global_step"] == 3 and staleness == [0.0, 1.0, 1.0]
+
+
 def test_server_context_too_small_is_an_error_before_training(vllm_model_dir, tmp_path, server):
     rows = facts_rows()
     rows[0] = {**rows[0], "prompt": " ".join(["word"] * (SERVER_CONTEXT - 4))}
