@@ -56,6 +56,13 @@ class SDFTConfig(_BaseConfig):
         max_teacher_prompt_length (`int` or `None`, defaults to `None`): left-truncation of teacher prompts. `None`
             cuts only what does not fit in the model's context with the completion.
 
+    > Asynchronous rounds (`vllm_mode="server"`)
+        async_rollouts (`bool`, defaults to `False`): the server generates the next round while the trainer learns on
+            this one; tokens are weighted by the ratio of the current student to the server's log-prob of them, capped
+            at `distillation_is_clip`.
+        max_staleness (`int`, defaults to `1`): the most optimizer steps between the weights that generated a rollout
+            and those trained on it (TRL's async trainers' name); 0: synchronous rounds.
+
     > Model, data and generation: as in TRL's GRPO/SDFT configs (`model_init_kwargs`, `max_prompt_length`,
       `num_generations`, `max_completion_length`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`,
       `generation_kwargs`, `chat_template_kwargs`, `use_vllm` and the `vllm_*` fields, `num_iterations`,
