@@ -268,7 +268,7 @@ class SDFTTrainer(_BaseTrainer):
             prompts.student, prompts.teacher, completions, self._tokenizer.pad_token_id, self.accelerator.device
         )
         from_teacher = self.args.generate_from_teacher
-        if engine_logps is not None and self.loss_settings.vllm_is_mode and not from_teacher:
+        if engine_logps is not None and self.loss_settings.vllm_is_mode and not from_teacher and stale is None:
             batch["sampling_per_token_logps"] = batching.right_pad(
                 engine_logps, 0.0, self.accelerator.device, torch.float32
             )[0]
