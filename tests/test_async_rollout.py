@@ -8,6 +8,7 @@ import re
 
 import pytest
 from datasets import Dataset
+from transformers import TrainerCallback
 
 from trl_sdft import SDFTConfig, SDFTTrainer
 from trl_sdft.async_rollout import RoundLookahead
@@ -46,8 +47,8 @@ class FakeServer:
         pass
 
 
-class Recorder:
-    """A callback keeping what each trained round was built from."""
+class Recorder(TrainerCallback):
+    """Keeps what each trained round was built from."""
 
     def __init__(self):
         self.prompts, self.old_logps = [], []
@@ -57,42 +58,23 @@ class Recorder:
         self.old_logps.append(payload["old_per_token_logps"])
 
 
-def run(monkeypatch, model_dir, tokenizer, output_dir, server=None, rows=4, resume=None, **overrides):
-    from transformers import TrainerCallback
+@pytest.fixture
+def run(monkeypatch, tiny_config, tiny_model_dir, tokenizer):
+    """`run(output_dir, server=None, resume=None, **config)`: 6 steps on 4 toy rows (2 rounds an epoch) against `server`
+    (a `FakeServer` by default); returns the trainer, the server and a `Recorder`."""
 
-    server = server or FakeServer()
-    monkeypatch.setattr(SDFTTrainer, "_build_rollout", lambda self: server)
-    recorder = Recorder()
-    callback = type("RecorderCallback", (TrainerCallback,), {})()
-    callback.on_self_distillation_batch_prepared = recorder.on_self_distillation_batch_prepared
-    settings = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=8,
-        max_steps=6,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-        distillation_topk=5,
-        use_vllm=True,
-        vllm_mode="server",
-    )
-    settings.update(overrides)
-    trainer = SDFTTrainer(
-        model_dir,
-        args=SDFTConfig(**settings),
-        train_dataset=Dataset.from_list(facts_rows(rows)),
-        processing_class=tokenizer,
-        callbacks=[callback],
-    )
-    trainer.train(resume_from_checkpoint=resume)
-    return trainer, server, recorder
+    def train(output_dir, server=None, resume=None, **overrides):
+        server = server or FakeServer()
+        monkeypatch.setattr(SDFTTrainer, "_build_rollout", lambda self: server)
+        recorder = Recorder()
+        args = tiny_config(output_dir, **{"max_steps": 6, "use_vllm": True, "vllm_mode": "server", **overrides})
+        dataset = Dataset.from_list(facts_rows(4))
+        trainer = SDFTTrainer(tiny_model_dir, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.add_callback(recorder)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, server, recorder
+
+    return train
 
 
 def logged(trainer, key):
@@ -102,14 +84,12 @@ def logged(trainer, key):
 @pytest.mark.parametrize(
     "layout", [dict(per_device_train_batch_size=4), dict(per_device_train_batch_size=2, gradient_accumulation_steps=2)]
 )
-def test_rounds_are_sent_one_step_ahead_in_the_loop_order(monkeypatch, tiny_model_dir, tokenizer, tmp_path, layout):
+def test_rounds_are_sent_one_step_ahead_in_the_loop_order(run, tmp_path, layout):
     """Across 3 epochs (2 rounds each), the async run trains on the same rounds, in the same order, as the synchronous
     one; every round after the first was sent with the previous step's weights, one round at a time, and none is sent
     past the last step."""
-    sync, _, sync_rounds = run(monkeypatch, tiny_model_dir, tokenizer, tmp_path / "sync", **layout)
-    trainer, server, rounds = run(
-        monkeypatch, tiny_model_dir, tokenizer, tmp_path / "async", async_rollouts=True, **layout
-    )
+    sync, _, sync_rounds = run(tmp_path / "sync", **layout)
+    trainer, server, rounds = run(tmp_path / "async", async_rollouts=True, **layout)
     assert len(rounds.prompts) == 6
     assert rounds.prompts == sync_rounds.prompts
     assert [step for step, _ in server.sent] == [0, 0, 1, 2, 3, 4]
@@ -119,24 +99,22 @@ def test_rounds_are_sent_one_step_ahead_in_the_loop_order(monkeypatch, tiny_mode
     assert logged(sync, "async/staleness") == []
 
 
-def test_staleness_zero_trains_like_the_synchronous_trainer(monkeypatch, tiny_model_dir, tokenizer, tmp_path):
-    sync, _, _ = run(monkeypatch, tiny_model_dir, tokenizer, tmp_path / "sync")
-    trainer, server, rounds = run(
-        monkeypatch, tiny_model_dir, tokenizer, tmp_path / "zero", async_rollouts=True, max_staleness=0
-    )
+def test_staleness_zero_trains_like_the_synchronous_trainer(run, tmp_path):
+    sync, _, _ = run(tmp_path / "sync")
+    trainer, server, rounds = run(tmp_path / "zero", async_rollouts=True, max_staleness=0)
     assert [step for step, _ in server.sent] == [0, 1, 2, 3, 4, 5]  # each round generated when it is trained
     assert logged(trainer, "loss") == pytest.approx(logged(sync, "loss"), rel=1e-6, abs=1e-8)
     assert all(old is None for old in rounds.old_logps)
 
 
-def test_stale_rounds_are_weighted_by_the_servers_log_probs(monkeypatch, tiny_model_dir, tokenizer, tmp_path):
+def test_stale_rounds_are_weighted_by_the_servers_log_probs(run, tmp_path):
     """The rollout policy of an async round is the server's: its log-probs become the old log-probs, and the ratio of
     the current student to them (capped at distillation_is_clip) weights the loss."""
     # Without the engine-mismatch correction the synchronous run weights nothing; the async run still weights by
     # student / server (with it on, both runs weight by that same ratio).
     off = dict(max_steps=3, vllm_importance_sampling_correction=False)
-    sync, _, _ = run(monkeypatch, tiny_model_dir, tokenizer, tmp_path / "sync", **off)
-    trainer, _, rounds = run(monkeypatch, tiny_model_dir, tokenizer, tmp_path / "async", async_rollouts=True, **off)
+    sync, _, _ = run(tmp_path / "sync", **off)
+    trainer, _, rounds = run(tmp_path / "async", async_rollouts=True, **off)
     for old in rounds.old_logps:
         assert old is not None and set(old.unique().tolist()) <= {SERVER_LOGP, 0.0}  # 0.0: padding
     ratios = logged(trainer, "self_distillation/importance_ratio")
@@ -146,17 +124,15 @@ def test_stale_rounds_are_weighted_by_the_servers_log_probs(monkeypatch, tiny_mo
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
-def test_resume_continues_the_same_rounds(monkeypatch, tiny_model_dir, tokenizer, tmp_path, asynchronous):
+def test_resume_continues_the_same_rounds(run, tmp_path, asynchronous):
     """Resumed at an epoch boundary, a run trains on the rounds the uninterrupted run trained on, with the same losses
     (the sampler's order depends on the epoch only: `EpochRepeatSampler`). Async: nothing is in flight after a resume,
     the first round is generated with the restored weights."""
     settings = dict(async_rollouts=asynchronous)
-    whole, _, whole_rounds = run(
-        monkeypatch, tiny_model_dir, tokenizer, tmp_path, save_strategy="steps", save_steps=2, **settings
-    )
+    whole, _, whole_rounds = run(tmp_path, save_strategy="steps", save_steps=2, **settings)
     checkpoint = tmp_path / "checkpoint-4"
     assert checkpoint.is_dir()
-    resumed, server, rounds = run(monkeypatch, tiny_model_dir, tokenizer, tmp_path, resume=str(checkpoint), **settings)
+    resumed, server, rounds = run(tmp_path, resume=str(checkpoint), **settings)
     assert [step for step, _ in server.sent] == ([4, 4] if asynchronous else [4, 5])
     assert rounds.prompts == whole_rounds.prompts[4:]
     assert logged(resumed, "loss")[-2:] == pytest.approx(logged(whole, "loss")[-2:], rel=1e-5)
@@ -180,14 +156,9 @@ def test_epoch_sampler_orders_depend_on_the_epoch_only():
     assert list(fresh) == passes[3] != passes[2]
 
 
-def test_a_server_failing_mid_run_stops_training_with_checkpoints_intact(
-    monkeypatch, tiny_model_dir, tokenizer, tmp_path
-):
+def test_a_server_failing_mid_run_stops_training_with_checkpoints_intact(run, tmp_path):
     with pytest.raises(VLLMServerError, match="failed while generating"):
         run(
-            monkeypatch,
-            tiny_model_dir,
-            tokenizer,
             tmp_path,
             server=FakeServer(fail_at=4),
             async_rollouts=True,
