@@ -2,6 +2,7 @@
 
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,20 @@ def test_a_grid_run_on_the_tiny_model_resumes_by_point(tmp_path, tiny_model_dir)
     logs = []
     run_continual(config, resume=True, log=logs.append)
     assert sum("done before, kept" in line for line in logs) == 4
+    # a grid with a point more, in another file, and a seed more: only the new runs run
+    grown = write_yaml(
+        tmp_path / "grown.yaml",
+        [
+            {"method": "sft", "learning_rate": 1e-3, "steps": 1},
+            {"method": "sdft", "variant": "paper", "learning_rate": 1e-3, "steps": 2},
+            {"method": "sft", "learning_rate": 1e-4, "steps": 1},
+        ],
+    )
+    logs = []
+    grown_config = replace(config, grid=grown, seeds=[1, 2, 3])
+    results = run_continual(grown_config, resume=True, log=logs.append)
+    assert sum("done before, kept" in line for line in logs) == 4
+    assert len(results["runs"]) == 9 and any("extended" in line for line in logs)
     # a changed grid is not resumed into the same file
     write_yaml(tmp_path / "grid.yaml", [{"method": "sft", "learning_rate": 1e-3, "steps": 2}])
     with pytest.raises(ValueError, match="grid_points"):

@@ -214,6 +214,14 @@ def teacher_check(student_scores: dict, teacher_scores: dict, tasks: list[Task],
     return check
 
 
+EXTENDABLE = ("seeds", "grid_points")  # settings a resumed run may extend
+
+
+def _extends(new, old) -> bool:
+    """`new` holds every entry of `old` (and more): a list of seeds or of grid points, grown."""
+    return isinstance(new, list) and isinstance(old, list) and len(new) > len(old) and all(o in new for o in old)
+
+
 class ContinualRunner:
     """Runs every (method, learning rate, alpha, seed) over the task sequence and writes the reports as it goes."""
 
@@ -248,12 +256,21 @@ class ContinualRunner:
                 f"{self.path} already exists. Pass --resume to finish it (runs already done are kept), --overwrite "
                 "to replace it, or another --output_dir."
             )
-        if previous.get("config") != fresh["config"]:
-            changed = sorted(k for k in fresh["config"] if previous.get("config", {}).get(k) != fresh["config"][k])
+        before = previous.get("config", {})
+        changed = sorted(k for k in fresh["config"] if before.get(k) != fresh["config"][k])
+        # More seeds or more grid points only add runs: the finished ones stay valid (the grid file may move then).
+        grown = {k for k in changed if k in EXTENDABLE and _extends(fresh["config"][k], before.get(k))}
+        if "grid_points" in grown:
+            grown.add("grid")
+        if set(changed) - grown:
             raise ValueError(
-                f"--resume: {self.path} was written with other settings ({', '.join(changed)} differ); use the same "
-                "settings, or --overwrite / another --output_dir."
+                f"--resume: {self.path} was written with other settings ({', '.join(sorted(set(changed) - grown))} "
+                "differ); use the same settings (adding seeds or grid points is fine), or --overwrite / another "
+                "--output_dir."
             )
+        if grown:
+            self.log(f"--resume: {', '.join(sorted(grown))} extended; only the new runs will run")
+        previous["config"] = fresh["config"]
         previous["runs"] = [run for run in previous["runs"] if len(run["stages"]) == len(self.tasks) + 1]
         return previous
 
