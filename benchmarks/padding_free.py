@@ -85,16 +85,13 @@ def main():
         trainer.model = trainer.accelerator.prepare(trainer.model)
         trainers[name] = trainer
     reference = trainers["padded"]
-    prompts = [row["prompt"] for row in rows]
-    teacher_prompts = batching.teacher_prompts(
-        prompts, [row["privileged_context"] for row in rows], reference.teacher_prompt_template
-    )
+    prompts = reference._round_prompts(rows)  # tokenized as the trainer does
     generator = torch.Generator().manual_seed(0)
     vocab = reference._tokenizer.vocab_size
     completions = [torch.randint(5, vocab, (length,), generator=generator).tolist() for length in lengths]
     batch = batching.assemble_batch(
-        reference._tokenize(prompts, None),
-        reference._tokenize(teacher_prompts, None),
+        prompts.student,
+        prompts.teacher,
         completions,
         reference._tokenizer.pad_token_id,
         reference.accelerator.device,

@@ -80,15 +80,8 @@ COMPLETIONS = [[7, 8, 9, 10, 11, 2], [12, 2], [13, 14, 15], [16]]  # different l
 def ragged_batch(trainer, rows, steps_per_generation):
     """A batch of the trainer's own prompts with completions of different lengths, and rollout log-probs when the
     rollouts outlive an optimizer step (importance-sampling clipping)."""
-    from trl_sdft import batch as batching
-
-    prompts = [row["prompt"] for row in rows]
-    teacher = batching.teacher_prompts(
-        prompts, [r["privileged_context"] for r in rows], trainer.teacher_prompt_template
-    )
-    batch = assemble_batch(
-        trainer._tokenize(prompts, None), trainer._tokenize(teacher, None), COMPLETIONS, 0, trainer.accelerator.device
-    )
+    prompts = trainer._round_prompts(rows)  # tokenized as the trainer does
+    batch = assemble_batch(prompts.student, prompts.teacher, COMPLETIONS, 0, trainer.accelerator.device)
     if steps_per_generation > 1:
         generator = torch.Generator().manual_seed(0)
         batch["old_per_token_logps"] = -torch.rand(batch["completion_ids"].shape, generator=generator) * 3
