@@ -256,7 +256,6 @@ def test_default_is_the_chunked_path_and_zero_the_logits_path(tiny_model_dir, to
 def test_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path, path):
     import json
     import os
-    import subprocess
     import sys
 
     job = os.path.join(os.path.dirname(__file__), "jobs", "ddp_chunked_loss.py")
@@ -266,19 +265,54 @@ def test_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path, path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    result = subprocess.run(
-        [*command, job, tiny_model_dir, str(tmp_path), path],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    outputs = [tmp_path / f"rank-{rank}.json" for rank in (0, 1)]
+    run_job([*command, job, tiny_model_dir, str(tmp_path), path], tmp_path, outputs)
+    ranks = [json.loads(output.read_text()) for output in outputs]
     assert ranks[0]["world"] == 2 and len(ranks[0]["losses"]) == 3
     assert ranks[0]["checksums"] == ranks[1]["checksums"]
     start = {name: float(p.detach().double().sum()) for name, p in _load(tiny_model_dir).named_parameters()}
     assert start["lm_head.weight"] != ranks[0]["checksums"]["lm_head.weight"]  # the lm_head was trained
+
+
+def run_job(command, tmp_path, outputs, timeout=300):
+    """Run a multi-process job in its own process group; fail with its stderr (Python stacks of every rank included:
+    the job arms faulthandler) unless it exits 0.
+
+    One exception: a job that wrote every output and then stuck in torch.distributed's teardown (the job's faulthandler
+    ends it 60 s after the outputs, reported as "Timeout"). That is gloo's teardown (pytorch/pytorch#75097), not what
+    the test checks; it gives a warning with the stacks, so the hang stays visible."""
+    import os
+    import signal
+    import subprocess
+    import warnings
+
+    log = tmp_path / "job.log"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            command,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if process.poll() is None:  # the whole group: no rank left behind to load the next tests
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    text = log.read_text(errors="replace")
+    written = all(output.exists() for output in outputs)
+    if code == 0:
+        return
+    if written and "Timeout (0:01:00)!" in text:
+        warnings.warn(f"the job wrote its outputs, then hung in its teardown:\n{text[-6000:]}", stacklevel=2)
+        return
+    raise AssertionError(
+        f"job exit code {code} (None: killed after {timeout} s), outputs written: {written}\n{text[-8000:]}"
+    )
 
 
 def _load(model_dir):

@@ -5,6 +5,7 @@ rank-<r>.json: its losses and a checksum of every parameter after training (DDP 
 lm_head gradients computed outside the model's forward are all-reduced too).
 """
 
+import faulthandler
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from trl_sdft.utils import close_process_group
 
 
 def main(model_dir: str, output_dir: str, path: str) -> None:
+    faulthandler.dump_traceback_later(240, exit=True)  # a hang in training: every rank prints its stacks and ends
     extra = dict(use_liger_kernel=True) if path == "liger" else dict(loss_chunk_size=4)
     args = SDFTConfig(
         output_dir=output_dir,
@@ -48,6 +50,7 @@ def main(model_dir: str, output_dir: str, path: str) -> None:
             },
             f,
         )
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang in the teardown: stacks, then the end (see the test)
     torch.distributed.barrier()
     close_process_group()  # no gloo threads left to abort the interpreter's exit, and no hang in the teardown
 
