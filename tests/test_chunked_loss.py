@@ -278,10 +278,12 @@ def run_job(command, tmp_path, outputs, timeout=300):
     """Run a multi-process job in its own process group; fail with its stderr (Python stacks of every rank included:
     the job arms faulthandler) unless it exits 0.
 
-    One exception: a job that wrote every output and then stuck in torch.distributed's teardown (the job's faulthandler
-    ends it 60 s after the outputs, reported as "Timeout"). That is gloo's teardown (pytorch/pytorch#75097), not what
-    the test checks; it gives a warning with the stacks, so the hang stays visible."""
+    One exception: a job that wrote every output and then stuck in torch.distributed's teardown (faulthandler ends it
+    60-65 s later, reported as "Timeout": `close_process_group`'s backstop or the job's own). That is gloo's teardown
+    (`close_process_group` says how it is avoided), not what the test checks; it gives a warning with the stacks, so
+    it stays visible."""
     import os
+    import re
     import signal
     import subprocess
     import warnings
@@ -307,7 +309,7 @@ def run_job(command, tmp_path, outputs, timeout=300):
     written = all(output.exists() for output in outputs)
     if code == 0:
         return
-    if written and "Timeout (0:01:00)!" in text:
+    if written and re.search(r"Timeout \(0:01:0[05]\)!", text):
         warnings.warn(f"the job wrote its outputs, then hung in its teardown:\n{text[-6000:]}", stacklevel=2)
         return
     raise AssertionError(

@@ -316,38 +316,42 @@ print(faults[-1])
     assert faults("reuse") < pages // 10
 
 
-@pytest.mark.parametrize("stuck", [False, True])
-def test_close_process_group_never_hangs(tmp_path, stuck):
-    """A teardown that finishes returns normally; one that hangs (pytorch#75097) is ended by the watchdog with the
-    run's exit code, after saying so, instead of hanging the job."""
+@pytest.mark.parametrize("hang", ["none", "gil_released", "gil_held"])
+def test_close_process_group_never_hangs(tmp_path, hang):
+    """A teardown that finishes returns normally (and leaves no timer behind to kill the process later). One that hangs
+    with the GIL released (a store or peer that stops answering) is ended by the watchdog with the run's exit code,
+    after saying so; one that hangs holding the GIL (gloo joining its workers in a destructor) cannot run that thread,
+    and is ended by faulthandler with every thread's stack and exit code 1. Nothing hangs the job."""
+    import socket
     import subprocess
     import sys
 
     probe = """
-import os, sys, time, torch
+import ctypes, os, sys, time, torch
 from trl_sdft.utils import close_process_group
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-if sys.argv[1] == "stuck":
+if sys.argv[1] == "gil_released":
     torch.distributed.destroy_process_group = lambda: time.sleep(600)
+if sys.argv[1] == "gil_held":  # a C call that keeps the GIL (ctypes.PyDLL does not release it)
+    torch.distributed.destroy_process_group = lambda: ctypes.PyDLL(None).sleep(600)
 close_process_group(exit_code=3, timeout_s=1)
 print("returned", torch.distributed.is_initialized(), flush=True)
+time.sleep(6.5)  # past the faulthandler backstop: it must have been cancelled
+print("alive", flush=True)
 """
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-c", probe, "stuck" if stuck else "clean", str(port)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if stuck:
+    result = subprocess.run([sys.executable, "-c", probe, hang, str(port)], capture_output=True, text=True, timeout=120)
+    if hang == "none":
+        assert result.returncode == 0, result.stderr
+        assert "returned False" in result.stdout and "alive" in result.stdout
+    elif hang == "gil_released":
         assert result.returncode == 3, result.stderr
         assert "teardown did not finish within 1 s" in result.stderr
         assert "returned" not in result.stdout
     else:
-        assert result.returncode == 0, result.stderr
-        assert "returned False" in result.stdout
+        assert result.returncode == 1, result.stderr
+        assert "Timeout (0:00:06)!" in result.stderr and "close_process_group" in result.stderr
+        assert "returned" not in result.stdout

@@ -80,15 +80,28 @@ def reuse_freed_cpu_memory() -> bool:
 
 
 def close_process_group(exit_code: int = 0, timeout_s: float = 60.0) -> None:
-    """Tear down torch.distributed at the end of a multi-process run, never hanging there.
+    """Tear down torch.distributed at the end of a multi-process run, never hanging there. Call it last: everything
+    the run writes must be written already.
 
-    Left to the interpreter's exit, gloo's threads can abort a finished run ("terminate called without an active
-    exception", exit -6); `destroy_process_group` itself hangs now and then (pytorch/pytorch#75097). Everything the
-    run writes is written before this is called, so if the teardown has not finished after `timeout_s` seconds a
-    watchdog says so on stderr and ends the process with `exit_code` (what the run would have returned)."""
+    The hang this avoids (seen with py-spy in the DDP test job): the last reference to a gloo process group dies on a
+    thread that holds the GIL (a DDP reducer freed with its trainer, or the group's own teardown), so
+    `~ProcessGroupGloo` joins its worker threads under the GIL, while a worker is still freeing a finished collective
+    whose tensors are Python objects and waits for the GIL: a deadlock. The same worker freeing a tensor while the
+    interpreter shuts down aborts the process instead ("terminate called without an active exception", exit -6).
+    So this frees the run's garbage while the group is still registered, lets the workers finish freeing with the GIL
+    released, destroys the group and keeps the group objects alive to the end of the process: their destructor, which
+    only joins threads, never runs.
+
+    Two watchdogs remain for what is left (a store or a peer that stops answering): after `timeout_s` seconds a thread
+    says so on stderr and ends the process with `exit_code` (what the run would have returned); if the GIL is held,
+    `faulthandler` ends it 5 s later with exit code 1 and every thread's stack, instead of a silent hang."""
+    import ctypes
+    import faulthandler
+    import gc
     import os
     import sys
     import threading
+    import time
 
     import torch
 
@@ -108,7 +121,16 @@ def close_process_group(exit_code: int = 0, timeout_s: float = 60.0) -> None:
             os._exit(exit_code)
 
     threading.Thread(target=watchdog, name="trl-sdft-teardown-watchdog", daemon=True).start()
+    faulthandler.dump_traceback_later(timeout_s + 5, exit=True)  # needs no GIL
     try:
+        gc.collect()  # a trainer in a reference cycle drops its DDP reducer now, not after the group is gone
+        time.sleep(0.5)  # GIL released: gloo's workers finish freeing their last collectives
+        c10d = torch.distributed.distributed_c10d
+        groups = list(getattr(getattr(c10d, "_world", None), "pg_map", None) or [c10d.GroupMember.WORLD])
+        for group in groups:
+            if group is not None:
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))  # never destructed, not even at exit
         torch.distributed.destroy_process_group()
     finally:
         finished.set()
+        faulthandler.cancel_dump_traceback_later()
