@@ -122,6 +122,19 @@ def test_serve_command_adds_what_the_trainer_needs():
     assert "--enforce-eager" not in gpu
 
 
+def test_server_rounds_take_each_repeated_prompt_once():
+    """The server is asked for `num_generations` completions per distinct prompt: a round whose prompts are not in
+    runs of equal ones would get completions of other prompts, so it is refused with the fix."""
+    from trl_sdft.vllm_rollout import distinct_prompts
+
+    assert distinct_prompts([[1, 2], [1, 2], [3], [3]], 2) == [[1, 2], [3]]
+    assert distinct_prompts([[1], [2], [1]], 1) == [[1], [2], [1]]
+    with pytest.raises(ValueError, match=r"prompts 2\.\.3 of 4 are not one prompt repeated.*num_generations=1"):
+        distinct_prompts([[1], [1], [2], [3]], 2)
+    with pytest.raises(ValueError, match=r"prompts 2\.\.2 of 3"):
+        distinct_prompts([[1], [1], [2]], 2)
+
+
 def test_colocate_context_too_small_fails_before_vllm_starts(vllm_model_dir, tmp_path):
     args = SDFTConfig(
         output_dir=str(tmp_path),
@@ -265,7 +278,8 @@ def test_teacher_scored_on_the_server(vllm_model_dir, tmp_path, server, mode):
 
     # The server's teacher scores are the trainer model's on the teacher input.
     trainer.rollout.sync(trainer.state.global_step)
-    batch = trainer._build_batch(facts_rows()[:4], "eval")
+    rows = facts_rows()
+    batch = trainer._build_batch([rows[0], rows[0], rows[1], rows[1]], "eval")  # as the sampler repeats prompts
     num_tokens = batch["completion_ids"].size(1)
     mask = batch["completion_mask"].bool()
     served = trainer.rollout.teacher_scores(

@@ -316,6 +316,22 @@ def server_error(base_url: str, doing: str, error: Exception) -> VLLMServerError
     )
 
 
+def distinct_prompts(prompts: list[list[int]], num_generations: int) -> list[list[int]]:
+    """The distinct prompts of a round whose prompts come in runs of `num_generations` equal ones (as the trainer's
+    sampler repeats them), for a server asked for `num_generations` completions per prompt. Anything else would
+    silently train on the completions of other prompts, so it is refused."""
+    groups = [prompts[i : i + num_generations] for i in range(0, len(prompts), num_generations)]
+    for index, group in enumerate(groups):
+        if len(group) != num_generations or any(prompt != group[0] for prompt in group):
+            raise ValueError(
+                f"server rollouts need each prompt repeated `num_generations={num_generations}` times in a row; "
+                f"prompts {index * num_generations}..{index * num_generations + len(group) - 1} of {len(prompts)} "
+                "are not one prompt repeated. Repeat each prompt `num_generations` times (the trainer's sampler does), "
+                "or pass `num_generations=1`."
+            )
+    return [group[0] for group in groups]
+
+
 class PendingRound(NamedTuple):
     """A generation round sent to the server (`VLLMRollout.start`): the main process's future of the whole round's
     completions, this process's share of it, and the optimizer step of the weights that generate it."""
@@ -474,12 +490,12 @@ class VLLMRollout:
         """Server mode, every process: push the weights of optimizer step `step`, gather every process's prompts and
         send them to the server from a background thread of the main process. Returns at once; `finish` collects."""
         self.sync(step)
-        prompts = gather_object(prompt_ids)
+        prompts = distinct_prompts(gather_object(prompt_ids), num_generations)  # every process checks alike
         future = None
         if self.accelerator.is_main_process:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-sdft-rollout")
-            future = self._executor.submit(self._server_generate, prompts[::num_generations], num_generations)
+            future = self._executor.submit(self._server_generate, prompts, num_generations)
             self._inflight = future
         return PendingRound(future, len(prompt_ids), step)
 
