@@ -235,7 +235,7 @@ def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, serv
 
     def loss_with(settings):
         trainer.loss_settings = settings
-        return float(trainer.compute_loss(trainer.model, batch))
+        return float(trainer.compute_loss(trainer.model, batch).detach())
 
     corrected_settings = trainer.loss_settings
     assert abs(loss_with(corrected_settings) - loss_with(uncorrected)) < 1e-4
