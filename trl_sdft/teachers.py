@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
+from .checkpoints import TEACHER_STATE_FILE
 from .utils import unwrap
 
 TEACHER_ADAPTER = "teacher"
-TEACHER_STATE_FILE = "sdft_teacher.safetensors"
 
 
 def student_adapter_name(model) -> str:

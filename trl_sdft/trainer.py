@@ -9,7 +9,6 @@ After each optimizer step an EMA teacher moves (`teachers.TeacherUpdateCallback`
 """
 
 import inspect
-import json
 import os
 from collections import defaultdict
 from typing import Any
@@ -20,7 +19,7 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl.models import unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
@@ -29,6 +28,12 @@ from . import batch as batching
 from . import losses, packing
 from .async_rollout import AsyncRounds
 from .callbacks import dispatch
+from .checkpoints import (
+    TEACHER_STATE_FILE,
+    checkpoint_step,
+    last_complete_checkpoint,
+    resolve_resume_from_checkpoint,
+)
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, EpochRepeatSampler, check_datasets, named_eval_sets
@@ -51,6 +56,10 @@ CITATION = """@article{shenfeld2026selfdistillation,
   year    = 2026,
   eprint  = {arXiv:2601.19897}
 }"""
+
+
+class NonFiniteTrainingError(ValueError):
+    """A loss or gradient became NaN or inf; raised before the optimizer step that would have applied it."""
 
 
 class SDFTTrainer(_BaseTrainer):
@@ -119,6 +128,7 @@ class SDFTTrainer(_BaseTrainer):
             model.warnings_issued["estimate_tokens"] = True
 
         self._step = 0
+        self._nonfinite_loss = None  # the first non-finite loss of the current optimizer step, if any
         self._buffered_inputs = None
         self._metrics = {mode: defaultdict(list) for mode in ("train", "eval")}
         self.num_generation_rounds = 0
@@ -233,8 +243,32 @@ class SDFTTrainer(_BaseTrainer):
     # ----------------------------------------------------------------------------------------------- the step
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._nonfinite_loss is None and not torch.isfinite(loss).all():
+            self._nonfinite_loss = loss.item()
         self._step += 1
         return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The parent's gradient norm, checked before the optimizer step: a non-finite loss or gradient stops the
+        run here, so no weight ever takes a NaN or inf update (the parent would log the average of earlier losses
+        in its place and go on to the end). Checkpoints saved before this step are untouched."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, dtype=torch.float32).reshape(1)
+        bad_loss = torch.tensor([self._nonfinite_loss is not None], dtype=torch.float32)
+        flags = self.accelerator.gather(torch.cat([norm.cpu(), bad_loss]).to(self.accelerator.device)).view(-1, 2)
+        if not torch.isfinite(flags[:, 0]).all() or flags[:, 1].any():
+            step = self.state.global_step + 1
+            what = [] if self._nonfinite_loss is None else [f"loss {self._nonfinite_loss}"]
+            if not torch.isfinite(flags[:, 0]).all():
+                what.append(f"gradient norm {flags[:, 0].tolist() if flags.size(0) > 1 else flags[0, 0].item()}")
+            last = last_complete_checkpoint(self.args.output_dir)
+            kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved before it"
+            raise NonFiniteTrainingError(
+                f"Optimizer step {step}: non-finite {' and '.join(what)}; training stopped before the update, so the "
+                f"weights hold no NaN/inf ({kept}). Lower `learning_rate`, check the data and `max_grad_norm`, or "
+                "train in float32 (`bf16=False`)."
+            )
+        return grad_norm
 
     def _prepare_inputs(self, generation_batch):
         """Train: one generation round every `generate_every` micro-steps, served in `steps_per_generation` slices.
@@ -396,28 +430,45 @@ class SDFTTrainer(_BaseTrainer):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        checkpoint_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-        if self.args.should_save and os.path.isdir(checkpoint_dir):
+        """A checkpoint counts once it is whole: the teacher state goes in first, the parent writes the model, the
+        optimizer and `trainer_state.json` last, and only then are older checkpoints rotated away. (The parent
+        rotates right after its own files, so a run killed before the teacher was written kept no resumable one.)"""
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            os.makedirs(checkpoint_dir, exist_ok=True)
             self.teacher.save(checkpoint_dir)
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
+        needs_teacher_state = self.teacher.state_dict() is not None
+        resume_from_checkpoint = resolve_resume_from_checkpoint(
+            resume_from_checkpoint, self.args.output_dir, needs_teacher_state
+        )
         if resume_from_checkpoint:
-            if not self.teacher.load(resume_from_checkpoint):
-                raise ValueError(
-                    f"{resume_from_checkpoint} holds no EMA teacher state ({self.teacher.kind} teacher). It was not "
-                    "written by trl-sdft; resuming would silently reset the teacher to the base weights."
+            saved_teacher = os.path.isfile(os.path.join(resume_from_checkpoint, TEACHER_STATE_FILE))
+            if saved_teacher and not needs_teacher_state:
+                logger.warning(
+                    f"{resume_from_checkpoint} holds an EMA teacher's state, but this run's teacher is "
+                    f"`teacher_model_kind={self.teacher.kind!r}`: the EMA teacher is dropped. Resume with "
+                    "`teacher_model_kind='ema'` to keep it.",
+                    main_process_only=True,
                 )
-            with open(os.path.join(resume_from_checkpoint, "trainer_state.json")) as f:
-                global_step = json.load(f)["global_step"]
-            self._step = global_step * self.args.gradient_accumulation_steps
+            self.teacher.load(resume_from_checkpoint)
+            self._step = checkpoint_step(resume_from_checkpoint) * self.args.gradient_accumulation_steps
             self._buffered_inputs = None
+        self._nonfinite_loss = None
         try:
             return super().train(
                 resume_from_checkpoint=resume_from_checkpoint,

@@ -1,0 +1,114 @@
+"""Checkpoints a run may resume from: complete ones only, checked before any model is loaded.
+
+A checkpoint directory is complete once `trainer_state.json` is written and parses: the trainer writes the teacher
+state first and `trainer_state.json` last, and rotates older checkpoints away only after that (`SDFTTrainer.
+_save_checkpoint`). The checks here are cheap: they read the trainer state and the headers of the weight files
+(a cut-short safetensors file fails its header check; a cut-short torch zip file has no central directory), not the
+weights themselves.
+"""
+
+import json
+import logging
+import os
+import re
+import zipfile
+
+TRAINER_STATE_NAME = "trainer_state.json"
+TEACHER_STATE_FILE = "sdft_teacher.safetensors"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """The `checkpoint-N` directories of `output_dir`, newest (highest N) first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def weight_file_problem(path: str) -> str | None:
+    name = os.path.basename(path)
+    if name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, "pt"):
+                pass
+        except Exception as err:  # SafetensorError: truncated, or not a safetensors file
+            return f"{name} is truncated or corrupt ({str(err).splitlines()[0]})"
+    elif name.endswith((".pt", ".pth", ".bin")) and os.path.getsize(path) > 0 and not zipfile.is_zipfile(path):
+        return f"{name} is truncated or corrupt (not a complete torch file)"
+    return None
+
+
+def checkpoint_problem(path: str, needs_teacher_state: bool = False) -> str | None:
+    """Why `path` is not a complete checkpoint to resume from, or None when it is one."""
+    if not os.path.exists(path):
+        return "does not exist"
+    if not os.path.isdir(path):
+        return "is not a directory"
+    state_path = os.path.join(path, TRAINER_STATE_NAME)
+    if not os.path.isfile(state_path):
+        return f"has no {TRAINER_STATE_NAME}: its save was cut short, or it is not a Trainer checkpoint"
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+        int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"has a truncated or invalid {TRAINER_STATE_NAME} ({type(err).__name__}: {err})"
+    for name in sorted(os.listdir(path)):
+        problem = weight_file_problem(os.path.join(path, name))
+        if problem:
+            return problem
+    if needs_teacher_state and not os.path.isfile(os.path.join(path, TEACHER_STATE_FILE)):
+        return (
+            f"holds no EMA teacher state ({TEACHER_STATE_FILE}): it was not written by trl-sdft with an EMA teacher, "
+            "and resuming would silently reset the teacher to the current weights"
+        )
+    return None
+
+
+def checkpoint_step(path: str) -> int:
+    with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+        return int(json.load(f)["global_step"])
+
+
+def last_complete_checkpoint(output_dir: str, needs_teacher_state: bool = False) -> str | None:
+    """The newest complete checkpoint in `output_dir`; incomplete newer ones are skipped with a warning."""
+    for path in checkpoint_dirs(output_dir):
+        problem = checkpoint_problem(path, needs_teacher_state)
+        if problem is None:
+            return path
+        logger.warning(f"Skipping {path} to resume from: it {problem}.")
+    return None
+
+
+def resolve_resume_from_checkpoint(resume, output_dir: str, needs_teacher_state: bool = False) -> str | None:
+    """The checkpoint directory to resume from (`resume`: None/False, True for the newest complete one in
+    `output_dir`, or a path), or a `ValueError` that names the directory and what is wrong with it."""
+    if isinstance(resume, str) and resume.strip().lower() in ("true", "false", ""):
+        resume = resume.strip().lower() == "true"
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        path = last_complete_checkpoint(output_dir, needs_teacher_state)
+        if path is None:
+            found = checkpoint_dirs(output_dir)
+            detail = f" ({len(found)} incomplete one(s) skipped, see the warnings)" if found else ""
+            raise ValueError(
+                f"--resume_from_checkpoint true: no complete checkpoint in {output_dir!r} to resume from{detail}. "
+                "Check --output_dir, or start without --resume_from_checkpoint."
+            )
+        return path
+    path = os.fspath(resume)
+    problem = checkpoint_problem(path, needs_teacher_state)
+    if problem:
+        hint = "pass another checkpoint directory, or `true` for the newest complete one in --output_dir"
+        raise ValueError(f"--resume_from_checkpoint {path!r} {problem}; {hint}.")
+    return path
