@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 from trl.trainer.utils import pad
 
-from .prompts import build_teacher_prompt, is_chat
+from .prompts import build_teacher_prompt, context_to_text, is_chat
 from .utils import tokenizer_of
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,52 @@ class RoundPrompts(NamedTuple):
     generation: list[list[int]]
 
 
+def fit_teacher_prompts(
+    processing_class,
+    prompts: list[Any],
+    contexts: list[Any],
+    template: str,
+    limit: int | None,
+    chat_template_kwargs: dict | None = None,
+) -> "FittedPrompts":
+    """Teacher prompts of at most `limit` tokens, the question kept whole: where a prompt is too long, the end of its
+    privileged context is cut (the least the teacher can lose), not the start of the prompt, which holds the question.
+    Only where even an empty context does not fit (the question alone is longer than the limit) is the prompt cut from
+    the left, as student prompts are."""
+    built = teacher_prompts(prompts, contexts, template)
+    ids = tokenize_prompts(processing_class, built, None, chat_template_kwargs)
+    cut, left_cut = [], []
+    for index, row in enumerate(ids):
+        if limit is None or len(row) <= limit:
+            continue
+        tokenizer = tokenizer_of(processing_class)
+        context_ids = tokenizer(text=context_to_text(contexts[index]), add_special_tokens=False)["input_ids"]
+        keep = len(context_ids) - (len(row) - limit)
+        while keep > 0:  # decoding and re-encoding may merge tokens differently: shrink until it fits
+            shortened = tokenizer.decode(context_ids[:keep])
+            prompt = build_teacher_prompt(prompts[index], shortened, template)
+            fitted = tokenize_prompts(processing_class, [prompt], None, chat_template_kwargs)[0]
+            if len(fitted) <= limit:
+                built[index], ids[index] = prompt, fitted
+                cut.append(index)
+                break
+            keep -= max(1, len(fitted) - limit)
+        else:
+            ids[index] = row[-limit:]
+            left_cut.append(index)
+    return FittedPrompts(built, ids, cut, left_cut)
+
+
+class FittedPrompts(NamedTuple):
+    """Teacher prompts within their limit: texts (or messages), token ids, and which rows lost the end of their
+    context (`context_cut`) or, the question alone being too long, their start (`left_cut`)."""
+
+    prompts: list[Any]
+    ids: list[list[int]]
+    context_cut: list[int]
+    left_cut: list[int]
+
+
 def round_prompts(
     processing_class,
     rows: list[dict],
@@ -58,12 +104,15 @@ def round_prompts(
     chat_template_kwargs: dict | None,
     from_teacher: bool,
 ) -> tuple[RoundPrompts, list[Any]]:
-    """The rows' student and teacher prompts, tokenized (cut to `limits`: student, teacher), and the prompts the
-    rollouts are generated from (the teacher's with `generate_from_teacher`) before tokenization."""
+    """The rows' student and teacher prompts, tokenized (cut to `limits`: student, teacher; teacher prompts lose the
+    end of their privileged context first, `fit_teacher_prompts`), and the prompts the rollouts are generated from
+    (the teacher's with `generate_from_teacher`) before tokenization."""
     prompts = [row["prompt"] for row in rows]
-    teachers = teacher_prompts(prompts, [row["privileged_context"] for row in rows], template)
+    contexts = [row["privileged_context"] for row in rows]
+    teachers, teacher_ids = fit_teacher_prompts(
+        processing_class, prompts, contexts, template, limits[1], chat_template_kwargs
+    )[:2]
     student_ids = tokenize_prompts(processing_class, prompts, limits[0], chat_template_kwargs)
-    teacher_ids = tokenize_prompts(processing_class, teachers, limits[1], chat_template_kwargs)
     generation = (teacher_ids, teachers) if from_teacher else (student_ids, prompts)
     return RoundPrompts(student_ids, teacher_ids, generation[0]), generation[1]
 
@@ -74,6 +123,7 @@ class PromptLengths:
 
     student: int = 0
     teacher: int = 0
+    student_row: str = ""  # where the longest student prompt is, for errors
 
 
 def check_prompt_lengths(
@@ -88,30 +138,42 @@ def check_prompt_lengths(
     warn: Callable[[str], None] = logger.warning,
 ) -> PromptLengths:
     """Tokenize every prompt of `dataset` once: fail on prompts with no tokens, `warn` how many will be cut, and
-    return the longest prompts (updating `lengths` when given)."""
+    return the longest prompts after the cut (updating `lengths` when given)."""
     lengths = lengths or PromptLengths()
-    prompts = list(dataset["prompt"])
+    prompts, contexts = list(dataset["prompt"]), list(dataset["privileged_context"])
     student_ids = tokenize_prompts(processing_class, prompts, None, chat_template_kwargs)
-    teacher_ids = tokenize_prompts(
-        processing_class, teacher_prompts(prompts, dataset["privileged_context"], template), None, chat_template_kwargs
-    )
     if not is_chat(prompts[0]):
         bare = tokenizer_of(processing_class)(text=prompts, add_special_tokens=False)["input_ids"]
         for index, ids in enumerate(bare):
             if not ids:
                 raise ValueError(f"Row {index} of the {name} dataset: the prompt is empty after tokenization.")
-    for key, label, ids_list, limit, field in (
-        ("student", "prompts", student_ids, max_prompt_length, "max_prompt_length"),
-        ("teacher", "teacher prompts", teacher_ids, max_teacher_prompt_length, "max_teacher_prompt_length"),
-    ):
-        longest = max(len(ids) for ids in ids_list)
-        setattr(lengths, key, max(getattr(lengths, key), min(longest, limit or longest)))
-        cut = 0 if limit is None else sum(len(ids) > limit for ids in ids_list)
-        if cut:
-            warn(
-                f"{cut} of {len(ids_list)} {label} of the {name} dataset are longer than {limit} tokens and will "
-                f"be cut from the left; raise `{field}` to keep them whole."
-            )
+    student_cut = 0 if max_prompt_length is None else sum(len(ids) > max_prompt_length for ids in student_ids)
+    if student_cut:
+        warn(
+            f"{student_cut} of {len(student_ids)} prompts of the {name} dataset are longer than {max_prompt_length} "
+            "tokens and will be cut from the left; raise `max_prompt_length` to keep them whole."
+        )
+    student_ids = [ids if max_prompt_length is None else ids[-max_prompt_length:] for ids in student_ids]
+    _, teacher_ids, context_cut, left_cut = fit_teacher_prompts(
+        processing_class, prompts, contexts, template, max_teacher_prompt_length, chat_template_kwargs
+    )
+    if context_cut:
+        shown = ", ".join(map(str, context_cut[:5])) + (", ..." if len(context_cut) > 5 else "")
+        warn(
+            f"{len(context_cut)} of {len(teacher_ids)} teacher prompts of the {name} dataset (rows {shown}) are "
+            f"longer than {max_teacher_prompt_length} tokens: the end of their privileged context will be cut so that "
+            "the question stays whole. Raise `max_teacher_prompt_length` or shorten the contexts to keep them."
+        )
+    if left_cut:
+        warn(
+            f"{len(left_cut)} of {len(teacher_ids)} teacher prompts of the {name} dataset are longer than "
+            f"{max_teacher_prompt_length} tokens even without their privileged context, and will be cut from the "
+            "left; raise `max_teacher_prompt_length` to keep them whole."
+        )
+    longest = max(range(len(student_ids)), key=lambda i: len(student_ids[i]))
+    if len(student_ids[longest]) > lengths.student:
+        lengths.student, lengths.student_row = len(student_ids[longest]), f"row {longest} of the {name} dataset"
+    lengths.teacher = max(lengths.teacher, max(len(ids) for ids in teacher_ids))
     return lengths
 
 

@@ -106,8 +106,15 @@ class SDFTTrainer(_BaseTrainer):
         self.max_prompt_length = args.max_prompt_length
         self.max_teacher_prompt_length = args.max_teacher_prompt_length
         context = getattr(text_config, "max_position_embeddings", None)
-        if self.max_teacher_prompt_length is None and context is not None:
-            self.max_teacher_prompt_length = max(1, context - args.max_completion_length)
+        if context is not None:
+            if args.max_completion_length >= context:
+                raise ValueError(
+                    f"`max_completion_length={args.max_completion_length}` leaves no room for a prompt in the model's "
+                    f"context of {context} tokens (`max_position_embeddings`): lower it well below {context}."
+                )
+            room = context - args.max_completion_length  # what a prompt may take beside a full-length completion
+            if self.max_teacher_prompt_length is None or self.max_teacher_prompt_length > room:
+                self.max_teacher_prompt_length = room
         self.prompt_lengths = batching.PromptLengths()
         for name, dataset in [("train", train_dataset), *named_eval_sets(eval_dataset)]:
             batching.check_prompt_lengths(
@@ -120,6 +127,15 @@ class SDFTTrainer(_BaseTrainer):
                 self.chat_template_kwargs,
                 self.prompt_lengths,
                 warn=lambda message: logger.warning(message, main_process_only=True),
+            )
+        if context is not None and self.prompt_lengths.student > context - args.max_completion_length:
+            raise ValueError(
+                f"The longest prompt ({self.prompt_lengths.student_row}, {self.prompt_lengths.student} tokens"
+                f"{' after the max_prompt_length cut' if self.max_prompt_length else ''}) plus "
+                f"`max_completion_length={args.max_completion_length}` exceeds the model's context of {context} tokens "
+                f"(`max_position_embeddings`). Set `max_prompt_length` to at most "
+                f"{context - args.max_completion_length} (prompts are cut from the left), or lower "
+                "`max_completion_length`."
             )
         self.generation_config = sampling_config(args, self._tokenizer, self.eos_token_ids)
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
