@@ -355,3 +355,32 @@ print("alive", flush=True)
         assert result.returncode == 1, result.stderr
         assert "Timeout (0:00:06)!" in result.stderr and "close_process_group" in result.stderr
         assert "returned" not in result.stdout
+
+
+def float_fields() -> list[str]:
+    import typing
+
+    hints = typing.get_type_hints(SDFTConfig)
+    return [f.name for f in dataclasses.fields(SDFTConfig) if float in (hints[f.name], *typing.get_args(hints[f.name]))]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_refused(tmp_path, value):
+    """NaN compares False, so range checks written as `value <= 0` let it through (temperature, learning_rate, ...)
+    and the run trained on NaN; no field has a use for inf. Every float field, inherited ones included, and the
+    values inside the dict fields."""
+    names = set(float_fields())
+    assert {"learning_rate", "temperature", "distillation_is_clip", "teacher_update_rate", "max_grad_norm"} <= names
+    assert {"adam_beta1", "adam_epsilon", "weight_decay", "vllm_importance_sampling_clip_min"} <= names
+    for name in names:
+        with pytest.raises(ValueError, match=f"`{name}=.*finite"):
+            make(tmp_path, per_device_train_batch_size=8, num_generations=2, **{name: value})
+    with pytest.raises(ValueError, match="generation_kwargs.*temperature.*finite"):
+        make(tmp_path, per_device_train_batch_size=8, num_generations=2, generation_kwargs={"temperature": value})
+
+
+def test_skipping_every_completion_token_is_refused(tmp_path):
+    """With as many tokens skipped as a completion can have, no token is left in the loss: the run learned nothing."""
+    with pytest.raises(ValueError, match="every completion token would be skipped"):
+        make(tmp_path, num_loss_tokens_to_skip=8, max_completion_length=8)
+    assert make(tmp_path, num_loss_tokens_to_skip=7, max_completion_length=8).num_loss_tokens_to_skip == 7

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from datasets import Dataset
+from transformers import AutoModelForCausalLM
 
 from trl_sdft import SDFTTrainer, SelfDistillationCallback
 from trl_sdft.batch import left_pad, right_pad, tokenize_prompts
@@ -224,16 +225,26 @@ def test_model_path_and_default_args(tiny_model_dir, tokenizer, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     from trl_sdft import SDFTConfig
 
+    # The default max_completion_length (256) would fill the tiny model's whole context: refused, with the fix.
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        SDFTTrainer(model=tiny_model_dir, train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(tmp_path / "long-context")
     trainer = SDFTTrainer(
-        model=tiny_model_dir, train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer
+        model=str(tmp_path / "long-context"), train_dataset=Dataset.from_list(facts_rows()), processing_class=tokenizer
     )
     assert isinstance(trainer.args, SDFTConfig)
     assert trainer.args.output_dir.endswith("-SDFT")
     assert trainer.model.config.pad_token_id == tokenizer.pad_token_id
 
 
-def test_skipped_tokens_leave_loss_zero_when_nothing_remains(tiny_model, tokenizer, tmp_path, trained):
-    trainer = trained(tiny_model, tokenizer, tmp_path, num_loss_tokens_to_skip=100, max_steps=1)
+def test_skipped_tokens_leave_loss_zero_when_nothing_remains(tiny_model, tokenizer, tmp_path, make_trainer):
+    """Completions that end within the skipped tokens leave nothing: zero loss, not an error. (A skip count that
+    covers `max_completion_length` is refused by the config; completions that stop early reach this at run time.)"""
+    trainer = make_trainer(tiny_model, tokenizer, tmp_path, Dataset.from_list(facts_rows()))
+    trainer.args.max_steps, trainer.args.num_loss_tokens_to_skip = 1, 100  # as if every completion had stopped early
+    trainer.train()
     assert logged_losses(trainer) == [0.0]
 
 

@@ -3,7 +3,12 @@
 Invalid combinations fail in `__post_init__`, before a model is loaded, with the fix in the message.
 """
 
-from dataclasses import dataclass, field
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from functools import cache
 from typing import Any, Literal
 
 from transformers import TrainingArguments
@@ -22,6 +27,42 @@ VLLM_MODEL_IMPLS = ("vllm", "transformers")
 LIGER_PATCHES_OFF = {
     name: False for name in ("rope", "rms_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "geglu")
 }
+
+# What a non-finite value of these fields would have meant, and how to say it instead.
+FINITE_HINTS = {
+    "distillation_is_clip": "; None turns the importance-sampling correction off",
+    "vllm_importance_sampling_clip_max": "; None for no upper bound",
+    "vllm_importance_sampling_clip_min": "; None for no lower bound",
+    "vllm_importance_sampling_cap": "; None for no upper bound",
+    "max_grad_norm": "; 0 turns gradient clipping off",
+    "vllm_server_timeout": "; a large number of seconds waits longer",
+}
+JSON_EXAMPLE = """'{"key": 1}'"""
+
+
+def type_members(hint) -> tuple:
+    """The classes a type hint admits: `dict[str, Any] | None` -> (dict, NoneType); a bare class -> (class,)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return tuple(typing.get_origin(arg) or arg for arg in args)
+
+
+@cache
+def dict_fields(cls) -> dict[str, bool]:
+    """Fields typed as a dict: name -> whether the type also admits a string (a path, for some of transformers')."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: str in type_members(hints[f.name]) for f in fields(cls) if dict in type_members(hints[f.name])}
+
+
+def non_finite_entry(value, path=()):
+    """The key path of the first NaN or infinity in nested dicts and lists, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    entries = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in entries:
+        found = non_finite_entry(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 @dataclass
@@ -71,10 +112,21 @@ class SDFTConfig(_BaseConfig):
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint directory to resume from, or `true` for the latest checkpoint in `output_dir` (the "
+            "Trainer's `resume_from_checkpoint=True`; `./true` for a directory of that name). `false`: start afresh."
+        },
+    )
+
     # Model
     model_init_kwargs: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string."},
+        metadata={
+            "help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when `model` is a string. On the "
+            f"command line a JSON object, e.g. {JSON_EXAMPLE}."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow models and tokenizers that ship custom code."}
@@ -124,10 +176,16 @@ class SDFTConfig(_BaseConfig):
     min_p: float | None = field(default=None, metadata={"help": "Minimum token probability relative to the top one."})
     generation_kwargs: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Extra `GenerationConfig` / `SamplingParams` arguments; they override the fields above."},
+        metadata={
+            "help": "Extra `GenerationConfig` / `SamplingParams` arguments; they override the fields above. On the "
+            f"command line a JSON object, e.g. {JSON_EXAMPLE}."
+        },
     )
     chat_template_kwargs: dict[str, Any] | None = field(
-        default=None, metadata={"help": "Extra `apply_chat_template` arguments."}
+        default=None,
+        metadata={
+            "help": f"Extra `apply_chat_template` arguments. On the command line a JSON object, e.g. {JSON_EXAMPLE}."
+        },
     )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty; 1.0 disables it."})
     cache_implementation: str | None = field(
@@ -306,6 +364,9 @@ class SDFTConfig(_BaseConfig):
     )
 
     def __post_init__(self):
+        self._load_json_fields()
+        self._check_finite()
+        self._resolve_resume_from_checkpoint()
         if self.vllm_importance_sampling_cap is not None:
             self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
         self._check_choices()
@@ -330,6 +391,49 @@ class SDFTConfig(_BaseConfig):
         self._check_teacher_server()
         self._check_async_rollouts()
         self._check_loss_path()
+
+    def _load_json_fields(self):
+        """Dict fields given as JSON text (the command line, or a string in a YAML file), as TRL's configs take them.
+        Those typed `dict | str` (transformers': a JSON object or a file path) are only checked: transformers loads
+        them."""
+        for name, takes_path in dict_fields(type(self)).items():
+            value = getattr(self, name)
+            example = f"e.g. --{name} {JSON_EXAMPLE}"
+            if isinstance(value, str) and (not takes_path or value.lstrip().startswith("{")):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"`{name}` is not valid JSON ({err.msg}, column {err.colno}): pass a JSON object, {example}, "
+                        "with double quotes around names and strings."
+                    ) from None
+                if takes_path:
+                    continue
+            elif takes_path or value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"`{name}` must be a JSON object (a mapping of names to values), {example}; got {value!r}."
+                )
+            setattr(self, name, value)
+
+    def _check_finite(self):
+        """NaN compares False with everything, so it passes range checks, and no field has a use for infinity."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"`{f.name}={value}` must be a finite number{FINITE_HINTS.get(f.name, '')}.")
+            path = non_finite_entry(value) if isinstance(value, (dict, list)) else None
+            if path is not None:
+                where = "".join(f"[{key!r}]" for key in path)
+                raise ValueError(f"`{f.name}{where}` must be a finite number, not NaN or infinity.")
+
+    def _resolve_resume_from_checkpoint(self):
+        """`true`/`false` from the command line or a YAML file mean the Trainer's True (latest checkpoint) / None."""
+        value = self.resume_from_checkpoint
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        self.resume_from_checkpoint = value or None
 
     def _check_choices(self):
         choices = {
@@ -383,6 +487,12 @@ class SDFTConfig(_BaseConfig):
                 raise ValueError(f"`{name}={value}` must be >= 1, or None for no limit.")
         if self.max_completion_length is None:
             raise ValueError("`max_completion_length` must be set (e.g. 256): rollouts need a length limit.")
+        if self.num_loss_tokens_to_skip >= self.max_completion_length:
+            raise ValueError(
+                f"`num_loss_tokens_to_skip={self.num_loss_tokens_to_skip}` with `max_completion_length="
+                f"{self.max_completion_length}`: every completion token would be skipped and nothing trained. Lower "
+                "`num_loss_tokens_to_skip` or raise `max_completion_length`."
+            )
 
     def _resolve_generation_batch(self):
         num_processes = self.world_size
