@@ -118,7 +118,9 @@ def test_demo_config_end_to_end_smoke(tmp_path, fresh_smollm):
         "--disable_tqdm",
         "true",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=3600, env={**os.environ})  # hang guard only
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=3600, env={**os.environ}
+    )  # hang guard only
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert results["baseline"]["general_probes"]["correct"] == 2

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
+from .checkpoints import resolve_resume_from_checkpoint
 from .config import SDFTConfig
 from .data import validate_dataset
-from .models import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
+from .data_files import load_local_dataset
+from .models import DEFAULT_MODEL, ModelUnavailableError, check_model_path, first_line, is_default_alias, resolve_model
+from .output_dir import claim_output_dir
 from .rollout import VLLMServerError
 from .utils import close_process_group
-
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+from .yaml_config import check_yaml_config, load_yaml_config, split_config_flag
 
 
 @dataclass
@@ -57,33 +59,13 @@ class SDFTScriptArguments(ScriptArguments):
         },
     )
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Tokens per greedy answer in the evaluation."})
-
-
-def load_local_dataset(path: str, split: str):
-    """A split of a local file or saved dataset directory; a one-line error names what is wrong."""
-    import datasets
-
-    if not os.path.exists(path):
-        raise ValueError(f"--dataset_path {path!r} does not exist.")
-    if os.path.isdir(path):
-        try:
-            loaded = datasets.load_from_disk(path)
-        except FileNotFoundError:
-            raise ValueError(
-                f"--dataset_path {path!r} is a directory but not one written by `Dataset.save_to_disk`."
-            ) from None
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"--dataset_path {path!r} has splits {list(loaded)}, not {split!r}.")
-            return loaded[split]
-        return loaded
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in LOCAL_FORMATS:
-        raise ValueError(
-            f"--dataset_path {path!r}: unknown format {extension or '(no extension)'!r}; use one of "
-            f"{', '.join(sorted(LOCAL_FORMATS))} or a saved dataset directory."
-        )
-    return datasets.load_dataset(LOCAL_FORMATS[extension], data_files=path, split="train")
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace an earlier run's model and checkpoints in --output_dir. Without it, a directory that "
+            "holds them is refused (resume it with --resume_from_checkpoint true instead)."
+        },
+    )
 
 
 def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
@@ -140,8 +122,25 @@ def model_init_kwargs(model_args: ModelConfig, training_args: SDFTConfig) -> dic
     return kwargs
 
 
+ARGUMENT_CLASSES = (SDFTScriptArguments, SDFTConfig, ModelConfig)
+
+
 def parse(argv=None):
-    parser = TrlParser((SDFTScriptArguments, SDFTConfig, ModelConfig), prog="trl-sdft")
+    """Flags and a `--config` YAML file into (script, training, model) arguments; bad input is one ValueError line
+    naming the flag, or the file, line and option."""
+    config_path, argv = split_config_flag(list(sys.argv[1:] if argv is None else argv))
+    parser = TrlParser(ARGUMENT_CLASSES, prog="trl-sdft")
+    from .config import dict_fields
+
+    for action in parser._actions:
+        if action.dest in dict_fields(SDFTConfig):
+            action.type = str  # JSON text, loaded (and checked) by SDFTConfig, as TRL's configs do
+    if config_path is not None:
+        config, lines = load_yaml_config(config_path)
+        config = check_yaml_config(config, lines, config_path, parser, ARGUMENT_CLASSES)
+        for name, value in config.pop("env", {}).items():
+            os.environ[str(name)] = str(value)
+        parser.set_defaults_with_config(**config)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
     model_args.model_name_or_path = model_args.model_name_or_path or DEFAULT_MODEL
     return script_args, training_args, model_args
@@ -156,16 +155,27 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
     started = time.time()
     train_dataset, eval_dataset, questions = load_data(script_args, training_args)
     validate_dataset(train_dataset, "train")  # before the model is loaded
-
-    model_path = resolve_model(model_args.model_name_or_path)
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        padding_side="left",
-        truncation_side="left",
+    resume = resolve_resume_from_checkpoint(
+        training_args.resume_from_checkpoint, training_args.output_dir, training_args.teacher_model_kind == "ema"
     )
+    model_path = resolve_model(model_args.model_name_or_path)
+    check_model_path(model_path, "--model_name_or_path")
+    lock = claim_output_dir(  # noqa: F841 (held until the run returns)
+        training_args.output_dir, script_args.overwrite_output_dir, resuming=resume is not None
+    )
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path,
+            revision=model_args.model_revision,
+            trust_remote_code=training_args.trust_remote_code,
+            padding_side="left",
+            truncation_side="left",
+        )
+    except OSError as err:
+        raise ValueError(
+            f"--model_name_or_path {model_path!r}: no tokenizer could be loaded ({first_line(err)})."
+        ) from None
     callbacks = []
     if questions is not None:
         callbacks.append(KnowledgeEvalCallback(questions, max_new_tokens=script_args.eval_max_new_tokens))
@@ -180,7 +190,7 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
     )
     for callback in callbacks:
         callback.attach(trainer)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         name = model_args.model_name_or_path if is_default_alias(model_args.model_name_or_path) else None
@@ -253,15 +263,22 @@ def relaunch_cpu_processes(argv) -> int | None:
 def vllm_serve_command(argv: list[str], cuda: bool | None = None) -> tuple[list[str], dict[str, str]]:
     """The command and environment of `trl-sdft vllm-serve`: vLLM's OpenAI server with what the trainer needs.
 
-    Development endpoints on (`VLLM_SERVER_DEV_MODE=1`: weight reloads, server info), every log-prob available
-    (teacher scoring), and an NCCL weight-transfer engine on GPU machines. On CPU: float32, an eager engine and 20% of
-    the host memory for the KV cache, unless the flags say otherwise. Other flags go to vLLM unchanged.
+    Development endpoints on (`VLLM_SERVER_DEV_MODE=1`: weight reloads, RPC, server info; hence loopback by
+    default), every log-prob available (teacher scoring), and an NCCL weight-transfer engine on GPU machines. On CPU:
+    float32, an eager engine and 20% of the host memory for the KV cache, unless the flags say otherwise. Other flags
+    go to vLLM unchanged.
     """
     import argparse
 
     parser = argparse.ArgumentParser(prog="trl-sdft vllm-serve", description=vllm_serve_command.__doc__)
     parser.add_argument("--model", required=True, help=f"path, hub id or {DEFAULT_MODEL!r}")
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only). The server runs with VLLM_SERVER_DEV_MODE=1, so "
+        "anyone who can reach the port can replace the model's weights and call RPC methods in the server: bind "
+        "another address (e.g. 0.0.0.0, for trainers on other hosts) only on a trusted network.",
+    )
     parser.add_argument("--port", type=int, default=8000)
     known, rest = parser.parse_known_args(argv)
     if cuda is None:

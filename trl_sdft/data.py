@@ -45,9 +45,36 @@ def prompt_text(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
+def prompt_kind(prompt: Any) -> str:
+    """`"chat messages"` or `"text"`: one batch is templated one way, so a dataset holds one kind of prompt."""
+    return "chat messages" if is_chat(prompt) else "text"
+
+
+def lone_surrogate(value: Any) -> bool:
+    """Whether a string in `value` (nested lists and dicts too) holds half of a UTF-16 surrogate pair: JSON allows the
+    escape, Python keeps it, and the tokenizer fails on it mid-training."""
+    if isinstance(value, str):
+        if value.isascii():
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(lone_surrogate(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(lone_surrogate(item) for item in value)
+    return False
+
+
 def validate_dataset(dataset: Dataset, name: str = "train") -> None:
     """Check columns and every row; raise a `ValueError` naming the first bad row and the fix."""
     check_dataset_type(dataset, name)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"{_describe(name).capitalize()} has no rows. Add rows with `prompt` and `privileged_context`."
+        )
     columns = list(dataset.column_names)
     missing = [column for column in REQUIRED_COLUMNS if column not in columns]
     if missing:
@@ -56,8 +83,17 @@ def validate_dataset(dataset: Dataset, name: str = "train") -> None:
             "(text or chat messages) and `privileged_context` (what the teacher sees, e.g. a demonstration). Rename "
             "your columns, e.g. `dataset.rename_column('question', 'prompt')`."
         )
+    first_kind = None
     for index, (prompt, context) in enumerate(zip(dataset["prompt"], dataset["privileged_context"], strict=True)):
         validate_row(prompt, context, index, name)
+        kind = prompt_kind(prompt)
+        first_kind = first_kind or kind
+        if kind != first_kind:
+            raise ValueError(
+                f"Row {index} of {_describe(name)}: the prompt is {kind} but row 0's is {first_kind}; prompts must be "
+                "all text or all chat messages (a batch is templated one way). Convert the odd rows, e.g. a text "
+                "prompt to `[{'role': 'user', 'content': text}]`."
+            )
 
 
 def validate_row(prompt: Any, context: Any, index: int, name: str = "train") -> None:
@@ -71,6 +107,12 @@ def validate_row(prompt: Any, context: Any, index: int, name: str = "train") -> 
             )
     elif not isinstance(prompt, str):
         raise ValueError(f"{where}: `prompt` must be a string or a list of chat messages, got {type(prompt).__name__}.")
+    for field_name, value in (("prompt", prompt), ("privileged_context", context)):
+        if lone_surrogate(value):
+            raise ValueError(
+                f"{where}: `{field_name}` holds a lone surrogate (half of a UTF-16 pair, e.g. the JSON escape "
+                "\\ud800), which is not text and would fail in the tokenizer. Fix or remove the row."
+            )
     if not prompt_text(prompt).strip():
         raise ValueError(f"{where}: the prompt is empty. Remove the row or fill in its prompt.")
     if context is None:

@@ -20,9 +20,12 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
+import stat
 import tempfile
 import time
 import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -75,6 +78,85 @@ def start_command_hint(model_name: str) -> str:
     return f"trl-sdft vllm-serve --model {model_name}"
 
 
+def checked_sync_dir(path: str) -> str:
+    """The user's `vllm_sync_dir`, created owner-only if missing. Whoever else can write there could swap the weights
+    the server loads, or plant a symlink for the trainer to write through, so such a directory is refused."""
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    where = f"`vllm_sync_dir` {path!r}"
+    if stat.S_ISLNK(info.st_mode):
+        raise ValueError(
+            f"{where} is a symbolic link; the trainer writes weights there, never through a link. Pass the "
+            "directory it points to, or a new path."
+        )
+    if not stat.S_ISDIR(info.st_mode):
+        raise ValueError(f"{where} exists but is not a directory. Pass a directory, or a new path.")
+    if info.st_uid != os.getuid():
+        raise ValueError(
+            f"{where} is owned by another user (uid {info.st_uid}), who could swap the weights the server "
+            "loads. Pass a directory of your own, or a new path."
+        )
+    if info.st_mode & stat.S_IWOTH:
+        raise ValueError(
+            f"{where} is writable by every user, who could swap the weights the server loads. "
+            f"`chmod o-w {path}`, or pass a new path."
+        )
+    return path
+
+
+class SyncDirectory:
+    """Where the CPU weight sync of server mode writes the weights for the server to reload: the user's
+    `vllm_sync_dir` (checked by `checked_sync_dir`, kept), else a fresh owner-only temporary directory, removed by
+    `remove()` or with this object. A fixed path under the shared temp dir would let another local user plant
+    weights or symlinks there first. The served model's config is read from the server's `--model` path, which a
+    reload does not change, so nothing needs the directory after training."""
+
+    def __init__(self, given: str | None):
+        self.given = given
+        self._path = checked_sync_dir(given) if given is not None else None
+        self._finalizer = None
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            self._path = tempfile.mkdtemp(prefix="trl-sdft-vllm-sync-")  # mode 0700, a name nobody can guess
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._path, ignore_errors=True)
+        return self._path
+
+    def _create(self, name: str) -> tuple[str, int]:
+        """`name` in the directory as a new file of ours, opened for writing: whatever was there (a symlink too) is
+        unlinked and the file is created exclusively, so a write never follows a link."""
+        target = os.path.join(self.path, name)
+        if os.path.lexists(target):
+            os.unlink(target)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        return target, os.open(target, flags, 0o644)
+
+    def new_file(self, name: str) -> str:
+        """An empty new file for a writer that takes a path (safetensors' `save_file`)."""
+        target, fd = self._create(name)
+        os.close(fd)
+        return target
+
+    def write(self, name: str, data: bytes) -> str:
+        target, fd = self._create(name)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return target
+
+    def remove(self) -> None:
+        """Delete the temporary directory (a user's `vllm_sync_dir` stays); a later sync makes a fresh one."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+            self._path = None
+
+
 class SDFTVLLMGeneration(VLLMGeneration):
     """TRL's `VLLMGeneration` with CPU-capable weight syncs and pre-training checks (see the module docstring)."""
 
@@ -89,6 +171,7 @@ class SDFTVLLMGeneration(VLLMGeneration):
         self.dtype = dtype
         self.enforce_eager = enforce_eager
         self.sync_dir = sync_dir
+        self.sync_directory: SyncDirectory | None = None  # main process, directory sync only
         self.sync_method = None  # "reload" (colocate), "nccl" or "directory" (server)
         self.server_max_model_len = None
         self.sync_seconds = []
@@ -187,14 +270,11 @@ class SDFTVLLMGeneration(VLLMGeneration):
             nccl = accelerator.device.type == "cuda" and info.get("weight_transfer_config") is not None
             if nccl:
                 self.vllm_client.init_communicator(device=accelerator.device)
+            else:
+                self.sync_directory = SyncDirectory(self.sync_dir)
             payload = [("nccl" if nccl else "directory", self.server_max_model_len)]
         broadcast_object_list(payload, from_process=0)
         self.sync_method, self.server_max_model_len = payload[0]
-        if self.sync_method == "directory" and self.sync_dir is None:
-            # One directory per server, kept between runs: it always holds the weights the server runs now, with
-            # their config, which is what `_check_server_architecture` reads when the next trainer connects.
-            address = self.base_url.split("://")[-1].replace(":", "-").replace("/", "-").strip("-")
-            self.sync_dir = os.path.join(tempfile.gettempdir(), f"trl-sdft-vllm-sync-{address}")
 
     def _check_server_tokenizer(self):
         mine = tokenizer_of(self.processing_class)(PROBE_TEXT, add_special_tokens=False)["input_ids"]
@@ -276,16 +356,16 @@ class SDFTVLLMGeneration(VLLMGeneration):
             if self.accelerator.is_main_process:
                 tensors[name] = param.detach().to("cpu").contiguous().clone()
         if self.accelerator.is_main_process:
-            os.makedirs(self.sync_dir, exist_ok=True)
-            self.model.config.get_text_config().to_json_file(os.path.join(self.sync_dir, "config.json"))
-            partial = os.path.join(self.sync_dir, "model.safetensors.partial")
+            directory = self.sync_directory
+            directory.write("config.json", self.model.config.get_text_config().to_json_string().encode())
+            partial = directory.new_file("model.safetensors.partial")
             save_file(tensors, partial, metadata={"format": "pt"})
-            os.replace(partial, os.path.join(self.sync_dir, "model.safetensors"))
+            os.replace(partial, os.path.join(directory.path, "model.safetensors"))
             del tensors
             # Errors here reach `VLLMRollout.sync`, which turns them into one `VLLMServerError`.
             self.vllm_client._post(
                 f"{self.base_url}/collective_rpc",
-                json={"method": "reload_weights", "kwargs": {"weights_path": self.sync_dir}},
+                json={"method": "reload_weights", "kwargs": {"weights_path": directory.path}},
             )
             self.vllm_client.reset_prefix_cache()
         self.accelerator.wait_for_everyone()
@@ -540,13 +620,17 @@ class VLLMRollout:
         return output["completion_ids"], output["logprobs"]
 
     def close(self) -> None:
-        """Wait for a round still on the server and stop the background thread (end of training)."""
+        """Wait for a round still on the server, stop the background thread and delete the temporary weight-sync
+        directory (end of training)."""
         if self._inflight is not None:
             wait([self._inflight])
             self._inflight = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        directory = getattr(self.generation, "sync_directory", None)
+        if directory is not None:
+            directory.remove()
 
     def teacher_scores(
         self, teacher_input_ids, teacher_attention_mask, mask: torch.Tensor, top: int, step: int

@@ -36,7 +36,9 @@ def parser() -> argparse.ArgumentParser:
         "--tasks",
         type=_list(str),
         default=defaults.tasks,
-        help=f"comma-separated, trained in this order: bundled ({', '.join(BUNDLED_TASKS)}) or JSONL paths",
+        help=f"comma-separated, trained in this order: bundled ({', '.join(BUNDLED_TASKS)}) or JSONL paths. A task "
+        "file is code: its `python` scorers import and run the module or file they name when it loads, so only run "
+        "task files you trust",
     )
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per task (default {defaults.steps})")
     p.add_argument(

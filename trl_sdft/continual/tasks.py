@@ -12,6 +12,9 @@ file name), `kind`, `description`, `teacher_prompt_template`, `max_new_tokens`, 
 to check that the in-context teacher solves the task. Scorers: `exact` (the stripped answer equals one of `answers`),
 `contains` (one of `answers` appears as a whole word, case-insensitive), `regex` (`pattern` matches, `re.search`),
 `python` (`function` = "module:name" or "file.py:name", called as `function(answer, row) -> bool`).
+
+A task file is code: a `python` scorer imports the module or runs the file it names, with your permissions, as soon
+as the task is loaded (before any training). Only run task files you trust, as you would a script.
 """
 
 import importlib

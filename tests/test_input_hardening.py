@@ -1,0 +1,212 @@
+"""Hostile or broken inputs found by a red-team run of the CLI: each is a one-line error that names the file, row or
+field and the fix (or a safe default), before any model is loaded."""
+
+import json
+import os
+import re
+import stat
+
+import pytest
+from datasets import Dataset
+
+from trl_sdft import cli
+from trl_sdft.data import validate_dataset, validate_row
+
+ROW = {"prompt": "q", "privileged_context": "c"}
+CHAT_ROW = {"prompt": [{"role": "user", "content": "q"}], "privileged_context": "c"}
+
+
+def one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as caught:
+        call()
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------- unreadable data files
+def test_corrupt_jsonl_line_is_named(tmp_path):
+    path = write(tmp_path / "rows.jsonl", json.dumps(ROW) + "\nnot json\n" + json.dumps(ROW) + "\n")
+    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"rows\.jsonl.*line 2 is not valid JSON.*Fix")
+
+
+def test_lone_surrogate_in_jsonl_is_named(tmp_path):
+    path = write(tmp_path / "rows.jsonl", json.dumps(ROW) + '\n{"prompt": "a\\ud800", "privileged_context": "c"}\n')
+    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"rows\.jsonl.*line 2.*`prompt`.*lone surrogate")
+
+
+def test_surrogate_pairs_are_text(tmp_path):
+    path = write(tmp_path / "rows.jsonl", '{"prompt": "a \\ud83d\\ude00", "privileged_context": "c"}\n')
+    assert cli.load_local_dataset(path, "train")["prompt"] == ["a \U0001f600"]
+
+
+def test_json_array_syntax_error_names_line_and_column(tmp_path):
+    path = write(tmp_path / "rows.json", "[\n" + json.dumps(ROW) + ',\n  {"prompt": }\n]\n')
+    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"rows\.json.*not valid JSON at line 3, column 14")
+
+
+@pytest.mark.parametrize("name, text", [("rows.csv", 'prompt,privileged_context\n"a,b\n'), ("rows.parquet", "junk")])
+def test_unparsable_csv_and_parquet_name_the_file(tmp_path, name, text):
+    path = write(tmp_path / name, text)
+    one_line_error(lambda: cli.load_local_dataset(path, "train"), re.escape(name) + ".*could not be read")
+
+
+def test_lone_surrogate_in_a_row_is_refused():
+    one_line_error(lambda: validate_row("a\ud800", "c", 3), r"Row 3 .*`prompt`.*lone surrogate")
+    one_line_error(lambda: validate_row("q", [{"role": "user", "content": "\udc00"}], 0), "`privileged_context`")
+    chat = [{"role": "system", "content": "s\ud800"}, {"role": "user", "content": "q"}]
+    one_line_error(lambda: validate_row(chat, "c", 0), r"Row 0 .*`prompt`.*lone surrogate")
+
+
+def test_corrupt_line_is_one_cli_error_line(tmp_path, capsys):
+    path = write(tmp_path / "rows.jsonl", json.dumps(ROW) + "\n{oops\n")
+    code = cli.main(["--dataset_path", path, "--model_name_or_path", str(tmp_path / "no-model"), "--use_cpu"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # progress bars aside
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("trl-sdft: error:") and "line 2" in errors[0]
+
+
+# --------------------------------------------------------------------------------------------- empty files
+@pytest.mark.parametrize(
+    "name, text", [("e.jsonl", ""), ("w.jsonl", "  \n\n"), ("e.json", ""), ("a.json", "[]"), ("h.csv", "prompt,x\n")]
+)
+def test_empty_files_have_no_rows(tmp_path, name, text):
+    path = write(tmp_path / name, text)
+    one_line_error(lambda: cli.load_local_dataset(path, "train"), re.escape(name) + ".* has no rows")
+
+
+def test_empty_csv_has_no_rows(tmp_path):
+    path = write(tmp_path / "e.csv", "")
+    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"e\.csv.* has no rows")
+
+
+def test_empty_dataset_has_no_rows():
+    one_line_error(lambda: validate_dataset(Dataset.from_dict({"prompt": [], "privileged_context": []})), "no rows")
+
+
+# ------------------------------------------------------------------------------------- mixed text and chat
+def test_mixed_prompt_kinds_are_refused_naming_the_row():
+    mixed = Dataset.from_list([ROW, ROW, CHAT_ROW], on_mixed_types="use_json")
+    one_line_error(lambda: validate_dataset(mixed), r"Row 2 .*chat messages.*row 0.*text.*all text or all chat")
+    flipped = Dataset.from_list([CHAT_ROW, ROW], on_mixed_types="use_json")
+    one_line_error(lambda: validate_dataset(flipped), r"Row 1 .*text.*row 0.*chat messages")
+
+
+def test_mixed_context_kinds_are_fine():
+    rows = [ROW, {"prompt": "q2", "privileged_context": [{"role": "user", "content": "c2"}]}]
+    validate_dataset(Dataset.from_list(rows, on_mixed_types="use_json"))
+
+
+def test_mixed_prompts_fail_in_the_cli_before_the_model_loads(tmp_path, capsys):
+    path = write(tmp_path / "rows.jsonl", json.dumps(ROW) + "\n" + json.dumps(CHAT_ROW) + "\n")
+    code = cli.main(["--dataset_path", path, "--model_name_or_path", str(tmp_path / "no-model"), "--use_cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Row 1 of the train dataset" in err and "all text or all chat" in err
+
+
+def test_mixed_prompts_a_loader_refuses_are_explained(tmp_path, monkeypatch):
+    """Older `datasets` cannot load a column of strings and lists at all: the error must still say why."""
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    path = write(tmp_path / "rows.jsonl", json.dumps(ROW) + "\n" + json.dumps(CHAT_ROW) + "\n")
+    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"rows\.jsonl.*line 2.*all text or all chat")
+
+
+# ---------------------------------------------------------------------------------------------- vllm-serve
+def test_vllm_serve_binds_loopback_by_default(tiny_model_dir):
+    command, env = cli.vllm_serve_command(["--model", tiny_model_dir], cuda=False)
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    other, _ = cli.vllm_serve_command(["--model", tiny_model_dir, "--host", "0.0.0.0"], cuda=False)
+    assert other[other.index("--host") + 1] == "0.0.0.0"
+
+
+def test_vllm_serve_host_help_warns(capsys):
+    with pytest.raises(SystemExit):
+        cli.vllm_serve_command(["--help"], cuda=False)
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "replace the model's weights" in help_text and "trusted network" in help_text
+
+
+# ---------------------------------------------------------------------------------------- weight-sync folder
+@pytest.fixture(scope="module")
+def vllm_rollout():
+    pytest.importorskip("vllm")
+    from trl_sdft import vllm_rollout
+
+    return vllm_rollout
+
+
+def test_default_sync_dir_is_private_fresh_and_removed(vllm_rollout):
+    first, second = vllm_rollout.SyncDirectory(None), vllm_rollout.SyncDirectory(None)
+    path = first.path
+    assert path != second.path and os.path.basename(path).startswith("trl-sdft-vllm-sync-")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o700 and os.stat(path).st_uid == os.getuid()
+    first.write("config.json", b"{}")
+    first.remove()
+    assert not os.path.exists(path)
+    left = second.path
+    del second  # dropped without close: the directory goes with the object
+    assert not os.path.exists(left)
+
+
+def test_given_sync_dir_is_created_owner_only(vllm_rollout, tmp_path):
+    target = tmp_path / "sync" / "weights"
+    directory = vllm_rollout.SyncDirectory(str(target))
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o700
+    directory.write("config.json", b"{}")
+    directory.remove()  # the user's folder stays
+    assert (target / "config.json").read_bytes() == b"{}"
+
+
+def test_given_sync_dir_symlink_or_foreign_is_refused(vllm_rollout, tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    one_line_error(lambda: vllm_rollout.SyncDirectory(str(tmp_path / "link")), "`vllm_sync_dir`.*symbolic link")
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(real).st_uid + 1)
+    one_line_error(lambda: vllm_rollout.SyncDirectory(str(real)), "`vllm_sync_dir`.*owned by another user")
+
+
+def test_given_sync_dir_open_to_everyone_is_refused(vllm_rollout, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    one_line_error(lambda: vllm_rollout.SyncDirectory(str(shared)), "`vllm_sync_dir`.*writable by every user")
+
+
+def test_sync_writes_never_follow_symlinks(vllm_rollout, tmp_path):
+    directory = vllm_rollout.SyncDirectory(str(tmp_path / "sync"))
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    os.symlink(victim, tmp_path / "sync" / "config.json")
+    directory.write("config.json", b"{}")
+    assert victim.read_text() == "keep" and (tmp_path / "sync" / "config.json").read_bytes() == b"{}"
+    assert not os.path.islink(tmp_path / "sync" / "config.json")
+
+
+def test_rollout_close_removes_the_private_sync_dir(vllm_rollout):
+    rollout = object.__new__(vllm_rollout.VLLMRollout)
+    rollout._inflight, rollout._executor = None, None
+    generation = object.__new__(vllm_rollout.SDFTVLLMGeneration)
+    generation.sync_directory = vllm_rollout.SyncDirectory(None)
+    rollout.generation = generation
+    path = generation.sync_directory.path
+    rollout.close()
+    assert not os.path.exists(path)
+
+
+# ------------------------------------------------------------------------------------------ continual tasks
+def test_task_files_are_documented_as_code():
+    from trl_sdft.continual import cli as continual_cli
+    from trl_sdft.continual import tasks
+
+    assert "task files you trust" in " ".join(tasks.__doc__.split())
+    assert "task files you trust" in " ".join(continual_cli.parser().format_help().split())

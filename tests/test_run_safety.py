@@ -1,0 +1,286 @@
+"""A run never loses what a user has: complete checkpoints only, resume checked before the model loads, an output
+directory neither replaced unasked nor shared, and no NaN/inf update ever applied."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from trl_sdft import SDFTTrainer, cli
+from trl_sdft.checkpoints import last_complete_checkpoint, resolve_resume_from_checkpoint
+from trl_sdft.output_dir import OutputDirLock, claim_output_dir
+from trl_sdft.testing import build_model, facts_rows
+from trl_sdft.trainer import NonFiniteTrainingError
+
+EMA_SAVES = dict(teacher_model_kind="ema", save_strategy="steps", save_steps=1)
+
+
+def make(tokenizer, tiny_config, output_dir, callbacks=None, **overrides):
+    return SDFTTrainer(
+        model=build_model(tokenizer),
+        args=tiny_config(output_dir, **overrides),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_a_save_cut_short_keeps_the_last_complete_checkpoint(tokenizer, tiny_config, tmp_path, monkeypatch):
+    """With save_total_limit=1, the older checkpoint is rotated away only once the new one is whole (teacher
+    included). Before, the parent rotated first and the teacher came last: a kill in between left none."""
+    from trl_sdft import teachers
+
+    trainer = make(tokenizer, tiny_config, tmp_path, save_total_limit=1, **EMA_SAVES)
+    real_save, calls = teachers.Teacher.save, []
+
+    def killed_on_second_save(self, checkpoint_dir):
+        calls.append(checkpoint_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while checkpoint-2 was written")
+        real_save(self, checkpoint_dir)
+
+    monkeypatch.setattr(teachers.Teacher, "save", killed_on_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    first = tmp_path / "checkpoint-1"
+    assert (first / "sdft_teacher.safetensors").is_file() and (first / "trainer_state.json").is_file()
+    assert last_complete_checkpoint(str(tmp_path), needs_teacher_state=True) == str(first)
+
+
+def test_resume_true_takes_the_newest_complete_checkpoint(tokenizer, tiny_config, tmp_path):
+    make(tokenizer, tiny_config, tmp_path, **EMA_SAVES).train()
+    with open(tmp_path / "checkpoint-2" / "trainer_state.json", "w") as f:
+        f.write('{"global_step": 2, "log_hist')  # cut short
+    ran = StepRecorder()
+    resumed = make(tokenizer, tiny_config, tmp_path, callbacks=[ran], max_steps=3, **EMA_SAVES)
+    resumed.train(resume_from_checkpoint=True)
+    assert ran.steps == [2, 3]  # resumed after step 1, the newest complete checkpoint
+
+
+class StepRecorder(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", "does not exist"),
+        ("state", "truncated or invalid trainer_state.json"),
+        ("weights", "model.safetensors is truncated or corrupt"),
+        ("optimizer", "optimizer.pt is truncated or corrupt"),
+    ],
+)
+def test_resume_names_what_is_wrong_with_the_checkpoint(tokenizer, tiny_config, tmp_path, damage, message):
+    make(tokenizer, tiny_config, tmp_path, max_steps=1, **EMA_SAVES).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    if damage == "missing":
+        checkpoint = tmp_path / "checkpoint-9"
+    elif damage == "state":
+        (checkpoint / "trainer_state.json").write_text('{"global_st')
+    else:
+        path = checkpoint / ("model.safetensors" if damage == "weights" else "optimizer.pt")
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    trainer = make(tokenizer, tiny_config, tmp_path, **EMA_SAVES)
+    with pytest.raises(ValueError, match=message) as caught:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert str(checkpoint) in str(caught.value)
+
+
+def test_resuming_an_ema_run_with_another_teacher_warns(tokenizer, tiny_config, tmp_path, caplog):
+    make(tokenizer, tiny_config, tmp_path, max_steps=1, **EMA_SAVES).train()
+    trainer = make(tokenizer, tiny_config, tmp_path, teacher_model_kind="base", save_strategy="no")
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert "the EMA teacher is dropped" in caplog.text
+
+
+def test_resume_string_true_means_latest(tmp_path):
+    with pytest.raises(ValueError, match="no complete checkpoint in"):
+        resolve_resume_from_checkpoint("true", str(tmp_path))
+    assert resolve_resume_from_checkpoint("false", str(tmp_path)) is None
+
+
+# -------------------------------------------------------------------------------------------- non-finite values
+class PoisonTeacherAfter(TrainerCallback):
+    """From optimizer step `step` on, the teacher's head outputs NaN: the loss and every gradient become NaN."""
+
+    def __init__(self, trainer_ref, step):
+        self.trainer_ref, self.step = trainer_ref, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                self.trainer_ref[0].teacher.model.lm_head.weight.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_a_non_finite_loss_stops_the_run_before_the_update(tokenizer, tiny_config, tmp_path, max_grad_norm):
+    ref = []
+    trainer = make(
+        tokenizer,
+        tiny_config,
+        tmp_path,
+        callbacks=[PoisonTeacherAfter(ref, 1)],
+        max_steps=3,
+        max_grad_norm=max_grad_norm,
+        teacher_model_kind="base",
+        save_strategy="steps",
+        save_steps=1,
+    )
+    ref.append(trainer)
+    with pytest.raises(NonFiniteTrainingError, match="Optimizer step 2: non-finite loss nan") as caught:
+        trainer.train()
+    assert "checkpoint-1" in str(caught.value)
+    assert not (tmp_path / "checkpoint-2").exists()
+    for name, param in trainer.model.named_parameters():
+        assert torch.isfinite(param).all(), name  # the NaN gradients were never applied
+
+
+# ------------------------------------------------------------------------------------------------ output dirs
+def test_output_dir_of_a_finished_run_is_refused_then_overwritten_on_request(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(ValueError, match="already holds an earlier run's results .*--overwrite_output_dir"):
+        claim_output_dir(str(tmp_path))
+    assert (tmp_path / "checkpoint-3").is_dir()
+    assert claim_output_dir(str(tmp_path), resuming=True) is not None  # resuming is the other way in
+    lock = claim_output_dir(str(tmp_path), overwrite=True, log=None)
+    assert not (tmp_path / "checkpoint-3").exists()  # a later `resume true` cannot pick the old run's
+    lock.release()
+
+
+def test_two_runs_cannot_share_an_output_dir(tmp_path):
+    held = OutputDirLock(str(tmp_path))
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"from trl_sdft.output_dir import claim_output_dir; claim_output_dir({str(tmp_path)!r})",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode != 0 and f"in use by another run (pid {os.getpid()})" in other.stderr
+    held.release()
+    assert claim_output_dir(str(tmp_path)) is not None  # free again once the first run ends
+
+
+def test_unwritable_output_dir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot be created|is a file"):
+        claim_output_dir(str(tmp_path / "file" / "out"))
+
+
+def run_cli(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr()
+
+
+def cli_flags(tmp_path, model_dir, *extra):
+    from test_cli import tiny_flags
+
+    return tiny_flags(tmp_path, model_dir, "--num_facts", "4", "--knowledge_eval", "false", *extra)
+
+
+def test_cli_refuses_a_finished_output_dir_before_the_model_loads(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the finished model")
+    monkeypatch.setattr("trl_sdft.trainer.SDFTTrainer.__init__", lambda *a, **k: pytest.fail("model loaded"))
+    code, captured = run_cli(cli_flags(tmp_path, tiny_model_dir), capsys)
+    assert code == 2 and "already holds an earlier run's results" in captured.err
+    assert "Traceback" not in captured.err
+    assert (out / "model.safetensors").read_bytes() == b"the finished model"
+
+
+@pytest.mark.parametrize(
+    "resume, message",
+    [("missing", "does not exist"), ("true", "no complete checkpoint in")],
+)
+def test_cli_resume_problems_are_one_line_before_the_model_loads(
+    tmp_path, tiny_model_dir, capsys, monkeypatch, resume, message
+):
+    target = str(tmp_path / "nowhere") if resume == "missing" else resume
+    monkeypatch.setattr("trl_sdft.trainer.SDFTTrainer.__init__", lambda *a, **k: pytest.fail("model loaded"))
+    code, captured = run_cli(cli_flags(tmp_path, tiny_model_dir, "--resume_from_checkpoint", target), capsys)
+    assert code == 2 and message in captured.err and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("problem", ["missing", "truncated", "no-config"])
+def test_cli_model_path_problems_are_one_line(tmp_path, tiny_model_dir, capsys, problem):
+    import shutil
+
+    model = tmp_path / "model"
+    if problem != "missing":
+        shutil.copytree(tiny_model_dir, model)
+    if problem == "truncated":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    if problem == "no-config":
+        (model / "config.json").unlink()
+    code, captured = run_cli(cli_flags(tmp_path, str(model)), capsys)
+    expected = {"missing": "does not exist", "truncated": "model.safetensors is truncated", "no-config": "config.json"}
+    assert code == 2 and expected[problem] in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_resumes_with_true(tmp_path, tiny_model_dir, capsys):
+    flags = cli_flags(tmp_path, tiny_model_dir, "--save_strategy", "steps", "--save_steps", "1")
+    assert cli.main(flags) == 0
+    assert cli.main(flags) == 2  # the finished run is not replaced
+    assert "already holds an earlier run's results" in capsys.readouterr().err
+    longer = [*flags, "--max_steps", "3", "--resume_from_checkpoint", "true"]
+    assert cli.main(longer) == 0
+    state = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+# ---------------------------------------------------------------------------------------------- context limits
+def test_a_completion_as_long_as_the_context_is_refused(tokenizer, tiny_config, tmp_path):
+    """Before: the teacher prompt was cut to one token and training ran."""
+    context = build_model(tokenizer).config.max_position_embeddings
+    with pytest.raises(ValueError, match=f"leaves no room for a prompt in the model's context of {context}"):
+        make(tokenizer, tiny_config, tmp_path, max_completion_length=context)
+
+
+def test_prompt_plus_completion_beyond_the_context_is_refused_at_init(tokenizer, tiny_config, tmp_path):
+    """Before: the trainer built, and the step ran past the model's positions."""
+    rows = facts_rows(4)
+    rows[2]["prompt"] = "What color is Zorbo? " * 60
+    with pytest.raises(ValueError, match=r"longest prompt \(row 2 of the train dataset, .*Set `max_prompt_length`"):
+        SDFTTrainer(
+            model=build_model(tokenizer),
+            args=tiny_config(tmp_path, max_prompt_length=None, max_completion_length=64),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_long_privileged_context_loses_its_end_not_the_question(tokenizer, tiny_config, tmp_path, caplog, chat):
+    rows = facts_rows(4, chat=chat)
+    rows[1]["privileged_context"] = "Zorbo is blue. " + "Filler words about nothing. " * 80
+    with caplog.at_level("WARNING"):
+        trainer = SDFTTrainer(
+            model=build_model(tokenizer),
+            args=tiny_config(tmp_path, max_teacher_prompt_length=48),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+    assert "the end of their privileged context will be cut so that the question stays whole" in caplog.text
+    teacher = trainer._round_prompts(rows).teacher
+    assert all(len(ids) <= 48 for ids in teacher)
+    text = tokenizer.decode(teacher[1])
+    question = rows[1]["prompt"] if not chat else rows[1]["prompt"][-1]["content"]
+    assert question.strip() in text and "Zorbo is blue." in text
+    trainer.train()  # and it trains
