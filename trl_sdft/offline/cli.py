@@ -5,17 +5,20 @@ Several processes: `torchrun --nproc_per_node N scripts/extract_logits.py ...` (
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 
+import pyarrow as pa
 import torch
 
-from ..models import DEFAULT_MODEL, resolve_model
+from ..models import DEFAULT_MODEL, ModelUnavailableError, resolve_model
+from ..output_dir import OutputDirLock, is_main_process
 from ..utils import close_process_group, ensure_pad_token
+from .checks import check_distinct_paths, check_output_dir, check_writable, first_line
 from .extract import (
     ExtractionSettings,
+    check_filtered,
     check_resumable,
     extract_shard,
     file_fingerprint,
@@ -25,6 +28,10 @@ from .extract import (
     vocab_fingerprint,
     write_filtered,
 )
+from .records import read_records
+
+# What the CLIs print as one line (`<prog>: error: ...`, exit 2); TRL_SDFT_TRACEBACK=1 shows the traceback instead.
+USER_ERRORS = (ValueError, OSError, pa.ArrowException, ImportError, ModelUnavailableError)
 
 
 def extract_parser() -> argparse.ArgumentParser:
@@ -51,30 +58,40 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--sort_by_len", action="store_true", help="process (and write) records shortest first")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --filtered_data file that holds other records"
+    )
     return p
 
 
-def read_records(path: str) -> list:
-    """Records through `datasets`; files whose records `datasets` cannot unify are read line by line instead."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--data_file {path!r} does not exist.")
-    from datasets import load_dataset
+def load_tokenizer(name: str, flag: str):
+    """The model path and its tokenizer; a model that cannot be found is one line naming it, not a hub traceback."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name)
+    local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
+    if local and not os.path.isdir(path):
+        raise ValueError(f"{flag} {name!r}: no such model directory; pass a model directory or a hub id.")
+    try:
+        return path, AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # hub errors, missing tokenizer files, ...: one line with the cause
+        raise ValueError(
+            f"{flag} {name!r}: its tokenizer could not be loaded ({type(err).__name__}: {first_line(err)}); pass a "
+            "model directory with tokenizer files, or a hub id."
+        ) from None
+
+
+def logits_width(model_path: str, tokenizer) -> int:
+    """The model's vocabulary dimension (its logits' width) from its config, without loading the weights; the
+    tokenizer's size where the config cannot tell."""
+    from transformers import AutoConfig
 
     try:
-        return list(load_dataset("json", data_files=path, split="train"))
-    except Exception:  # mixed record shapes: malformed records are counted and skipped below, not fatal
-        with open(path) as f:
-            text = f.read()
-        if path.endswith(".json") and text.lstrip().startswith("["):
-            return json.loads(text)
-        records = []
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    records.append(None)  # counted as "no messages"
-        return records
+        config = AutoConfig.from_pretrained(model_path)
+    except Exception:  # no config: the model load reports it
+        return len(tokenizer)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None) or len(tokenizer)
 
 
 def _distributed() -> tuple[int, int]:
@@ -86,16 +103,31 @@ def _distributed() -> tuple[int, int]:
 
 
 def run_extraction(args: argparse.Namespace, log=print) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if args.topk < 1 or args.batch_size < 1 or args.max_length < 2:
         raise ValueError("--topk and --batch_size must be >= 1 and --max_length >= 2.")
+    paths = {
+        "--input_file": args.data_file,
+        "--output_file": args.output_file,
+        "--filtered_data": args.filtered_data_file,
+    }
+    check_distinct_paths(paths)
+    check_writable(args.output_file, "--output_file")
+    check_writable(args.filtered_data_file, "--filtered_data")
+    records = read_records(args.data_file)
+    if not records:
+        raise ValueError(f"--input_file {args.data_file!r} holds no records (the file is empty).")
     rank, world_size = _distributed()
     log = log if rank == 0 else None
     started = time.time()
-    records = read_records(args.data_file)
-    model_path = resolve_model(args.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_path, tokenizer = load_tokenizer(args.model_name, "--model_name")
+    vocab = min(len(tokenizer), logits_width(model_path, tokenizer))
+    if args.topk > vocab:
+        raise ValueError(
+            f"--topk {args.topk} is larger than the teacher's vocabulary ({vocab} tokens), so no row could hold K "
+            f"logits per token; pass --topk {vocab} or less."
+        )
     settings = ExtractionSettings(
         model_name=args.model_name,
         topk=args.topk,
@@ -109,8 +141,14 @@ def run_extraction(args: argparse.Namespace, log=print) -> dict:
     )
     check_resumable(args.output_file, settings)
     items, kept_messages, skips = plan(records, tokenizer, args.max_length, args.sort_by_len)
+    if not items:
+        raise ValueError(
+            f"--input_file {args.data_file!r}: none of its {len(records)} records can be used ({skips.summary()}); "
+            'each needs {"messages": [{"role", "content"}, ...]} with one assistant turn, within --max_length tokens.'
+        )
     tokens, extract_started = 0, time.time()
     if not os.path.exists(args.output_file):
+        check_filtered(items, kept_messages, args.filtered_data_file, args.overwrite)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, args.dtype))
         model.eval()
         if torch.cuda.is_available():
@@ -148,14 +186,22 @@ def run_extraction(args: argparse.Namespace, log=print) -> dict:
     return summary
 
 
+def report(prog: str, err: BaseException) -> int:
+    """One line on stderr for an error the user can fix; exit status 2."""
+    if os.environ.get("TRL_SDFT_TRACEBACK"):
+        raise err
+    message = first_line(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {first_line(err)}"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def extract_main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = extract_parser().parse_args(argv)
     try:
         run_extraction(args)
-    except ValueError as err:
-        print(f"extract_logits: error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return report("extract_logits", err)
     return 0
 
 
@@ -169,6 +215,7 @@ def distill_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config_file", required=True, help="JSON with sections trainer, lora, train, validation")
     p.add_argument("--output_dir", required=True, help="where the model and tokenizer are saved")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished model already in --output_dir")
     return p
 
 
@@ -184,8 +231,28 @@ def _set_special_tokens(tokenizer, config) -> None:
     ensure_pad_token(tokenizer)
 
 
-def run_distillation(config_file: str, output_dir: str, log=print):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _lora_config(config, config_file: str):
+    if not config.lora:
+        return None
+    from peft import LoraConfig
+
+    lora = dict(config.lora)
+    peft_config = LoraConfig(
+        r=lora.pop("r", 16),
+        lora_alpha=lora.pop("alpha", 32),
+        lora_dropout=lora.pop("dropout", 0.05),
+        bias=lora.pop("bias", "none"),
+        target_modules=lora.pop("target_modules", "all-linear"),
+        modules_to_save=lora.pop("modules_to_save", None),
+        task_type="CAUSAL_LM",
+    )
+    if lora:
+        raise ValueError(f"{config_file}: unknown `lora` keys {sorted(lora)}.")
+    return peft_config
+
+
+def run_distillation(config_file: str, output_dir: str, log=print, overwrite: bool = False):
+    from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
     from .distill import DistillConfig, DistillSFTTrainer, TopKCollator, build_rows, check_quantization
@@ -197,14 +264,17 @@ def run_distillation(config_file: str, output_dir: str, log=print):
     if unknown:
         raise ValueError(f"{config_file}: `trainer` has keys that are not SFTConfig fields: {unknown}.")
     model_path = resolve_model(config.model_name)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_output_dir(output_dir, model_path, overwrite)
+    model_path, tokenizer = load_tokenizer(config.model_name, f"{config_file}: model_name")
     _set_special_tokens(tokenizer, config)
+    vocab_size = logits_width(model_path, tokenizer)
     train, train_table, topk, too_long = build_rows(
         config.train["data_path"],
         config.train["teacher_logits"],
         tokenizer,
         config.max_seq_length,
         config.only_target_loss,
+        vocab_size=vocab_size,
     )
     tables, eval_dataset = {"train": train_table}, None
     if config.validation:
@@ -215,6 +285,7 @@ def run_distillation(config_file: str, output_dir: str, log=print):
             config.max_seq_length,
             config.only_target_loss,
             source="validation",
+            vocab_size=vocab_size,
         )
         if eval_topk != topk:
             raise ValueError(f"train logits are top-{topk} but validation logits top-{eval_topk}; extract both alike.")
@@ -230,24 +301,17 @@ def run_distillation(config_file: str, output_dir: str, log=print):
         "remove_unused_columns": False,
         "dataset_kwargs": {"skip_prepare_dataset": True},
     }
-    args = SFTConfig(**trainer_args)
+    try:
+        args = SFTConfig(**trainer_args)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{config_file}: `trainer`: {first_line(err)}") from None
+    try:
+        peft_config = _lora_config(config, config_file)
+    except TypeError as err:
+        raise ValueError(f"{config_file}: `lora`: {first_line(err)}") from None
+    os.makedirs(output_dir, exist_ok=True)  # every input is checked: now the run owns its directory
+    lock = OutputDirLock(output_dir) if is_main_process() else None  # noqa: F841 (held until the run returns)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, **quantization)
-    peft_config = None
-    if config.lora:
-        from peft import LoraConfig
-
-        lora = dict(config.lora)
-        peft_config = LoraConfig(
-            r=lora.pop("r", 16),
-            lora_alpha=lora.pop("alpha", 32),
-            lora_dropout=lora.pop("dropout", 0.05),
-            bias=lora.pop("bias", "none"),
-            target_modules=lora.pop("target_modules", "all-linear"),
-            modules_to_save=lora.pop("modules_to_save", None),
-            task_type="CAUSAL_LM",
-        )
-        if lora:
-            raise ValueError(f"{config_file}: unknown `lora` keys {sorted(lora)}.")
     collator = TopKCollator(tables, topk, tokenizer.pad_token_id)
     trainer = DistillSFTTrainer(
         model=model,
@@ -273,8 +337,7 @@ def distill_main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = distill_parser().parse_args(argv)
     try:
-        run_distillation(args.config_file, args.output_dir)
-    except ValueError as err:
-        print(f"distill_sft: error: {err}", file=sys.stderr)
-        return 2
+        run_distillation(args.config_file, args.output_dir, overwrite=args.overwrite)
+    except USER_ERRORS as err:
+        return report("distill_sft", err)
     return 0

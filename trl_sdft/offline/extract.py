@@ -19,10 +19,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .records import POSITIONS_RULE, SkipCounter, normalize_record, tokenize_with_assistant_span
+from .checks import first_line
+from .records import (
+    POSITIONS_RULE,
+    ROW_HASH_RULE,
+    SkipCounter,
+    normalize_record,
+    token_hash,
+    tokenize_with_assistant_span,
+)
 
 SCHEMA = pa.schema(
-    [("idx", pa.int64()), ("topk_indices", pa.list_(pa.int32())), ("topk_values", pa.list_(pa.float32()))]
+    [
+        ("idx", pa.int64()),
+        ("topk_indices", pa.list_(pa.int32())),
+        ("topk_values", pa.list_(pa.float32())),
+        ("input_hash", pa.string()),  # token_hash of the record's input ids: ties the row to its record's content
+    ]
 )
 META_PREFIX = "trl_sdft."
 MERGE_ROW_GROUP = 256
@@ -42,6 +55,7 @@ class ExtractionSettings:
     tokenizer: str = ""
     vocab_size: int = 0
     vocab_hash: str = ""
+    row_hash: str = ROW_HASH_RULE
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -64,8 +78,13 @@ def file_metadata(settings: ExtractionSettings) -> dict[bytes, bytes]:
 
 
 def read_settings(path: str) -> dict:
-    """The extraction settings stored in a Parquet file's metadata."""
-    metadata = pq.read_schema(path).metadata or {}
+    """The extraction settings stored in a Parquet file's metadata ({} when it has none)."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(
+            f"{path} is not a readable Parquet file ({first_line(err)}); re-create it with extract_logits.py."
+        ) from None
     return {
         key.decode()[len(META_PREFIX) :]: json.loads(value)
         for key, value in metadata.items()
@@ -121,16 +140,23 @@ def topk_for_batch(model, items: list[Item], topk: int, pad_token_id: int) -> li
     for row, item in enumerate(items):
         predicting = logits[row, item.start - 1 : item.end - 1].float()  # logits at t-1 predict token t
         values, indices = predicting.topk(min(topk, predicting.shape[-1]), dim=-1)
+        if not torch.isfinite(values).all():
+            raise ValueError(
+                f"the teacher's logits for input record idx {item.idx} are non-finite (NaN or inf); a student must not "
+                "train on them, so its batch was not written. Check the teacher model (float16 logits overflow: use "
+                "--dtype float32 or bfloat16)."
+            )
         results.append((indices.flatten().int().tolist(), values.flatten().tolist()))
     return results
 
 
-def _write_table(path: str, rows: list[tuple[int, list[int], list[float]]], settings: ExtractionSettings) -> None:
+def _write_table(path: str, rows: list[tuple[int, list[int], list[float], str]], settings: ExtractionSettings) -> None:
     table = pa.table(
         {
             "idx": pa.array([r[0] for r in rows], pa.int64()),
             "topk_indices": pa.array([r[1] for r in rows], pa.list_(pa.int32())),
             "topk_values": pa.array([r[2] for r in rows], pa.list_(pa.float32())),
+            "input_hash": pa.array([r[3] for r in rows], pa.string()),
         },
         schema=SCHEMA.with_metadata(file_metadata(settings)),
     )
@@ -158,7 +184,21 @@ def written_parts(output: str) -> dict[int, str]:
 def check_resumable(output: str, settings: ExtractionSettings) -> None:
     """Parts (or a finished file) from another extraction must not be mixed into this one."""
     for path in [output] if os.path.exists(output) else list(written_parts(output).values())[:1]:
-        stored = read_settings(path)
+        try:
+            stored = read_settings(path)
+        except ValueError:
+            stored = {}
+        if not stored:
+            raise ValueError(
+                f"--output_file {output!r}: {path} exists and is not a Parquet file written by extract_logits.py; "
+                "nothing was overwritten. Choose another --output_file (or delete that file)."
+            )
+        if "row_hash" not in stored:
+            raise ValueError(
+                f"{path} was written by an older extract_logits.py (without the per-row `input_hash`), which "
+                "distill_sft.py no longer accepts; delete it (and any parts) and re-extract, or choose another "
+                "--output_file."
+            )
         changed = {key: (stored.get(key), value) for key, value in asdict(settings).items() if stored.get(key) != value}
         if changed:
             details = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in changed.items())
@@ -180,6 +220,15 @@ def extract_shard(
 ) -> int:
     """Write the missing batches of this process's shard; returns the number of assistant tokens processed."""
     os.makedirs(parts_dir(output), exist_ok=True)
+    try:
+        return _extract_batches(model, items, settings, output, pad_token_id, rank, world_size, log)
+    except BaseException:
+        if world_size == 1 and not os.listdir(parts_dir(output)):  # nothing to resume from: leave nothing behind
+            shutil.rmtree(parts_dir(output), ignore_errors=True)
+        raise
+
+
+def _extract_batches(model, items, settings, output, pad_token_id, rank, world_size, log) -> int:
     done = written_parts(output)
     batches = range(0, len(items), settings.batch_size)
     tokens = 0
@@ -189,7 +238,9 @@ def extract_shard(
             continue
         batch = items[start : start + settings.batch_size]
         results = topk_for_batch(model, batch, settings.topk, pad_token_id)
-        rows = [(item.idx, indices, values) for item, (indices, values) in zip(batch, results)]
+        rows = [
+            (item.idx, indices, values, token_hash(item.input_ids)) for item, (indices, values) in zip(batch, results)
+        ]
         _write_table(os.path.join(parts_dir(output), f"batch-{number:07d}.parquet"), rows, settings)
         tokens += sum(item.end - item.start for item in batch)
         if log and number // world_size % 20 == 0:
@@ -210,7 +261,7 @@ def merge(
     num_batches = (len(items) + settings.batch_size - 1) // settings.batch_size
     missing = [number for number in range(num_batches) if number not in parts]
     if missing:
-        raise RuntimeError(f"Cannot merge: {len(missing)} batches were not written (first: {missing[0]}); re-run.")
+        raise ValueError(f"Cannot merge: {len(missing)} batches were not written (first: {missing[0]}); re-run.")
     tmp = output + ".tmp"
     writer = pq.ParquetWriter(tmp, SCHEMA.with_metadata(file_metadata(settings)))
     rows = 0
@@ -219,7 +270,7 @@ def merge(
             table = pq.read_table(parts[number]).cast(SCHEMA)
             expected = [item.idx for item in items[number * settings.batch_size : (number + 1) * settings.batch_size]]
             if table.column("idx").to_pylist() != expected:
-                raise RuntimeError(
+                raise ValueError(
                     f"{parts[number]} does not hold the planned records {expected[:3]}...; delete "
                     f"{parts_dir(output)} and re-run."
                 )
@@ -234,10 +285,28 @@ def merge(
     return rows
 
 
+def filtered_lines(items: list[Item], kept_messages: list[list]):
+    for item, messages in zip(items, kept_messages):
+        yield json.dumps({"idx": item.idx, "messages": messages}, ensure_ascii=False) + "\n"
+
+
+def check_filtered(items: list[Item], kept_messages: list[list], path: str, overwrite: bool) -> None:
+    """An existing --filtered_data file is replaced only by the same records (another top-K of the same data) or
+    with `--overwrite`: it may be a file the user still needs."""
+    if overwrite or not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        if f.read() == "".join(filtered_lines(items, kept_messages)).encode("utf-8"):
+            return
+    raise ValueError(
+        f"--filtered_data {path!r} exists and holds other records than this extraction keeps; pass --overwrite to "
+        "replace it, or choose another --filtered_data."
+    )
+
+
 def write_filtered(items: list[Item], kept_messages: list[list], path: str) -> None:
     """The kept records (`idx` and normalised messages), one per line, in the Parquet's row order."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        for item, messages in zip(items, kept_messages):
-            f.write(json.dumps({"idx": item.idx, "messages": messages}, ensure_ascii=False) + "\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(filtered_lines(items, kept_messages))
     os.replace(path + ".tmp", path)

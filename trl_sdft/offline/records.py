@@ -3,6 +3,9 @@
 Pure functions over `{"messages": [{"role", "content"}, ...]}` records and a tokenizer's chat template.
 """
 
+import hashlib
+import json
+import os
 from collections import Counter
 
 ROLES = ("system", "user", "assistant")
@@ -11,6 +14,66 @@ ROLE_ALIASES = {"bot": "assistant"}
 # The positions rule, stored in every Parquet file: row i holds, for each assistant token t of record idx in order,
 # the teacher's top-K logits of the distribution that predicts t (the logits at position t - 1).
 POSITIONS_RULE = "assistant-tokens:next-token"
+
+# The per-row content tie, stored in every Parquet file: `input_hash` = token_hash of the record's token ids as the
+# extraction tokenized them, so a row can be checked against the record it is trained with.
+ROW_HASH_RULE = "sha256-16:input_ids"
+
+
+def token_hash(input_ids) -> str:
+    """A short hash of a token id sequence: equal hashes mean the same conversation, tokenized the same way."""
+    return hashlib.sha256(",".join(map(str, input_ids)).encode()).hexdigest()[:16]
+
+
+def _check_unicode(path: str, where: str, record) -> None:
+    """JSON escapes can carry lone surrogates (`"\\ud800"`), which no tokenizer or UTF-8 file accepts."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = err.object[err.start : err.end].encode("unicode_escape").decode()
+        raise ValueError(
+            f"{path}, {where}: the text holds a lone surrogate ({bad}), which is not valid Unicode; fix or delete "
+            "the record."
+        ) from None
+
+
+def read_records(path: str, flag: str = "--input_file") -> list:
+    """The records of a JSON Lines file (or of a JSON array). A line that is not JSON, or text that is not valid
+    Unicode, is an error naming the line: a record that silently disappears is worse than a stop."""
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{flag} {path!r} does not exist." if not os.path.exists(path) else f"{flag} {path!r} is not a file."
+        )
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.lstrip()[:1] == b"[":
+        try:
+            records = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); convert the file to UTF-8.") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg}, line {err.lineno}, column {err.colno}).") from None
+        for number, record in enumerate(records):
+            _check_unicode(path, f"record {number}", record)
+        return records
+    records = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}, line {number}: not UTF-8 text; convert the file to UTF-8.") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); each line must be one JSON "
+                "record: fix or delete the line."
+            ) from None
+        _check_unicode(path, f"line {number}", record)
+        records.append(record)
+    return records
 
 
 def normalize_record(record) -> tuple[list[dict] | None, str | None]:
