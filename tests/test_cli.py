@@ -135,7 +135,7 @@ def run_cli(*argv, env=None):
         text=True,
         cwd=ROOT,
         env={**os.environ, **(env or {})},
-        timeout=600,
+        timeout=1800,
     )
 
 
@@ -270,7 +270,7 @@ def test_two_processes_with_accelerate(tmp_path, tiny_model_dir):
         ),
     ]
     result = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command, capture_output=True, text=True, cwd=ROOT, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting 2 CPU processes" in result.stderr

@@ -139,3 +139,12 @@ def test_resume_from_checkpoint_true_means_the_latest_checkpoint(tmp_path, value
     config = write(tmp_path, f"resume_from_checkpoint: {value}\n")
     _, args, _ = cli.parse(["--config", config, *base_flags(tmp_path)])
     assert args.resume_from_checkpoint == expected
+
+
+@pytest.mark.parametrize("flags", [["--num_generations", "2.0"], ["--bf16", "maybe"], ["--teacher_model_kind"]])
+def test_a_bad_flag_value_is_one_line_without_the_usage(tmp_path, capsys, flags):
+    """argparse printed its whole usage (over 100 lines) before the one line that says what is wrong."""
+    code = cli.main(["--output_dir", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "usage:" not in err
+    assert flags[0] in err and "--help" in err

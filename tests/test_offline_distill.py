@@ -239,7 +239,7 @@ def test_cli_reports_errors_in_one_line(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,
     )
     assert result.returncode == 2 and "distill_sft: error: --config_file" in result.stderr
 
@@ -262,7 +262,7 @@ def test_both_clis_on_the_default_model_and_the_bundled_chat_data(tmp_path):
         "--topk",
         "10",
     ]
-    result = subprocess.run(extract, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+    result = subprocess.run(extract, capture_output=True, text=True, timeout=3600, env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kept 64 of 68 records; skipped 4 records" in result.stdout
     config = json.loads((ROOT / "configs" / "distill_config.json").read_text())
@@ -277,7 +277,7 @@ def test_both_clis_on_the_default_model_and_the_bundled_chat_data(tmp_path):
         "--output_dir",
         str(out / "student"),
     ]
-    result = subprocess.run(distill, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+    result = subprocess.run(distill, capture_output=True, text=True, timeout=3600, env={**os.environ, **env})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "student" / "model.safetensors").exists() and (out / "student" / "tokenizer.json").exists()
     assert "kd_loss" in result.stdout + result.stderr

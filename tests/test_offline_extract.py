@@ -211,7 +211,7 @@ def test_two_processes_write_the_same_file_as_one(tmp_path, tiny_model_dir):
         "2",
     ]
     result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        command, capture_output=True, text=True, timeout=1800, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = pq.read_table(tmp_path / "one.parquet"), pq.read_table(tmp_path / "two.parquet")
@@ -246,7 +246,7 @@ def test_the_documented_command_and_its_aliases(tmp_path, tiny_model_dir, data_f
         "5",
     ]
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
     assert pq.read_table(tmp_path / "out.parquet").column("idx").to_pylist() == [0, 1]
     assert len((tmp_path / "kept.jsonl").read_text().splitlines()) == 2

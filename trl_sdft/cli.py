@@ -130,6 +130,11 @@ def parse(argv=None):
     naming the flag, or the file, line and option."""
     config_path, argv = split_config_flag(list(sys.argv[1:] if argv is None else argv))
     parser = TrlParser(ARGUMENT_CLASSES, prog="trl-sdft")
+
+    def one_line_error(message: str):  # argparse would print its whole usage (100+ lines) first
+        raise ValueError(f"{message} (`trl-sdft --help` lists every flag).")
+
+    parser.error = one_line_error
     from .config import dict_fields
 
     for action in parser._actions:
