@@ -83,6 +83,13 @@ def test_bad_grid_files(tmp_path):
     bad.write_text('{"method": "sft", "learning_rate": 1e-5}\n{oops\n')
     with pytest.raises(GridError, match="line 2: not valid JSON"):
         load_grid(str(bad))
+    tagged = tmp_path / "e.yaml"
+    tagged.write_text('- method: sft\n  learning_rate: !!python/object/apply:os.system ["echo pwned"]\n')
+    with pytest.raises(
+        GridError, match="e.yaml, line 2: the tag !!python/object/apply:os.system is not allowed"
+    ) as err:
+        load_grid(str(tagged))
+    assert "\n" not in str(err.value)  # one line, not PyYAML's location and caret
 
 
 def test_paper_variant_is_configs_paper_yaml():

@@ -88,12 +88,13 @@ def load_yaml_config(path: str) -> tuple[dict, dict[str, int]]:
     return config, lines
 
 
-def yaml_error_line(path: str, err) -> str:
+def yaml_error_line(path: str, err, flag: str = "--config") -> str:
     """A YAML error (several lines, with a caret) as one line with the file and the line."""
     import re
 
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    where = f"--config {path}, line {mark.line + 1}" if mark is not None else f"--config {path}"
+    name = f"{flag} {path}" if flag else path
+    where = f"{name}, line {mark.line + 1}" if mark is not None else name
     problem = " ".join(str(getattr(err, "problem", None) or err).split())
     if "expected a single document" in str(getattr(err, "context", "")):
         return f"{where}: a second YAML document (after `---`): keep one document of `option: value` lines."

@@ -115,7 +115,9 @@ def load_grid(path: str) -> list[Point]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise GridError(f"{path}: not valid YAML ({err}).") from None
+            from ..yaml_config import yaml_error_line
+
+            raise GridError(yaml_error_line(path, err, flag="")) from None
         if not isinstance(data, list):
             raise GridError(f"{path}: a grid is a YAML list of points, e.g. `- {{method: sft, learning_rate: 1e-5}}`.")
         entries = [(f"{path}, point {number}", entry) for number, entry in enumerate(data, start=1)]
