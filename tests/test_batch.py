@@ -98,3 +98,16 @@ def test_long_prompts_are_cut_and_counted(tiny_model, tokenizer, tmp_path, caplo
     assert trainer.max_teacher_prompt_length == 256 - 8
     teacher = tokenize_prompts(tokenizer, [rows[0]["prompt"] + "\n\nctx"], trainer.max_teacher_prompt_length)[0]
     assert len(teacher) > 16
+
+
+def test_a_context_is_cut_to_nothing_before_the_question_is_cut(tokenizer):
+    """Where only an empty context fits, the teacher prompt keeps the whole question (and the template)."""
+    from trl_sdft.batch import fit_teacher_prompts
+
+    prompt, template = "What color is Zorbo?", "{prompt}\n\n{privileged_context}"
+    bare = len(tokenize_prompts(tokenizer, [template.format(prompt=prompt, privileged_context="")])[0])
+    fitted = fit_teacher_prompts(tokenizer, [prompt], ["Zorbo is blue. " * 20], template, bare)
+    assert fitted.context_cut == [0] and fitted.left_cut == []
+    assert prompt in tokenizer.decode(fitted.ids[0]) and len(fitted.ids[0]) <= bare
+    shorter = fit_teacher_prompts(tokenizer, [prompt], ["Zorbo is blue."], template, bare - 2)
+    assert shorter.left_cut == [0] and len(shorter.ids[0]) == bare - 2

@@ -284,3 +284,74 @@ def test_a_long_privileged_context_loses_its_end_not_the_question(tokenizer, tin
     question = rows[1]["prompt"] if not chat else rows[1]["prompt"][-1]["content"]
     assert question.strip() in text and "Zorbo is blue." in text
     trainer.train()  # and it trains
+
+
+# ------------------------------------------------------------------------------------------ found in review
+def test_fp16_overflow_is_the_scalers_business_not_an_error(tokenizer, tiny_config, tmp_path):
+    """Under fp16 loss scaling an inf gradient norm is the scaler's signal to skip the step and lower the scale;
+    only a non-finite loss stops the run there."""
+    trainer = make(tokenizer, tiny_config, tmp_path)
+    trainer._nonfinite_loss = None
+    inf = torch.tensor(float("inf"))
+    with pytest.raises(NonFiniteTrainingError, match="gradient norm inf"):
+        trainer._get_grad_norm(trainer.model, grad_norm=inf)
+    trainer.accelerator.scaler = object()  # what accelerate holds under fp16
+    assert trainer._get_grad_norm(trainer.model, grad_norm=inf) is inf
+    trainer._nonfinite_loss = float("nan")
+    with pytest.raises(NonFiniteTrainingError, match="loss nan"):
+        trainer._get_grad_norm(trainer.model, grad_norm=inf)
+
+
+def test_overwrite_removes_the_old_model_files_a_loader_could_pick(tmp_path):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "notes.txt"):
+        (tmp_path / name).write_text("old")
+    claim_output_dir(str(tmp_path), overwrite=True, log=None).release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".trl-sdft.lock", "notes.txt"]
+
+
+def test_the_model_being_trained_is_never_its_own_output_dir(tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = (model / "model.safetensors").read_bytes()
+    flags = cli_flags(tmp_path, str(model), "--output_dir", str(model), "--overwrite_output_dir")
+    code, captured = run_cli(flags, capsys)
+    assert code == 2 and "is the directory of the model being trained" in captured.err
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_a_filesystem_without_flock_runs_unlocked(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level("WARNING"):
+        assert claim_output_dir(str(tmp_path / "out")) is not None
+    assert "no lock on this filesystem" in caplog.text
+
+
+def test_resuming_before_later_checkpoints_warns(tokenizer, tiny_config, tmp_path, caplog):
+    make(tokenizer, tiny_config, tmp_path, **EMA_SAVES).train()
+    trainer = make(tokenizer, tiny_config, tmp_path, **EMA_SAVES)
+    with caplog.at_level("WARNING"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert "Resuming from step 1 while 1 later checkpoint(s)" in caplog.text
+
+
+def test_model_path_weight_checks(tmp_path, tiny_model_dir):
+    import shutil
+
+    from trl_sdft.models import check_model_path
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "pytorch_model.bin").write_bytes(b"an old hub snapshot's extra file")
+    check_model_path(str(model))  # transformers loads the safetensors: the .bin beside it is not ours to judge
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="pytorch_model.bin is empty"):
+        check_model_path(str(model))

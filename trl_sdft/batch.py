@@ -70,19 +70,20 @@ def fit_teacher_prompts(
             continue
         tokenizer = tokenizer_of(processing_class)
         context_ids = tokenizer(text=context_to_text(contexts[index]), add_special_tokens=False)["input_ids"]
-        keep = len(context_ids) - (len(row) - limit)
-        while keep > 0:  # decoding and re-encoding may merge tokens differently: shrink until it fits
-            shortened = tokenizer.decode(context_ids[:keep])
+        keep = max(0, len(context_ids) - (len(row) - limit))
+        while True:  # decoding and re-encoding may merge tokens differently: shrink until it fits, down to nothing
+            shortened = tokenizer.decode(context_ids[:keep]) if keep else ""
             prompt = build_teacher_prompt(prompts[index], shortened, template)
             fitted = tokenize_prompts(processing_class, [prompt], None, chat_template_kwargs)[0]
             if len(fitted) <= limit:
                 built[index], ids[index] = prompt, fitted
                 cut.append(index)
                 break
-            keep -= max(1, len(fitted) - limit)
-        else:
-            ids[index] = row[-limit:]
-            left_cut.append(index)
+            if keep == 0:  # the question alone is too long: cut from the left, as student prompts are
+                ids[index] = row[-limit:]
+                left_cut.append(index)
+                break
+            keep = max(0, keep - max(1, len(fitted) - limit))
     return FittedPrompts(built, ids, cut, left_cut)
 
 

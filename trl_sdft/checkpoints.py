@@ -20,6 +20,11 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 logger = logging.getLogger(__name__)
 
 
+def checkpoint_number(path: str) -> int:
+    """N of a `checkpoint-N` directory."""
+    return int(_CHECKPOINT.match(os.path.basename(os.path.normpath(path))).group(1))
+
+
 def checkpoint_dirs(output_dir: str) -> list[str]:
     """The `checkpoint-N` directories of `output_dir`, newest (highest N) first."""
     if not os.path.isdir(output_dir):
@@ -42,8 +47,13 @@ def weight_file_problem(path: str) -> str | None:
                 pass
         except Exception as err:  # SafetensorError: truncated, or not a safetensors file
             return f"{name} is truncated or corrupt ({str(err).splitlines()[0]})"
-    elif name.endswith((".pt", ".pth", ".bin")) and os.path.getsize(path) > 0 and not zipfile.is_zipfile(path):
-        return f"{name} is truncated or corrupt (not a complete torch file)"
+    elif name.endswith((".pt", ".pth", ".bin")):
+        if os.path.getsize(path) == 0:
+            return f"{name} is empty (a save cut short)"
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # torch's pre-1.6 format is a plain pickle: no cheap check, accepted
+        if not legacy and not zipfile.is_zipfile(path):
+            return f"{name} is truncated or corrupt (not a complete torch file)"
     return None
 
 

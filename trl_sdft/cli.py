@@ -165,6 +165,12 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
     )
     model_path = resolve_model(model_args.model_name_or_path)
     check_model_path(model_path, "--model_name_or_path")
+    output_dir = training_args.output_dir
+    if os.path.isdir(model_path) and os.path.isdir(output_dir) and os.path.samefile(model_path, output_dir):
+        raise ValueError(
+            f"--output_dir {output_dir!r} is the directory of the model being trained (--model_name_or_path): saving "
+            "would replace the model it starts from. Choose another --output_dir."
+        )
     lock = claim_output_dir(  # noqa: F841 (held until the run returns)
         training_args.output_dir, script_args.overwrite_output_dir, resuming=resume is not None
     )

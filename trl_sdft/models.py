@@ -58,7 +58,11 @@ def check_model_path(path: str, flag: str = "--model_name_or_path") -> None:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{flag} {path!r} is a directory without config.json: pass a model directory.")
-        for name in sorted(os.listdir(path)):
+        names = sorted(os.listdir(path))
+        safetensors = any(name.endswith(".safetensors") for name in names)
+        for name in names:
+            if safetensors and name.endswith((".bin", ".pt", ".pth")):
+                continue  # transformers loads the safetensors files; a hub snapshot may carry old torch files too
             problem = weight_file_problem(os.path.join(path, name))
             if problem:
                 raise ValueError(f"{flag} {path!r}: {problem}; copy or save the model again.")

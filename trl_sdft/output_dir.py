@@ -8,12 +8,16 @@ removed, so that a later `--resume_from_checkpoint true` cannot pick one of the 
 run out while the first one writes. The lock is the CLI's: the library never takes it.
 """
 
+import errno
+import logging
 import os
+import re
 import shutil
 
 from .checkpoints import checkpoint_dirs
 
 LOCK_FILE = ".trl-sdft.lock"
+logger = logging.getLogger(__name__)
 # What an earlier run leaves behind: its final model (full or adapter), its trainer state, its checkpoints.
 RESULT_FILES = (
     "config.json",
@@ -34,6 +38,16 @@ def earlier_results(path: str) -> list[str]:
     return names + [os.path.basename(p) for p in reversed(checkpoint_dirs(path))]
 
 
+def _is_model_file(name: str) -> bool:
+    """The files of a saved model or adapter (weights, shards, their index, configs)."""
+    if name in RESULT_FILES or name in ("adapter_model.bin", "generation_config.json"):
+        return True
+    return (
+        re.fullmatch(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)|.*\.safetensors\.index\.json", name)
+        is not None
+    )
+
+
 class OutputDirLock:
     """An exclusive advisory lock on an output directory, held while this object lives (or until `release`)."""
 
@@ -44,12 +58,16 @@ class OutputDirLock:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # A filesystem without flock (some network and FUSE mounts): run unlocked rather than never.
+                logger.warning(f"{flag} {path!r}: no lock on this filesystem ({err.strerror}); run unlocked.")
+                return
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()  # empty if it has not written yet
             os.close(self._fd)
             self._fd = None
             raise ValueError(
-                f"{flag} {path!r} is in use by another run (pid {holder}): two runs in one directory would overwrite "
+                f"{flag} {path!r} is in use by another run{f' (pid {holder})' if holder else ''}: two runs in one directory would overwrite "
                 f"each other's checkpoints and model. Wait for it to finish, or choose another {flag}."
             ) from None
         os.ftruncate(self._fd, 0)
@@ -64,9 +82,14 @@ class OutputDirLock:
         self.release()
 
 
+RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")  # torchrun/accelerate, Open MPI, MPICH/Intel MPI
+
+
 def is_main_process() -> bool:
-    """Rank 0 of a torchrun / accelerate launch, or a single process."""
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 of a torchrun / accelerate / MPI launch, or a single process (read from the launcher's environment:
+    the CLI claims its directory before torch.distributed starts)."""
+    rank = next((os.environ[name] for name in RANK_VARIABLES if name in os.environ), "0")
+    return rank.strip() == "0"
 
 
 def claim_output_dir(
@@ -100,7 +123,12 @@ def claim_output_dir(
         stale = checkpoint_dirs(path)
         for checkpoint in stale:
             shutil.rmtree(checkpoint)
+        weights = [name for name in os.listdir(path) if _is_model_file(name)]
+        for name in weights:  # a loader could pick an old file beside the new ones (an adapter, an unsharded copy)
+            os.remove(os.path.join(path, name))
         if log:
-            removed = f"; removed its {len(stale)} checkpoint(s)" if stale else ""
-            log(f"--overwrite_output_dir: replacing the earlier run in {path}{removed}")
+            log(
+                f"--overwrite_output_dir: replacing the earlier run in {path}: removed {len(stale)} checkpoint(s) and "
+                f"{len(weights)} model file(s)"
+            )
     return lock

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models import unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
@@ -30,6 +30,8 @@ from .async_rollout import AsyncRounds
 from .callbacks import dispatch
 from .checkpoints import (
     TEACHER_STATE_FILE,
+    checkpoint_dirs,
+    checkpoint_number,
     checkpoint_step,
     last_complete_checkpoint,
     resolve_resume_from_checkpoint,
@@ -113,6 +115,12 @@ class SDFTTrainer(_BaseTrainer):
                     f"context of {context} tokens (`max_position_embeddings`): lower it well below {context}."
                 )
             room = context - args.max_completion_length  # what a prompt may take beside a full-length completion
+            if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length > room:
+                logger.warning(
+                    f"`max_teacher_prompt_length={self.max_teacher_prompt_length}` does not fit beside a full "
+                    f"completion in the model's context ({context} - {args.max_completion_length}): using {room}.",
+                    main_process_only=True,
+                )
             if self.max_teacher_prompt_length is None or self.max_teacher_prompt_length > room:
                 self.max_teacher_prompt_length = room
         self.prompt_lengths = batching.PromptLengths()
@@ -266,23 +274,31 @@ class SDFTTrainer(_BaseTrainer):
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The parent's gradient norm, checked before the optimizer step: a non-finite loss or gradient stops the
-        run here, so no weight ever takes a NaN or inf update (the parent would log the average of earlier losses
-        in its place and go on to the end). Checkpoints saved before this step are untouched."""
+        run here, so no weight takes a NaN or inf update (the parent would log the average of earlier losses in its
+        place and go on to the end). Checkpoints saved before this step are untouched. Under fp16 loss scaling an
+        inf gradient norm is the scaler's overflow signal (it skips the step and lowers the scale): only the loss is
+        checked there."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        norm = torch.as_tensor(grad_norm if grad_norm is not None else 0.0, dtype=torch.float32).reshape(1)
-        bad_loss = torch.tensor([self._nonfinite_loss is not None], dtype=torch.float32)
-        flags = self.accelerator.gather(torch.cat([norm.cpu(), bad_loss]).to(self.accelerator.device)).view(-1, 2)
-        if not torch.isfinite(flags[:, 0]).all() or flags[:, 1].any():
+        value = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        norm = float(value) if value is not None else 0.0
+        scaled = self.accelerator.scaler is not None or (self.is_deepspeed_enabled and self.args.fp16)
+        flags = torch.tensor([0.0 if scaled else norm, float(self._nonfinite_loss is not None)])
+        flags = self.accelerator.gather(flags.to(self.accelerator.device)).view(-1, 2).cpu()
+        bad_norm = not torch.isfinite(flags[:, 0]).all()
+        if bad_norm or flags[:, 1].any():
             step = self.state.global_step + 1
             what = [] if self._nonfinite_loss is None else [f"loss {self._nonfinite_loss}"]
-            if not torch.isfinite(flags[:, 0]).all():
-                what.append(f"gradient norm {flags[:, 0].tolist() if flags.size(0) > 1 else flags[0, 0].item()}")
-            last = last_complete_checkpoint(self.args.output_dir)
-            kept = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved before it"
+            if bad_norm:
+                what.append(f"gradient norm {norm}")
+            if self.is_deepspeed_enabled:  # DeepSpeed's engine steps inside backward, before this check
+                kept = "DeepSpeed applied the update already: resume from the last complete checkpoint"
+            else:
+                last = last_complete_checkpoint(self.args.output_dir)
+                saved = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved before it"
+                kept = f"training stopped before the update, so the weights hold no NaN/inf ({saved})"
             raise NonFiniteTrainingError(
-                f"Optimizer step {step}: non-finite {' and '.join(what)}; training stopped before the update, so the "
-                f"weights hold no NaN/inf ({kept}). Lower `learning_rate`, check the data and `max_grad_norm`, or "
-                "train in float32 (`bf16=False`)."
+                f"Optimizer step {step}: non-finite {' and '.join(what) or 'loss on another process'}; {kept}. Lower "
+                "`learning_rate`, check the data and `max_grad_norm`, or train in float32 (`bf16=False`)."
             )
         return grad_norm
 
@@ -446,26 +462,15 @@ class SDFTTrainer(_BaseTrainer):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
-        """A checkpoint counts once it is whole: the teacher state goes in first, the parent writes the model, the
-        optimizer and `trainer_state.json` last, and only then are older checkpoints rotated away. (The parent
-        rotates right after its own files, so a run killed before the teacher was written kept no resumable one.)"""
-        run_dir = self._get_output_dir(trial=trial)
-        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        """A checkpoint counts once it is whole: the teacher state goes in first, then the parent writes the model,
+        the optimizer and `trainer_state.json` last, and only after that rotates older checkpoints away. (Written
+        after the parent, the teacher came after the rotation: a run killed in between kept no resumable one.)"""
         if self.args.should_save:
+            run_dir = self._get_output_dir(trial=trial)
+            checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(checkpoint_dir, exist_ok=True)
             self.teacher.save(checkpoint_dir)
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+        super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         needs_teacher_state = self.teacher.state_dict() is not None
@@ -482,6 +487,16 @@ class SDFTTrainer(_BaseTrainer):
                     main_process_only=True,
                 )
             self.teacher.load(resume_from_checkpoint)
+            step = checkpoint_step(resume_from_checkpoint)
+            later = [path for path in checkpoint_dirs(self.args.output_dir) if checkpoint_number(path) > step]
+            if later:
+                logger.warning(
+                    f"Resuming from step {step} while {len(later)} later checkpoint(s) of an earlier run remain in "
+                    f"{self.args.output_dir} ({os.path.basename(later[0])}, ...): this run overwrites them as it "
+                    "reaches their steps, and until then `resume_from_checkpoint=True` would pick them. Move them "
+                    "aside if you want to keep them.",
+                    main_process_only=True,
+                )
             self._step = checkpoint_step(resume_from_checkpoint) * self.args.gradient_accumulation_steps
             self._buffered_inputs = None
         self._nonfinite_loss = None
