@@ -393,3 +393,22 @@ def test_quick_run_on_the_default_model(tmp_path):
     width, height = png_size(out / "retention.png")
     assert width > 2 * height > 0
     assert "retention table:" in result.stdout
+
+
+def test_two_runs_cannot_share_an_output_dir_and_a_file_is_not_one(tmp_path, capsys):
+    """The rule every CLI follows: one run per output directory at a time; a file is no output directory."""
+    from trl_sdft.continual.cli import main
+    from trl_sdft.output_dir import OutputDirLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = OutputDirLock(str(out))
+    try:
+        assert main(["--tasks", "facts", "--output_dir", str(out)]) == 2
+        assert "in use by another run" in capsys.readouterr().err
+    finally:
+        held.release()
+    (tmp_path / "file").write_text("mine")
+    assert main(["--tasks", "facts", "--output_dir", str(tmp_path / "file")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"

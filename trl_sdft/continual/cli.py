@@ -5,6 +5,7 @@ import os
 import sys
 import time
 
+from ..output_dir import OutputDirLock
 from .harness import ContinualConfig, ContinualRunner
 from .tasks import BUNDLED_TASKS
 
@@ -121,7 +122,11 @@ def main(argv=None) -> int:
         return 2
     started = time.time()
     try:  # tasks and an existing output are checked here, before any model is loaded
+        if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+            raise ValueError(f"--output_dir {config.output_dir!r} is a file, not a directory: choose a directory path.")
         runner = ContinualRunner(config, overwrite=args.overwrite, resume=args.resume)
+        os.makedirs(config.output_dir, exist_ok=True)
+        lock = OutputDirLock(config.output_dir)  # noqa: F841 (held until the run returns: one run per directory)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
