@@ -395,3 +395,14 @@ def test_two_distillations_cannot_share_an_output_dir(tmp_path, files, student, 
         refused(capsys, distill(tmp_path, student, *files, out), "distill_sft", "in use by another run")
     finally:
         held.release()
+
+
+def test_a_truncated_model_is_one_line_in_both_clis(tmp_path, files, student, capsys, tiny_model_dir):
+    """Before: a SafetensorError traceback from deep inside loading."""
+    weights = student / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations(2))
+    code = extract_main(extract_argv(data, tmp_path / "t.parquet", tmp_path / "k.jsonl", student))
+    refused(capsys, code, "extract_logits", "model.safetensors is truncated")
+    refused(capsys, distill(tmp_path, student, *files), "distill_sft", "model.safetensors is truncated")
+    assert not (tmp_path / "t.parquet").exists() and not (tmp_path / "out").exists()

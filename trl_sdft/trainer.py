@@ -41,7 +41,7 @@ from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, EpochRepeatSampler, check_datasets, named_eval_sets
 from .evaluation import greedy_answers
 from .metrics import completion_metrics, completion_stats
-from .models import load_model, prepare_peft, prepare_processing_class
+from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class
 from .prompts import resolve_teacher_prompt_template
 from .rollout import TransformersRollout, eos_token_ids, sampling_config
 from .teachers import TeacherUpdateCallback, build_teacher
@@ -99,6 +99,7 @@ class SDFTTrainer(_BaseTrainer):
 
         set_seed(args.seed)  # PEFT initialises adapter weights randomly
         model = prepare_peft(load_model(model, args), peft_config, args)
+        check_finite_weights(model)
         processing_class, self._tokenizer = prepare_processing_class(model, processing_class, args)
         self.eos_token_ids = eos_token_ids(model, self._tokenizer)
         text_config, pad_id = model.config.get_text_config(), self._tokenizer.pad_token_id

@@ -12,7 +12,7 @@ import time
 import pyarrow as pa
 import torch
 
-from ..models import DEFAULT_MODEL, ModelUnavailableError, resolve_model
+from ..models import DEFAULT_MODEL, ModelUnavailableError, check_model_path, resolve_model
 from ..output_dir import OutputDirLock, is_main_process
 from ..utils import close_process_group, ensure_pad_token
 from .checks import check_distinct_paths, check_output_dir, check_writable, first_line
@@ -72,6 +72,7 @@ def load_tokenizer(name: str, flag: str):
     local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
     if local and not os.path.isdir(path):
         raise ValueError(f"{flag} {name!r}: no such model directory; pass a model directory or a hub id.")
+    check_model_path(path, flag)  # a cut-short weight file is named here, not a traceback after the data checks
     try:
         return path, AutoTokenizer.from_pretrained(path)
     except Exception as err:  # hub errors, missing tokenizer files, ...: one line with the cause
