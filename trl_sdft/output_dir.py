@@ -18,16 +18,17 @@ from .checkpoints import checkpoint_dirs
 
 LOCK_FILE = ".trl-sdft.lock"
 logger = logging.getLogger(__name__)
-# What an earlier run leaves behind: its final model (full or adapter), its trainer state, its checkpoints.
-RESULT_FILES = (
+# A directory holding any of these holds a finished model (or adapter) that saving would replace.
+MODEL_FILES = (
     "config.json",
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
     "adapter_config.json",
     "adapter_model.safetensors",
-    "trainer_state.json",
 )
+# What an earlier training run leaves behind: its final model (full or adapter) and its trainer state.
+RESULT_FILES = (*MODEL_FILES, "trainer_state.json")
 
 
 def earlier_results(path: str) -> list[str]:

@@ -9,15 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-# A directory holding any of these holds a finished model (or adapter) that saving would replace.
-MODEL_FILES = (
-    "config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-)
+from ..output_dir import MODEL_FILES
 
 
 def first_line(err: BaseException) -> str:
