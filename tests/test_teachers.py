@@ -160,3 +160,39 @@ def test_ema_adapter_limits(tiny_model, tokenizer, tmp_path, lora_kwargs, messag
             processing_class=tokenizer,
             peft_config=config,
         )
+
+
+@pytest.mark.parametrize(
+    "kind, use_lora", [("base", False), ("ema", False), ("live", False), ("base", True), ("ema", True)]
+)
+def test_teacher_model_is_the_module_that_scores_the_teacher_prompt(
+    tokenizer, tmp_path, tiny_config, lora_config, kind, use_lora
+):
+    """TRL's `trainer.teacher_model`: a separate frozen module for a full-model base/EMA teacher, the student itself
+    for `live` and for PEFT students (whose teacher is an adapter switch)."""
+    trainer = SDFTTrainer(
+        model=build_model(tokenizer),
+        args=tiny_config(tmp_path, teacher_model_kind=kind),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+        peft_config=lora_config() if use_lora else None,
+    )
+    if kind == "live" or use_lora:
+        assert trainer.teacher_model is trainer.model
+    else:
+        assert trainer.teacher_model is not trainer.model
+        assert not any(p.requires_grad for p in trainer.teacher_model.parameters())
+
+
+def test_a_student_that_already_has_an_adapter_is_warned_about(tokenizer, tmp_path, tiny_config, lora_config, caplog):
+    from peft import get_peft_model
+
+    student = get_peft_model(build_model(tokenizer), lora_config())
+    with caplog.at_level("WARNING"):
+        SDFTTrainer(
+            model=student,
+            args=tiny_config(tmp_path),
+            train_dataset=Dataset.from_list(facts_rows()),
+            processing_class=tokenizer,
+        )
+    assert "already carries a PEFT adapter" in caplog.text

@@ -98,7 +98,16 @@ class SDFTTrainer(_BaseTrainer):
         self.chat_template_kwargs = dict(args.chat_template_kwargs or {})
 
         set_seed(args.seed)  # PEFT initialises adapter weights randomly
-        model = prepare_peft(load_model(model, args), peft_config, args)
+        model = load_model(model, args)
+        if peft_config is None and getattr(model, "peft_config", None) is not None:
+            logger.warning(
+                "The student already carries a PEFT adapter and no `peft_config` was given: its adapter is trained as "
+                "it is. With `teacher_model_kind='base'` the teacher is the model with adapters disabled (the weights "
+                "under the adapter, not the loaded student); merge the adapter first (`merge_and_unload()`) for a "
+                "teacher that is exactly the loaded model.",
+                main_process_only=True,
+            )
+        model = prepare_peft(model, peft_config, args)
         check_finite_weights(model)
         processing_class, self._tokenizer = prepare_processing_class(model, processing_class, args)
         self.eos_token_ids = eos_token_ids(model, self._tokenizer)
@@ -213,6 +222,12 @@ class SDFTTrainer(_BaseTrainer):
             f"trainer model within {backend.probe_gap:.2e} nats per token."
         )
         return backend
+
+    @property
+    def teacher_model(self):
+        """The module that scores the teacher prompt, as TRL's attribute of this name: the frozen or EMA copy, or the
+        student itself (`live`, and PEFT students, whose teacher is an adapter switch on the same module)."""
+        return getattr(self.teacher, "model", self.model)
 
     @property
     def loss_chunk_size(self) -> int:
