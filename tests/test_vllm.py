@@ -368,11 +368,22 @@ def test_two_training_processes_with_async_rounds(vllm_model_dir, tmp_path, serv
 
 
 def test_server_context_too_small_is_an_error_before_training(vllm_model_dir, tmp_path, server):
+    """The server's `--max-model-len` is below the model's own context: prompts that fit the model but not the
+    server are refused before training. (The trainer refuses prompts beyond the model's own context first.)"""
+    import shutil
+
+    from transformers import AutoConfig
+
+    longer = tmp_path / "longer-context"  # the same model, claiming a context 4x the server's
+    shutil.copytree(vllm_model_dir, longer)
+    config = AutoConfig.from_pretrained(longer)
+    config.max_position_embeddings = 4 * SERVER_CONTEXT
+    config.save_pretrained(longer)
     rows = facts_rows()
     rows[0] = {**rows[0], "prompt": " ".join(["word"] * (SERVER_CONTEXT - 4))}
     args = server_config(tmp_path, server, max_prompt_length=None, max_completion_length=16)
     with pytest.raises(ValueError, match="the server's `--max-model-len`"):
-        SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(rows))
+        SDFTTrainer(str(longer), args=args, train_dataset=Dataset.from_list(rows))
 
 
 def test_server_with_a_different_model_is_an_error_before_training(tmp_path, server):
