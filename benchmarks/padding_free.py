@@ -73,6 +73,7 @@ def main():
         args = SDFTConfig(
             output_dir=f"/tmp/trl-sdft-padding-free-{name}",
             use_cpu=not torch.cuda.is_available(),
+            reuse_cpu_memory=True,  # as the figures were measured (the CLI's setting)
             per_device_train_batch_size=options.batch,
             num_generations=1,
             max_completion_length=128,

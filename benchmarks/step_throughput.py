@@ -139,8 +139,8 @@ def config_kwargs(case: str, workload: dict, output_dir: str) -> dict:
         kwargs["bf16"] = False
     if case == "ours-padded":
         kwargs["padding_free"] = False
-    if case == "ours-noreuse":
-        kwargs["reuse_cpu_memory"] = False
+    if case.startswith("ours"):  # the CLI's setting (the library leaves malloc alone unless asked)
+        kwargs["reuse_cpu_memory"] = case != "ours-noreuse"
     if case == "ours-vllm":
         kwargs.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, vllm_max_model_length=512)
         if workload["forced"]:

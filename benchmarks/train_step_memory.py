@@ -36,6 +36,7 @@ def run(chunk: int | None, tokens: int, steps: int, mode: str) -> dict:
     args = SDFTConfig(
         output_dir="/tmp/trl-sdft-bench-step",
         use_cpu=True,
+        reuse_cpu_memory=True,  # as the figures were measured (the CLI's setting)
         bf16=False,
         per_device_train_batch_size=8,
         num_generations=4,

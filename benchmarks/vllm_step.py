@@ -80,6 +80,7 @@ def run(backend: str, model_dir: str, steps: int, tokens: int, port: int | None)
     args = SDFTConfig(
         output_dir=f"/tmp/trl-sdft-bench-{backend.replace('+', '-')}",
         use_cpu=True,
+        reuse_cpu_memory=True,  # as the figures were measured (the CLI's setting)
         bf16=False,
         per_device_train_batch_size=8,
         num_generations=4,

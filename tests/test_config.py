@@ -258,6 +258,7 @@ def test_bad_vllm_importance_sampling_settings(tmp_path, overrides, message):
         (True, False, False, 1),  # no accelerator: the CPU trains
         (True, False, True, 0),  # an accelerator trains: malloc is left alone
         (False, True, False, 0),
+        (None, True, False, 0),  # the library's default: malloc is the process owner's business
     ],
 )
 def test_cpu_memory_reuse_applies_only_to_cpu_training(
@@ -328,7 +329,7 @@ def test_close_process_group_never_hangs(tmp_path, hang):
 
     probe = """
 import ctypes, os, sys, time, torch
-from trl_sdft.utils import close_process_group
+from trl_sdft.launch import close_process_group
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 if sys.argv[1] == "gil_released":

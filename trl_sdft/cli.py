@@ -16,10 +16,10 @@ from .checkpoints import resolve_resume_from_checkpoint
 from .config import SDFTConfig
 from .data import validate_dataset
 from .data_files import load_local_dataset
+from .launch import close_process_group, relaunch_cpu_processes
 from .models import DEFAULT_MODEL, ModelUnavailableError, check_model_path, first_line, is_default_alias, resolve_model
 from .output_dir import claim_output_dir
 from .rollout import VLLMServerError
-from .utils import close_process_group
 from .yaml_config import check_yaml_config, load_yaml_config, split_config_flag
 
 
@@ -187,6 +187,7 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
         raise ValueError(
             f"--model_name_or_path {model_path!r}: no tokenizer could be loaded ({first_line(err)})."
         ) from None
+    use_allocator_setting(training_args)
     callbacks = []
     if questions is not None:
         callbacks.append(KnowledgeEvalCallback(questions, max_new_tokens=script_args.eval_max_new_tokens))
@@ -210,6 +211,22 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
     return trainer
 
 
+def use_allocator_setting(training_args: SDFTConfig) -> None:
+    """The CLI owns its process: on a CPU it turns on malloc's reuse of freed blocks (`reuse_cpu_memory`), which the
+    library leaves off unless asked, and says so."""
+    from .utils import has_accelerator
+
+    on_cpu = training_args.use_cpu or not has_accelerator()
+    if training_args.reuse_cpu_memory is None and on_cpu:
+        training_args.reuse_cpu_memory = True
+        print(
+            "trl-sdft: this process keeps large freed CPU memory blocks for reuse (malloc thresholds raised: faster "
+            "CPU steps); --reuse_cpu_memory false turns it off",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def print_summary(results: dict | None, seconds: float, output_dir: str) -> None:
     lines = ["", "=" * 60, "SDFT summary"]
     if results and results.get("baseline") and results.get("final"):
@@ -225,50 +242,6 @@ def print_summary(results: dict | None, seconds: float, output_dir: str) -> None
         lines.append(f"answers and accuracies: {os.path.join(output_dir, 'results.json')}")
     lines += [f"wall time: {seconds / 60:.1f} min", f"model saved to: {output_dir}", "=" * 60]
     print("\n".join(lines), flush=True)
-
-
-def _processes_requested_from_accelerate() -> int | None:
-    """`--num_processes` of the `accelerate launch` that started us, read from the parent's command line."""
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            parent = [part.decode() for part in f.read().split(b"\0") if part]
-    except OSError:
-        return None
-    for index, part in enumerate(parent):
-        if part.startswith("--num_processes="):
-            return int(part.split("=", 1)[1])
-        if part == "--num_processes" and index + 1 < len(parent):
-            return int(parent[index + 1])
-    return None
-
-
-def relaunch_cpu_processes(argv) -> int | None:
-    """`accelerate launch --cpu --num_processes N` starts one process unless MPI is set up; start N with torchrun.
-
-    Only when accelerate's simple launcher asked for several CPU processes (it sets MASTER_ADDR but no RANK).
-    The N processes then train with gloo, as under `accelerate launch --multi_gpu` on GPUs.
-    """
-    env = os.environ
-    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "RANK" in env or "MASTER_ADDR" not in env:
-        return None
-    processes = _processes_requested_from_accelerate()
-    if not processes or processes < 2:
-        return None
-    import subprocess
-
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={processes}",
-        f"--master_addr={env['MASTER_ADDR']}",
-        f"--master_port={env.get('MASTER_PORT', '29500')}",
-        "-m",
-        "trl_sdft.cli",
-        *argv,
-    ]
-    print(f"trl-sdft: starting {processes} CPU processes (gloo) with torchrun", file=sys.stderr, flush=True)
-    return subprocess.call(command)
 
 
 def vllm_serve_command(argv: list[str], cuda: bool | None = None) -> tuple[list[str], dict[str, str]]:

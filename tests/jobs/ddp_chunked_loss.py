@@ -13,8 +13,8 @@ import sys
 from datasets import Dataset
 
 from trl_sdft import SDFTConfig, SDFTTrainer
+from trl_sdft.launch import close_process_group
 from trl_sdft.testing import facts_rows
-from trl_sdft.utils import close_process_group
 
 
 def main(model_dir: str, output_dir: str, path: str) -> None:

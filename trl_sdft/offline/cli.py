@@ -12,9 +12,10 @@ import time
 import pyarrow as pa
 import torch
 
+from ..launch import close_process_group
 from ..models import DEFAULT_MODEL, ModelUnavailableError, check_model_path, resolve_model
 from ..output_dir import OutputDirLock, is_main_process
-from ..utils import close_process_group, ensure_pad_token
+from ..utils import ensure_pad_token
 from .checks import check_distinct_paths, check_output_dir, check_writable, first_line
 from .extract import (
     ExtractionSettings,

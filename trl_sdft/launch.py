@@ -1,0 +1,107 @@
+"""What the CLIs do to the processes they own, and the library never does: start the processes an `accelerate launch
+--cpu` asked for, and tear torch.distributed down at the end without the gloo hang (keeping process groups alive past
+exit and arming a faulthandler backstop, both process-wide)."""
+
+import os
+import sys
+
+
+def _processes_requested_from_accelerate() -> int | None:
+    """`--num_processes` of the `accelerate launch` that started us, read from the parent's command line."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [part.decode() for part in f.read().split(b"\0") if part]
+    except OSError:
+        return None
+    for index, part in enumerate(parent):
+        if part.startswith("--num_processes="):
+            return int(part.split("=", 1)[1])
+        if part == "--num_processes" and index + 1 < len(parent):
+            return int(parent[index + 1])
+    return None
+
+
+def relaunch_cpu_processes(argv) -> int | None:
+    """`accelerate launch --cpu --num_processes N` starts one process unless MPI is set up; start N with torchrun.
+
+    Only when accelerate's simple launcher asked for several CPU processes (it sets MASTER_ADDR but no RANK).
+    The N processes then train with gloo, as under `accelerate launch --multi_gpu` on GPUs.
+    """
+    env = os.environ
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "RANK" in env or "MASTER_ADDR" not in env:
+        return None
+    processes = _processes_requested_from_accelerate()
+    if not processes or processes < 2:
+        return None
+    import subprocess
+
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_addr={env['MASTER_ADDR']}",
+        f"--master_port={env.get('MASTER_PORT', '29500')}",
+        "-m",
+        "trl_sdft.cli",
+        *argv,
+    ]
+    print(f"trl-sdft: starting {processes} CPU processes (gloo) with torchrun", file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
+def close_process_group(exit_code: int = 0, timeout_s: float = 60.0) -> None:
+    """Tear down torch.distributed at the end of a multi-process run, never hanging there. Call it last: everything
+    the run writes must be written already.
+
+    The hang this avoids (seen with py-spy in the DDP test job): the last reference to a gloo process group dies on a
+    thread that holds the GIL (a DDP reducer freed with its trainer, or the group's own teardown), so
+    `~ProcessGroupGloo` joins its worker threads under the GIL, while a worker is still freeing a finished collective
+    whose tensors are Python objects and waits for the GIL: a deadlock. The same worker freeing a tensor while the
+    interpreter shuts down aborts the process instead ("terminate called without an active exception", exit -6).
+    So this frees the run's garbage while the group is still registered, lets the workers finish freeing with the GIL
+    released, destroys the group and keeps the group objects alive to the end of the process: their destructor, which
+    only joins threads, never runs.
+
+    Two watchdogs remain for what is left (a store or a peer that stops answering): after `timeout_s` seconds a thread
+    says so on stderr and ends the process with `exit_code` (what the run would have returned); if the GIL is held,
+    `faulthandler` ends it 5 s later with exit code 1 and every thread's stack, instead of a silent hang."""
+    import ctypes
+    import faulthandler
+    import gc
+    import os
+    import sys
+    import threading
+    import time
+
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    finished = threading.Event()
+
+    def watchdog():
+        if not finished.wait(timeout_s):
+            print(
+                f"trl-sdft: torch.distributed teardown did not finish within {timeout_s:.0f} s (a known gloo hang); "
+                f"exiting with code {exit_code}: the run's outputs were already written",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.stdout.flush()
+            os._exit(exit_code)
+
+    threading.Thread(target=watchdog, name="trl-sdft-teardown-watchdog", daemon=True).start()
+    faulthandler.dump_traceback_later(timeout_s + 5, exit=True)  # needs no GIL
+    try:
+        gc.collect()  # a trainer in a reference cycle drops its DDP reducer now, not after the group is gone
+        time.sleep(0.5)  # GIL released: gloo's workers finish freeing their last collectives
+        c10d = torch.distributed.distributed_c10d
+        groups = list(getattr(getattr(c10d, "_world", None), "pg_map", None) or [c10d.GroupMember.WORLD])
+        for group in groups:
+            if group is not None:
+                ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))  # never destructed, not even at exit
+        torch.distributed.destroy_process_group()
+    finally:
+        finished.set()
+        faulthandler.cancel_dump_traceback_later()
