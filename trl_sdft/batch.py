@@ -1,8 +1,8 @@
 """From dataset rows to the tensors of one self-distillation batch: prompts, tokens, lengths, padding.
 
-The trainer calls these in order: `teacher_prompts` (the privileged-context prompt of each row), `tokenize_prompts`
-(student and teacher prompts), a rollout backend's `generate`, then `assemble_batch`. `check_prompt_lengths` runs once
-per dataset at trainer init. No model here, and no trainer state.
+The trainer calls `round_prompts` (each row's student prompt and teacher prompt, tokenized; a teacher prompt over its
+limit loses the end of its privileged context first, `fit_teacher_prompts`), a rollout backend's `generate`, then
+`assemble_batch`. `check_prompt_lengths` runs once per dataset at trainer init. No model here, and no trainer state.
 """
 
 import logging

@@ -13,9 +13,6 @@ from importlib import resources
 
 from datasets import Dataset
 
-FACT_FIELDS = ("id", "question", "paraphrase", "fact", "answer")
-
-
 def _read_jsonl(name: str) -> list[dict]:
     text = resources.files("trl_sdft.resources").joinpath(name).read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]

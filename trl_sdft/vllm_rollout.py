@@ -481,8 +481,6 @@ class VLLMRollout:
             self._check_length(longest, self.generation.server_max_model_len, "the server's `--max-model-len`")
         self.teacher_client = None
         if args.use_teacher_server:
-            from trl.generation.vllm_client import VLLMClient
-
             self.teacher_client = getattr(self.generation, "vllm_client", None)
             if self.teacher_client is None:
                 with tolerate_vllm_version():
