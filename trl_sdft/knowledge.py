@@ -13,6 +13,7 @@ from importlib import resources
 
 from datasets import Dataset
 
+
 def _read_jsonl(name: str) -> list[dict]:
     text = resources.files("trl_sdft.resources").joinpath(name).read_text()
     return [json.loads(line) for line in text.splitlines() if line.strip()]
