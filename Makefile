@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -p no:cacheprovider
 
+# A second run refuses to replace outputs/demo: `make demo ARGS=--overwrite_output_dir` replaces it.
 demo: install
-	HF_HUB_OFFLINE=1 $(PY) scripts/sdft.py --config configs/demo.yaml
+	HF_HUB_OFFLINE=1 $(PY) scripts/sdft.py --config configs/demo.yaml $(ARGS)
 
 # SFT vs SDFT on three tasks in sequence (about 40 minutes on 2 cores); --quick is a 4-minute smoke run.
 continual: install
