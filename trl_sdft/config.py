@@ -4,6 +4,7 @@ Invalid combinations fail in `__post_init__`, before a model is loaded, with the
 """
 
 import json
+import logging
 import math
 import types
 import typing
@@ -19,6 +20,7 @@ from .losses import DISTILLATION_MODES, TOPK_SUPPORTS, LossSettings
 from .prompts import resolve_teacher_prompt_template
 from .utils import has_accelerator, native_bf16, require_package
 
+logger = logging.getLogger(__name__)
 TEACHER_MODEL_KINDS = ("base", "live", "ema")
 VLLM_MODES = ("server", "colocate")
 VLLM_MODEL_IMPLS = ("vllm", "transformers")
@@ -384,6 +386,7 @@ class SDFTConfig(_BaseConfig):
         if self.bf16 and not self.use_cpu and not has_accelerator():
             # transformers trains in bf16 on a CPU only with `use_cpu`; with no accelerator that changes nothing else.
             self.use_cpu = True
+            logger.info("No accelerator: `use_cpu=True` set, which transformers needs to train in bf16 on a CPU.")
         if self.use_liger_kernel and self.liger_kernel_config is None:
             import torch
 
