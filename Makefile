@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	touch $(STAMP)
 
 test: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -p no:cacheprovider
 
 # A second run refuses to replace outputs/demo: `make demo ARGS=--overwrite_output_dir` replaces it.

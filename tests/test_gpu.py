@@ -94,7 +94,9 @@ def test_bf16_padding_free_equals_padded(sharp_model_dir, tokenizer, tmp_path, g
     kwargs = dict(model_init_kwargs={"attn_implementation": attention}, num_loss_tokens_to_skip=1)
     padded = build(sharp_model_dir, tokenizer, gpu_config(tmp_path / "a", padding_free=False, **kwargs))
     packed = build(sharp_model_dir, tokenizer, gpu_config(tmp_path / "b", **kwargs))
-    assert packed.padding_free and packed._pack_capacity == (None if attention.startswith("flash") else 0)
+    assert packed.padding_free and packed.forward_settings.pack_capacity == (
+        None if attention.startswith("flash") else 0
+    )
     for trainer in (padded, packed):
         trainer.model.train()
         trainer.model = trainer.accelerator.prepare(trainer.model)

@@ -1,5 +1,7 @@
 """Padding-free forwards: `packing.pack` on its own, and the trainer's loss and gradients against the padded batch."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -123,7 +125,8 @@ def test_padding_free_equals_padded(
         return trainer
 
     padded, packed = build("padded", False), build("packed", True)
-    packed._pack_capacity = capacity  # rows of the longest sequence (sdpa, eager) or one row (flash-attention)
+    # rows of the longest sequence (sdpa, eager) or one row (flash-attention)
+    packed.forward_settings = dataclasses.replace(packed.forward_settings, pack_capacity=capacity)
     batch = ragged_batch(padded, facts_rows()[:4], steps_per_generation=2)
     assert_same_step(padded, packed, batch, rtol=1e-4)
 

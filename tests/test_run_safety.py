@@ -13,9 +13,9 @@ from transformers import TrainerCallback
 
 from trl_sdft import SDFTTrainer, cli
 from trl_sdft.checkpoints import last_complete_checkpoint, resolve_resume_from_checkpoint
+from trl_sdft.guards import NonFiniteTrainingError
 from trl_sdft.output_dir import OutputDirLock, claim_output_dir
 from trl_sdft.testing import build_model, facts_rows
-from trl_sdft.trainer import NonFiniteTrainingError
 
 EMA_SAVES = dict(teacher_model_kind="ema", save_strategy="steps", save_steps=1)
 

@@ -178,6 +178,74 @@ def check_prompt_lengths(
     return lengths
 
 
+def teacher_prompt_limit(
+    context: int | None, max_completion_length: int, max_teacher_prompt_length: int | None, warn=logger.warning
+) -> int | None:
+    """The teacher prompt's token limit: what fits beside a full-length completion in the model's `context`
+    (`max_position_embeddings`), or the user's smaller limit. A completion that fills the context is refused."""
+    if context is None:
+        return max_teacher_prompt_length
+    if max_completion_length >= context:
+        raise ValueError(
+            f"`max_completion_length={max_completion_length}` leaves no room for a prompt in the model's context of "
+            f"{context} tokens (`max_position_embeddings`): lower it well below {context}."
+        )
+    room = context - max_completion_length
+    if max_teacher_prompt_length is not None and max_teacher_prompt_length > room:
+        warn(
+            f"`max_teacher_prompt_length={max_teacher_prompt_length}` does not fit beside a full completion in the "
+            f"model's context ({context} - {max_completion_length}): using {room}."
+        )
+    return room if max_teacher_prompt_length is None else min(max_teacher_prompt_length, room)
+
+
+def check_context(
+    lengths: PromptLengths, context: int | None, max_completion_length: int, max_prompt_length: int | None
+) -> None:
+    """Refuse, before training, a student prompt that does not fit beside a full-length completion in the model's
+    context: the step would run past the model's positions."""
+    if context is None or lengths.student <= context - max_completion_length:
+        return
+    cut = " after the max_prompt_length cut" if max_prompt_length else ""
+    raise ValueError(
+        f"The longest prompt ({lengths.student_row}, {lengths.student} tokens{cut}) plus "
+        f"`max_completion_length={max_completion_length}` exceeds the model's context of {context} tokens "
+        f"(`max_position_embeddings`). Set `max_prompt_length` to at most {context - max_completion_length} (prompts "
+        "are cut from the left), or lower `max_completion_length`."
+    )
+
+
+def fit_datasets_in_context(
+    processing_class,
+    datasets: list[tuple[str, Any]],
+    template: str,
+    chat_template_kwargs: dict | None,
+    limits: tuple[int | None, int | None, int],
+    context: int | None,
+    warn: Callable[[str], None] = logger.warning,
+) -> tuple[int | None, PromptLengths]:
+    """Once, at trainer init: the teacher prompt limit (`teacher_prompt_limit`), every dataset's prompts checked
+    against it (`check_prompt_lengths`), and the longest student prompt against the model's context
+    (`check_context`). `limits`: max_prompt_length, max_teacher_prompt_length, max_completion_length."""
+    max_prompt_length, max_teacher_prompt_length, max_completion_length = limits
+    teacher_limit = teacher_prompt_limit(context, max_completion_length, max_teacher_prompt_length, warn)
+    lengths = PromptLengths()
+    for name, dataset in datasets:
+        check_prompt_lengths(
+            processing_class,
+            dataset,
+            name,
+            template,
+            max_prompt_length,
+            teacher_limit,
+            chat_template_kwargs,
+            lengths,
+            warn=warn,
+        )
+    check_context(lengths, context, max_completion_length, max_prompt_length)
+    return teacher_limit, lengths
+
+
 def left_pad(sequences: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask for a list of token-id lists."""
     tensors = [torch.tensor(ids, dtype=torch.long) for ids in sequences]

@@ -122,3 +122,28 @@ def resolve_resume_from_checkpoint(resume, output_dir: str, needs_teacher_state:
         hint = "pass another checkpoint directory, or `true` for the newest complete one in --output_dir"
         raise ValueError(f"--resume_from_checkpoint {path!r} {problem}; {hint}.")
     return path
+
+
+def prepare_resume(resume, output_dir: str, teacher, warn) -> str | None:
+    """The checkpoint to resume from (see `resolve_resume_from_checkpoint`), with the teacher's state loaded into
+    `teacher`; `warn` is told when an EMA teacher's state is dropped (the run's teacher keeps none) and when later
+    checkpoints of an earlier run remain beyond the one resumed."""
+    needs_teacher_state = teacher.state_dict() is not None
+    path = resolve_resume_from_checkpoint(resume, output_dir, needs_teacher_state)
+    if path is None:
+        return None
+    if os.path.isfile(os.path.join(path, TEACHER_STATE_FILE)) and not needs_teacher_state:
+        warn(
+            f"{path} holds an EMA teacher's state, but this run's teacher is `teacher_model_kind={teacher.kind!r}`: "
+            "the EMA teacher is dropped. Resume with `teacher_model_kind='ema'` to keep it."
+        )
+    teacher.load(path)
+    step = checkpoint_step(path)
+    later = [other for other in checkpoint_dirs(output_dir) if checkpoint_number(other) > step]
+    if later:
+        warn(
+            f"Resuming from step {step} while {len(later)} later checkpoint(s) of an earlier run remain in "
+            f"{output_dir} ({os.path.basename(later[0])}, ...): this run overwrites them as it reaches their steps, "
+            "and until then `resume_from_checkpoint=True` would pick them. Move them aside to keep them."
+        )
+    return path

@@ -74,6 +74,19 @@ def check_model_path(path: str, flag: str = "--model_name_or_path") -> None:
         raise ValueError(f"{flag} {path!r} does not exist: check the path.")
 
 
+def warn_if_adapter_present(model, peft_config, warn) -> None:
+    """A student that already carries a PEFT adapter, with no `peft_config`: its adapter trains as it is, and a `base`
+    teacher is the model under it (adapters disabled), not the loaded student. Said once, at init."""
+    has_adapter = getattr(model, "peft_config", None) is not None
+    if has_adapter and peft_config is None:
+        warn(
+            "The student already carries a PEFT adapter and no `peft_config` was given: its adapter is trained as "
+            "it is. With `teacher_model_kind='base'` the teacher is the model with adapters disabled (the weights "
+            "under the adapter, not the loaded student); merge the adapter first (`merge_and_unload()`) for a "
+            "teacher that is exactly the loaded model."
+        )
+
+
 def check_finite_weights(model) -> None:
     """Weights holding NaN or inf (a diverged or damaged checkpoint) are refused before training: they would crash
     sampling at the first step or train into more NaN. One pass over the parameters, on their device."""

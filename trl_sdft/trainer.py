@@ -25,23 +25,16 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
 
 from . import batch as batching
-from . import losses, packing
+from . import forwards, guards, losses, packing
 from .async_rollout import AsyncRounds
 from .callbacks import dispatch
-from .checkpoints import (
-    TEACHER_STATE_FILE,
-    checkpoint_dirs,
-    checkpoint_number,
-    checkpoint_step,
-    last_complete_checkpoint,
-    resolve_resume_from_checkpoint,
-)
+from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resume
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, EpochRepeatSampler, check_datasets, named_eval_sets
 from .evaluation import greedy_answers
 from .metrics import completion_metrics, completion_stats
-from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class
+from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class, warn_if_adapter_present
 from .prompts import resolve_teacher_prompt_template
 from .rollout import TransformersRollout, eos_token_ids, sampling_config
 from .teachers import TeacherUpdateCallback, build_teacher
@@ -60,8 +53,8 @@ CITATION = """@article{shenfeld2026selfdistillation,
 }"""
 
 
-class NonFiniteTrainingError(ValueError):
-    """A loss or gradient became NaN or inf; raised before the optimizer step that would have applied it."""
+def _warn(message: str) -> None:
+    logger.warning(message, main_process_only=True)
 
 
 class SDFTTrainer(_BaseTrainer):
@@ -99,14 +92,7 @@ class SDFTTrainer(_BaseTrainer):
 
         set_seed(args.seed)  # PEFT initialises adapter weights randomly
         model = load_model(model, args)
-        if peft_config is None and getattr(model, "peft_config", None) is not None:
-            logger.warning(
-                "The student already carries a PEFT adapter and no `peft_config` was given: its adapter is trained as "
-                "it is. With `teacher_model_kind='base'` the teacher is the model with adapters disabled (the weights "
-                "under the adapter, not the loaded student); merge the adapter first (`merge_and_unload()`) for a "
-                "teacher that is exactly the loaded model.",
-                main_process_only=True,
-            )
+        warn_if_adapter_present(model, peft_config, _warn)
         model = prepare_peft(model, peft_config, args)
         check_finite_weights(model)
         processing_class, self._tokenizer = prepare_processing_class(model, processing_class, args)
@@ -116,45 +102,15 @@ class SDFTTrainer(_BaseTrainer):
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = pad_id
         self.max_prompt_length = args.max_prompt_length
-        self.max_teacher_prompt_length = args.max_teacher_prompt_length
-        context = getattr(text_config, "max_position_embeddings", None)
-        if context is not None:
-            if args.max_completion_length >= context:
-                raise ValueError(
-                    f"`max_completion_length={args.max_completion_length}` leaves no room for a prompt in the model's "
-                    f"context of {context} tokens (`max_position_embeddings`): lower it well below {context}."
-                )
-            room = context - args.max_completion_length  # what a prompt may take beside a full-length completion
-            if self.max_teacher_prompt_length is not None and self.max_teacher_prompt_length > room:
-                logger.warning(
-                    f"`max_teacher_prompt_length={self.max_teacher_prompt_length}` does not fit beside a full "
-                    f"completion in the model's context ({context} - {args.max_completion_length}): using {room}.",
-                    main_process_only=True,
-                )
-            if self.max_teacher_prompt_length is None or self.max_teacher_prompt_length > room:
-                self.max_teacher_prompt_length = room
-        self.prompt_lengths = batching.PromptLengths()
-        for name, dataset in [("train", train_dataset), *named_eval_sets(eval_dataset)]:
-            batching.check_prompt_lengths(
-                processing_class,
-                dataset,
-                name,
-                self.teacher_prompt_template,
-                self.max_prompt_length,
-                self.max_teacher_prompt_length,
-                self.chat_template_kwargs,
-                self.prompt_lengths,
-                warn=lambda message: logger.warning(message, main_process_only=True),
-            )
-        if context is not None and self.prompt_lengths.student > context - args.max_completion_length:
-            raise ValueError(
-                f"The longest prompt ({self.prompt_lengths.student_row}, {self.prompt_lengths.student} tokens"
-                f"{' after the max_prompt_length cut' if self.max_prompt_length else ''}) plus "
-                f"`max_completion_length={args.max_completion_length}` exceeds the model's context of {context} tokens "
-                f"(`max_position_embeddings`). Set `max_prompt_length` to at most "
-                f"{context - args.max_completion_length} (prompts are cut from the left), or lower "
-                "`max_completion_length`."
-            )
+        self.max_teacher_prompt_length, self.prompt_lengths = batching.fit_datasets_in_context(
+            processing_class,
+            [("train", train_dataset), *named_eval_sets(eval_dataset)],
+            self.teacher_prompt_template,
+            self.chat_template_kwargs,
+            (args.max_prompt_length, args.max_teacher_prompt_length, args.max_completion_length),
+            getattr(text_config, "max_position_embeddings", None),
+            warn=_warn,
+        )
         self.generation_config = sampling_config(args, self._tokenizer, self.eos_token_ids)
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._forward_params = set(inspect.signature(base_model.forward).parameters)
@@ -197,7 +153,12 @@ class SDFTTrainer(_BaseTrainer):
         self.padding_free = args.padding_free and problem is None
         if args.padding_free and problem:
             logger.info(f"Padded forwards: {problem}.")
-        self._pack_capacity = packing.row_capacity(unwrap(self.model))
+        self.forward_settings = forwards.ForwardSettings(
+            self.padding_free,
+            packing.row_capacity(unwrap(self.model)),
+            frozenset(self._forward_params),
+            args.temperature,
+        )
 
     def _build_rollout(self):
         """The rollout backend: vLLM (colocate or server) when `use_vllm`, else transformers' `generate`."""
@@ -225,8 +186,7 @@ class SDFTTrainer(_BaseTrainer):
 
     @property
     def teacher_model(self):
-        """The module that scores the teacher prompt, as TRL's attribute of this name: the frozen or EMA copy, or the
-        student itself (`live`, and PEFT students, whose teacher is an adapter switch on the same module)."""
+        """TRL's attribute: the frozen or EMA copy, or the student itself (`live`, and PEFT adapter switches)."""
         return getattr(self.teacher, "model", self.model)
 
     @property
@@ -289,32 +249,17 @@ class SDFTTrainer(_BaseTrainer):
         return loss
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """The parent's gradient norm, checked before the optimizer step: a non-finite loss or gradient stops the
-        run here, so no weight takes a NaN or inf update (the parent would log the average of earlier losses in its
-        place and go on to the end). Checkpoints saved before this step are untouched. Under fp16 loss scaling an
-        inf gradient norm is the scaler's overflow signal (it skips the step and lowers the scale): only the loss is
-        checked there."""
+        """The parent's gradient norm, checked on every process before the optimizer step (`guards.py`): a
+        non-finite loss or gradient stops the run there, so no weight takes a NaN or inf update."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        value = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
-        norm = float(value) if value is not None else 0.0
         scaled = self.accelerator.scaler is not None or (self.is_deepspeed_enabled and self.args.fp16)
-        flags = torch.tensor([0.0 if scaled else norm, float(self._nonfinite_loss is not None)])
+        flags = guards.step_flags(grad_norm, self._nonfinite_loss, scaled)
         flags = self.accelerator.gather(flags.to(self.accelerator.device)).view(-1, 2).cpu()
-        bad_norm = not torch.isfinite(flags[:, 0]).all()
-        if bad_norm or flags[:, 1].any():
-            step = self.state.global_step + 1
-            what = [] if self._nonfinite_loss is None else [f"loss {self._nonfinite_loss}"]
-            if bad_norm:
-                what.append(f"gradient norm {norm}")
-            if self.is_deepspeed_enabled:  # DeepSpeed's engine steps inside backward, before this check
-                kept = "DeepSpeed applied the update already: resume from the last complete checkpoint"
-            else:
-                last = last_complete_checkpoint(self.args.output_dir)
-                saved = f"the last complete checkpoint is {last}" if last else "no checkpoint was saved before it"
-                kept = f"training stopped before the update, so the weights hold no NaN/inf ({saved})"
-            raise NonFiniteTrainingError(
-                f"Optimizer step {step}: non-finite {' and '.join(what) or 'loss on another process'}; {kept}. Lower "
-                "`learning_rate`, check the data and `max_grad_norm`, or train in float32 (`bf16=False`)."
+        problem = guards.nonfinite_problem(flags, self._nonfinite_loss, grad_norm)
+        if problem:
+            last = None if self.is_deepspeed_enabled else last_complete_checkpoint(self.args.output_dir)
+            raise guards.NonFiniteTrainingError(
+                guards.message(self.state.global_step + 1, problem, self.is_deepspeed_enabled, last)
             )
         return grad_norm
 
@@ -409,31 +354,10 @@ class SDFTTrainer(_BaseTrainer):
         return result.loss / scale
 
     def _completion_view(self, model, inputs, teacher: bool = False, logits: bool = False):
-        """What the loss reads at the positions that predict the completion tokens: temperature-scaled logits on the
-        logits path; last hidden states and the LM-head weight on the chunked paths (only the last position's logits
-        are computed there). Padding-free, the forwards run on the batch packed into full rows (`packing.py`)."""
-        if teacher:
-            input_ids, attention_mask = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
-        else:
-            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-        length = inputs["completion_ids"].size(1)
-        hidden_path = self.loss_chunk_size and not logits
-        if self.padding_free:
-            hidden = packing.completion_hidden_states(model, input_ids, attention_mask, length, self._pack_capacity)
-            if not hidden_path:  # the LM head on the completion positions only (a plain head: see __init__)
-                return unwrap(model).get_output_embeddings()(hidden).float() / self.args.temperature
-            return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if "position_ids" in self._forward_params:
-            # Left padding must not shift positions (matters for models with absolute positions).
-            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        if "logits_to_keep" in self._forward_params:
-            kwargs["logits_to_keep"] = 1 if hidden_path else length + 1
-        if not hidden_path:
-            return model(**kwargs).logits[:, -length - 1 : -1] / self.args.temperature
-        hidden = model(**kwargs, output_hidden_states=True).hidden_states[-1][:, -length - 1 : -1]
-        return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
+        """What the loss reads at the positions that predict the completion tokens (`forwards.completion_view`)."""
+        input_ids, attention_mask = forwards.sequence(inputs, teacher)
+        length, hidden_path = inputs["completion_ids"].size(1), bool(self.loss_chunk_size and not logits)
+        return forwards.completion_view(model, input_ids, attention_mask, length, self.forward_settings, hidden_path)
 
     # -------------------------------------------------------------------------------------------- hooks, metrics
     def _hook(self, event: str, **payload) -> None:
@@ -478,9 +402,8 @@ class SDFTTrainer(_BaseTrainer):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
-        """A checkpoint counts once it is whole: the teacher state goes in first, then the parent writes the model,
-        the optimizer and `trainer_state.json` last, and only after that rotates older checkpoints away. (Written
-        after the parent, the teacher came after the rotation: a run killed in between kept no resumable one.)"""
+        """The teacher state first: the parent writes `trainer_state.json` last (what makes a checkpoint complete,
+        `checkpoints.py`) and only then rotates older checkpoints away."""
         if self.args.should_save:
             run_dir = self._get_output_dir(trial=trial)
             checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -489,30 +412,13 @@ class SDFTTrainer(_BaseTrainer):
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        needs_teacher_state = self.teacher.state_dict() is not None
-        resume_from_checkpoint = resolve_resume_from_checkpoint(
-            resume_from_checkpoint, self.args.output_dir, needs_teacher_state
+        resume_from_checkpoint = prepare_resume(
+            resume_from_checkpoint,
+            self.args.output_dir,
+            self.teacher,
+            _warn,
         )
         if resume_from_checkpoint:
-            saved_teacher = os.path.isfile(os.path.join(resume_from_checkpoint, TEACHER_STATE_FILE))
-            if saved_teacher and not needs_teacher_state:
-                logger.warning(
-                    f"{resume_from_checkpoint} holds an EMA teacher's state, but this run's teacher is "
-                    f"`teacher_model_kind={self.teacher.kind!r}`: the EMA teacher is dropped. Resume with "
-                    "`teacher_model_kind='ema'` to keep it.",
-                    main_process_only=True,
-                )
-            self.teacher.load(resume_from_checkpoint)
-            step = checkpoint_step(resume_from_checkpoint)
-            later = [path for path in checkpoint_dirs(self.args.output_dir) if checkpoint_number(path) > step]
-            if later:
-                logger.warning(
-                    f"Resuming from step {step} while {len(later)} later checkpoint(s) of an earlier run remain in "
-                    f"{self.args.output_dir} ({os.path.basename(later[0])}, ...): this run overwrites them as it "
-                    "reaches their steps, and until then `resume_from_checkpoint=True` would pick them. Move them "
-                    "aside if you want to keep them.",
-                    main_process_only=True,
-                )
             self._step = checkpoint_step(resume_from_checkpoint) * self.args.gradient_accumulation_steps
             self._buffered_inputs = None
         self._nonfinite_loss = None

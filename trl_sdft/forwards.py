@@ -1,0 +1,50 @@
+"""The forwards the loss reads: student or teacher over prompt + completion, and what comes back at the positions
+that predict the completion tokens (temperature-scaled logits, or hidden states and the LM-head weight for the
+chunked paths). Padded, or packed into rows without padding (`packing.py`)."""
+
+from dataclasses import dataclass
+
+import torch
+
+from . import packing
+from .chunked_loss import HiddenStates
+from .utils import unwrap
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    """Built once at trainer init: whether forwards run packed, the packed row size, the names the model's forward
+    takes, and the sampling temperature the logits are divided by."""
+
+    padding_free: bool
+    pack_capacity: int | None
+    forward_params: frozenset
+    temperature: float
+
+
+def completion_view(model, input_ids, attention_mask, length: int, settings: ForwardSettings, hidden_path: bool):
+    """Logits `[B, length, V]` / temperature, or `HiddenStates` when `hidden_path` (only the last position's logits
+    are computed there), at the `length` positions that predict the completion."""
+    if settings.padding_free:
+        hidden = packing.completion_hidden_states(model, input_ids, attention_mask, length, settings.pack_capacity)
+        if not hidden_path:  # the LM head on the completion positions only (a plain head: see `packing_problem`)
+            return unwrap(model).get_output_embeddings()(hidden).float() / settings.temperature
+        return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if "position_ids" in settings.forward_params:
+        # Left padding must not shift positions (matters for models with absolute positions).
+        kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    if "logits_to_keep" in settings.forward_params:
+        kwargs["logits_to_keep"] = 1 if hidden_path else length + 1
+    if not hidden_path:
+        return model(**kwargs).logits[:, -length - 1 : -1] / settings.temperature
+    hidden = model(**kwargs, output_hidden_states=True).hidden_states[-1][:, -length - 1 : -1]
+    return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
+
+
+def sequence(inputs: dict, teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask of the teacher's prompt + completion, or the student's."""
+    if teacher:
+        return inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    return ids, torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
