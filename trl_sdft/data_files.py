@@ -5,6 +5,8 @@ good files cost nothing extra)."""
 import json
 import os
 
+from .jsonl import JSONLineError, json_lines
+
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -114,21 +116,18 @@ def _array_rows(path: str):
 def _line_rows(path: str):
     """The rows of a JSON Lines file, one line at a time (a large file is never held whole)."""
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except UnicodeDecodeError:
-                raise _BadJSON(f"line {number} is not UTF-8 text. Save the file as UTF-8.") from None
-            except json.JSONDecodeError as err:
-                if number == 1 and _is_one_document(path):
-                    raise _BadJSON(f"holds one JSON object spread over lines, not rows. {ROWS_HINT}") from None
-                raise _BadJSON(
-                    f"line {number} is not valid JSON ({err.msg}, column {err.colno}). Fix or remove that line "
-                    "(JSON Lines: one object per line)."
-                ) from None
-            yield f"line {number}", row
+        try:
+            for number, row in json_lines(f):
+                yield f"line {number}", row
+        except JSONLineError as err:
+            if err.not_utf8:
+                raise _BadJSON(f"line {err.number} is not UTF-8 text. Save the file as UTF-8.") from None
+            if err.number == 1 and _is_one_document(path):
+                raise _BadJSON(f"holds one JSON object spread over lines, not rows. {ROWS_HINT}") from None
+            raise _BadJSON(
+                f"line {err.number} is not valid JSON ({err.msg}, column {err.colno}). Fix or remove that line "
+                "(JSON Lines: one object per line)."
+            ) from None
 
 
 ROWS_HINT = "Write a JSON array of row objects, or one row object per line (JSON Lines)."

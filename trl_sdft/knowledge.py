@@ -6,17 +6,18 @@ privileged context) and the answer word. `probes.jsonl`: general-knowledge quest
 answers correctly with greedy decoding (checked when the file was made), to measure forgetting.
 """
 
-import json
 import os
 import re
 from importlib import resources
 
 from datasets import Dataset
 
+from .jsonl import JSONLineError, json_lines
+
 
 def _read_jsonl(name: str) -> list[dict]:
     text = resources.files("trl_sdft.resources").joinpath(name).read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [record for _, record in json_lines(text.splitlines())]
 
 
 def load_facts(num_facts: int | None = None) -> list[dict]:
@@ -60,21 +61,24 @@ QUESTION_FORMAT = (
 )
 
 
+def _numbered(rows, source: str):
+    """`json_lines` rows, with a line that does not parse worded for a question file."""
+    try:
+        yield from rows
+    except JSONLineError as err:
+        what = "not UTF-8 text (save the file as UTF-8)" if err.not_utf8 else f"not valid JSON ({err.msg})"
+        raise ValueError(f"{source}, line {err.number}: {what}. Write {QUESTION_FORMAT}.") from None
+
+
 def read_question_file(path: str, flag: str = "--eval_questions", paraphrases: bool = True) -> list[dict]:
     """Rows `{question, answers, paraphrase?}` of a user's question file (JSONL). Every problem is a `ValueError`
     naming the file, the line and the fix, raised before any model is loaded."""
     if not os.path.isfile(path):
         raise ValueError(f"{flag} {path!r} does not exist (expected a JSONL file: {QUESTION_FORMAT}).")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for number, record in _numbered(json_lines(f), f"{flag} {path}"):
             where = f"{flag} {path}, line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg}). Write {QUESTION_FORMAT}.") from None
             if not isinstance(record, dict):
                 raise ValueError(
                     f"{where}: expected a JSON object, got {type(record).__name__}. Write {QUESTION_FORMAT}."

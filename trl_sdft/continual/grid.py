@@ -11,9 +11,10 @@ variants are named sets of `SDFTConfig` settings on top of the harness's own (`V
 recipe as `configs/paper.yaml` writes it (`PAPER_RECIPE`, kept equal to that file by the tests).
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..jsonl import JSONLineError, json_lines
 
 # The original SDFT recipe in SDFTConfig fields (see configs/paper.yaml for where each comes from). Batch, lengths,
 # steps and the learning rate are the grid's.
@@ -101,14 +102,10 @@ def load_grid(path: str) -> list[Point]:
         raise GridError(f"Grid file {path!r} does not exist.")
     text = file.read_text()
     if file.suffix in (".jsonl", ".json"):
-        entries = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"{path}, line {number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise GridError(f"{path}, line {number}: not valid JSON ({err.msg}).") from None
+        try:
+            entries = [(f"{path}, line {number}", point) for number, point in json_lines(text.splitlines())]
+        except JSONLineError as err:
+            raise GridError(f"{path}, line {err.number}: not valid JSON ({err.msg}).") from None
     else:
         import yaml
 

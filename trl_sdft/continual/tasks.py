@@ -19,7 +19,6 @@ as the task is loaded (before any training). Only run task files you trust, as y
 
 import importlib
 import importlib.util
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 from datasets import Dataset
 
+from ..jsonl import JSONLineError, json_lines
 from ..knowledge import chat, is_correct, load_probes
 from ..prompts import build_teacher_prompt, context_to_text, is_chat, resolve_teacher_prompt_template
 
@@ -258,15 +258,10 @@ def task_from_rows(records: list[dict], name: str, source: str = "<rows>") -> Ta
 
 
 def _parse_jsonl(text: str, source: str) -> list[dict]:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise TaskError(f"{source}, line {number}: not valid JSON ({err.msg}).") from None
-    return records
+    try:
+        return [record for _, record in json_lines(text.splitlines())]
+    except JSONLineError as err:
+        raise TaskError(f"{source}, line {err.number}: not valid JSON ({err.msg}).") from None
 
 
 def load_task(name_or_path: str) -> Task:

@@ -8,6 +8,8 @@ import json
 import os
 from collections import Counter
 
+from ..jsonl import JSONLineError, json_lines
+
 ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"bot": "assistant"}
 
@@ -57,22 +59,17 @@ def read_records(path: str, flag: str = "--input_file") -> list:
             _check_unicode(path, f"record {number}", record)
         return records
     records = []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}, line {number}: not UTF-8 text; convert the file to UTF-8.") from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); each line must be one JSON "
-                "record: fix or delete the line."
-            ) from None
-        _check_unicode(path, f"line {number}", record)
-        records.append(record)
+    try:
+        for number, record in json_lines(data.splitlines()):
+            _check_unicode(path, f"line {number}", record)
+            records.append(record)
+    except JSONLineError as err:
+        if err.not_utf8:
+            raise ValueError(f"{path}, line {err.number}: not UTF-8 text; convert the file to UTF-8.") from None
+        raise ValueError(
+            f"{path}, line {err.number}: not valid JSON ({err.msg}, column {err.colno}); each line must be one JSON "
+            "record: fix or delete the line."
+        ) from None
     return records
 
 
