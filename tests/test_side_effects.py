@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 PROBE = r"""
 import atexit, faulthandler, json, os, signal, sys, threading
 
@@ -93,3 +95,23 @@ def test_the_cli_turns_the_allocator_setting_on_and_says_so(tmp_path, tiny_model
     calls.clear()
     assert cli.main([*flags, "--output_dir", str(tmp_path / "off"), "--reuse_cpu_memory", "false"]) == 0
     assert calls == [] and "keeps large freed" not in capsys.readouterr().err
+
+
+def test_cpu_process_count_is_asked_for_before_it_is_guessed(monkeypatch, capsys):
+    """`TRL_SDFT_CPU_PROCESSES` gives the number of CPU processes an `accelerate launch --cpu` wanted; the parent's
+    command line is only the fallback, and an unknown number is said on stderr, not guessed."""
+    from trl_sdft import launch
+
+    monkeypatch.setattr(launch, "_processes_from_parent_command_line", lambda: 3)
+    assert launch.requested_cpu_processes({"TRL_SDFT_CPU_PROCESSES": "2"}) == 2
+    assert launch.requested_cpu_processes({}) == 3
+    with pytest.raises(ValueError, match="TRL_SDFT_CPU_PROCESSES='two'"):
+        launch.requested_cpu_processes({"TRL_SDFT_CPU_PROCESSES": "two"})
+
+    monkeypatch.setattr(launch, "_processes_from_parent_command_line", lambda: None)
+    for name, value in {"ACCELERATE_USE_CPU": "true", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("TRL_SDFT_CPU_PROCESSES", raising=False)
+    assert launch.relaunch_cpu_processes(["--help"]) is None
+    assert "TRL_SDFT_CPU_PROCESSES=N" in capsys.readouterr().err

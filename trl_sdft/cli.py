@@ -19,7 +19,7 @@ from .data_files import load_local_dataset
 from .launch import close_process_group, relaunch_cpu_processes
 from .models import DEFAULT_MODEL, ModelUnavailableError, check_model_path, first_line, is_default_alias, resolve_model
 from .output_dir import claim_output_dir
-from .rollout import VLLMServerError
+from .rollouts import VLLMServerError
 from .yaml_config import check_yaml_config, load_yaml_config, split_config_flag
 
 
@@ -303,7 +303,11 @@ def main(argv=None):
         from .continual.cli import main as continual_main
 
         return continual_main(argv[1:])
-    relaunched = relaunch_cpu_processes(argv)
+    try:
+        relaunched = relaunch_cpu_processes(argv)
+    except ValueError as err:
+        print(f"trl-sdft: error: {err}", file=sys.stderr)
+        return 2
     if relaunched is not None:
         return relaunched
     code = 1  # an unexpected exception propagates; the teardown watchdog exits with 1 then

@@ -5,33 +5,62 @@ exit and arming a faulthandler backstop, both process-wide)."""
 import os
 import sys
 
+PROCESSES_VARIABLE = "TRL_SDFT_CPU_PROCESSES"
 
-def _processes_requested_from_accelerate() -> int | None:
-    """`--num_processes` of the `accelerate launch` that started us, read from the parent's command line."""
+
+def _processes_from_parent_command_line() -> int | None:
+    """`--num_processes` of the `accelerate launch` that started us, read from its command line (Linux `/proc`).
+    accelerate's CPU launcher passes the number to no environment variable, so this is the one place it is found
+    when the user did not set `TRL_SDFT_CPU_PROCESSES`."""
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
             parent = [part.decode() for part in f.read().split(b"\0") if part]
     except OSError:
         return None
     for index, part in enumerate(parent):
+        value = None
         if part.startswith("--num_processes="):
-            return int(part.split("=", 1)[1])
-        if part == "--num_processes" and index + 1 < len(parent):
-            return int(parent[index + 1])
+            value = part.split("=", 1)[1]
+        elif part == "--num_processes" and index + 1 < len(parent):
+            value = parent[index + 1]
+        if value is not None:
+            return int(value) if value.isdigit() else None
     return None
+
+
+def requested_cpu_processes(env=None) -> int | None:
+    """How many CPU processes the user asked for: `TRL_SDFT_CPU_PROCESSES` when set, else the parent
+    `accelerate launch --num_processes` (see `_processes_from_parent_command_line`)."""
+    env = os.environ if env is None else env
+    given = env.get(PROCESSES_VARIABLE, "").strip()
+    if given:
+        if not given.isdigit() or int(given) < 1:
+            raise ValueError(f"{PROCESSES_VARIABLE}={given!r}: must be a whole number of processes >= 1.")
+        return int(given)
+    return _processes_from_parent_command_line()
 
 
 def relaunch_cpu_processes(argv) -> int | None:
     """`accelerate launch --cpu --num_processes N` starts one process unless MPI is set up; start N with torchrun.
 
     Only when accelerate's simple launcher asked for several CPU processes (it sets MASTER_ADDR but no RANK).
-    The N processes then train with gloo, as under `accelerate launch --multi_gpu` on GPUs.
+    The N processes then train with gloo, as under `accelerate launch --multi_gpu` on GPUs. `torchrun
+    --nproc_per_node N` (which sets RANK) needs none of this.
     """
     env = os.environ
     if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1") or "RANK" in env or "MASTER_ADDR" not in env:
         return None
-    processes = _processes_requested_from_accelerate()
-    if not processes or processes < 2:
+    processes = requested_cpu_processes(env)
+    if processes is None:
+        print(
+            "trl-sdft: accelerate set up a multi-process CPU launch but started one process, and the number asked "
+            f"for is unknown here: training in one process. Set {PROCESSES_VARIABLE}=N, or launch with `torchrun "
+            "--nproc_per_node N`.",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    if processes < 2:
         return None
     import subprocess
 
