@@ -11,10 +11,9 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from trl_sdft import SDFTConfig, SDFTTrainer
-from trl_sdft.async_rollout import RoundLookahead
-from trl_sdft.rollout import Rollouts, VLLMServerError
+from trl_sdft.rollouts import PendingRound, Rollouts, VLLMServerError
+from trl_sdft.rollouts.async_rounds import RoundLookahead
 from trl_sdft.testing import facts_rows
-from trl_sdft.vllm_rollout import PendingRound
 
 SERVER_LOGP = -1.5
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trl_sdft import chunked_loss, losses
+from trl_sdft.importance import ImportanceSettings
 from trl_sdft.testing import assert_same_step
 
 B, T, H, V = 3, 7, 16, 97
@@ -33,15 +34,14 @@ def unfused(student_hidden, student_weight, teacher_hidden, teacher_weight, toke
             student_logits, teacher_logits, spec.topk, spec.alpha, spec.add_tail, spec.support
         )
     elif spec.mode == "full_logits":
-        per_token = losses.full_logits_loss(student_logits, teacher_logits, spec.alpha)
+        per_token = losses.generalized_jsd(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), spec.alpha)
     else:
         per_token = losses.sampled_token_loss(
             losses.token_log_probs(student_logits, token_ids), losses.token_log_probs(teacher_logits, token_ids)
         )
-    if spec.is_clip is not None:
-        per_token = losses.clip_importance_weights(
-            per_token, losses.token_log_probs(student_logits, token_ids), rollout, spec.is_clip
-        )
+    if spec.importance.is_clip is not None:
+        student_logps = losses.token_log_probs(student_logits, token_ids).detach()
+        per_token = per_token * (student_logps - rollout).exp().clamp(max=spec.importance.is_clip)
     return losses.sequence_mean(per_token, mask), per_token
 
 
@@ -81,7 +81,7 @@ def test_chunked_equals_unfused(case, chunk_size):
 @pytest.mark.parametrize("mode", ["topk_logits", "sampled_token"])
 def test_chunked_with_importance_clipping_and_outputs(mode):
     tensors = inputs(seed=1)
-    spec = losses.LossSettings(mode=mode, alpha=1.0, topk=5, is_clip=1.5, chunk_size=5)
+    spec = losses.LossSettings(mode=mode, alpha=1.0, topk=5, chunk_size=5, importance=ImportanceSettings(is_clip=1.5))
     rollout = tensors[-1]
     expected = value_and_grads(lambda *t: unfused(*t[:-1], rollout, spec)[0], tensors)
     actual = value_and_grads(
@@ -324,16 +324,18 @@ def _load(model_dir):
 
 
 def test_settings_pick_the_loss_function(tmp_path, tiny_config):
-    logits_path = losses.LossSettings.from_config(tiny_config(tmp_path), chunk_size=0)
+    from trl_sdft.settings import loss_settings
+
+    logits_path = loss_settings(tiny_config(tmp_path), chunk_size=0)
     assert chunked_loss.loss_function(logits_path) is losses.logits_loss
-    chunked = losses.LossSettings.from_config(tiny_config(tmp_path), chunk_size=16)
+    chunked = loss_settings(tiny_config(tmp_path), chunk_size=16)
     assert chunked.chunk_size == 16 and chunked_loss.loss_function(chunked) is chunked_loss.hidden_states_loss
     liger_args = tiny_config(
         tmp_path, use_liger_kernel=True, distillation_mode="full_logits", distillation_is_clip=None
     )
-    liger = losses.LossSettings.from_config(liger_args, chunk_size=16)
+    liger = loss_settings(liger_args, chunk_size=16)
     assert liger.use_liger and chunked_loss.loss_function(liger) is chunked_loss.liger_loss
-    assert not losses.LossSettings.from_config(liger_args, chunk_size=0).use_liger  # the logits path has no Liger
+    assert not loss_settings(liger_args, chunk_size=0).use_liger  # the logits path has no Liger
 
 
 # ------------------------------------------------------------------------------------- bf16 mixed precision (CPU)

@@ -228,12 +228,14 @@ def test_bf16_on_a_cpu_needs_no_use_cpu_flag(tmp_path):
 def test_vllm_importance_sampling_fields(tmp_path):
     args = make(tmp_path, use_vllm=True)
     assert args.vllm_importance_sampling_active
-    settings = __import__("trl_sdft").losses.LossSettings.from_config(args)
-    assert (settings.vllm_is_mode, settings.vllm_is_min, settings.vllm_is_max) == ("token_truncate", None, 2.0)
+    from trl_sdft.settings import loss_settings
+
+    settings = loss_settings(args).importance
+    assert (settings.engine_mode, settings.engine_min, settings.engine_max) == ("token_truncate", None, 2.0)
     assert make(tmp_path, use_vllm=True, vllm_importance_sampling_cap=3.0).vllm_importance_sampling_clip_max == 3.0
     assert not make(tmp_path).vllm_importance_sampling_active  # transformers rollouts: nothing to correct
     off = make(tmp_path, use_vllm=True, vllm_importance_sampling_correction=False)
-    assert __import__("trl_sdft").losses.LossSettings.from_config(off).vllm_is_mode is None
+    assert loss_settings(off).importance.engine_mode is None
 
 
 @pytest.mark.parametrize(

@@ -139,7 +139,7 @@ def test_vllm_serve_host_help_warns(capsys):
 @pytest.fixture(scope="module")
 def vllm_rollout():
     pytest.importorskip("vllm")
-    from trl_sdft import vllm_rollout
+    from trl_sdft.rollouts import vllm as vllm_rollout
 
     return vllm_rollout
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from trl.experimental.sdft import loss_utils as peer
 
-from trl_sdft import losses
+from trl_sdft import importance, losses
+from trl_sdft.importance import ImportanceSettings
 
 ALPHAS = [0.0, 0.3, 0.5, 1.0]
 
@@ -30,7 +31,7 @@ def both(fn_ours, fn_peer, seed=0):
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_full_logits_matches_peer(alpha):
     (ours, g_ours), (theirs, g_theirs) = both(
-        lambda s, t: losses.full_logits_loss(s, t, alpha),
+        lambda s, t: losses.generalized_jsd(s.log_softmax(-1), t.log_softmax(-1), alpha),
         lambda s, t: peer.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=alpha),
     )
     assert ours.shape == (3, 5)
@@ -67,7 +68,7 @@ def test_tail_bucket_and_clipping_match_peer():
     torch.testing.assert_close(losses.with_tail_bucket(log_probs), peer.add_tail_bucket(log_probs))
     assert torch.allclose(losses.with_tail_bucket(log_probs).logsumexp(-1), torch.zeros(3, 5, dtype=torch.double))
     per_token, student, old = logits(6)[..., 0].abs(), logits(7)[..., 0], logits(8)[..., 0]
-    ours = losses.clip_importance_weights(per_token, student, old, 2.0)
+    ours = per_token * importance.token_weights(ImportanceSettings(is_clip=2.0), student, old)
     torch.testing.assert_close(ours, peer.apply_importance_sampling_clipping(per_token, student, old, 2.0))
     assert (ours <= 2.0 * per_token + 1e-12).all()
 
@@ -234,21 +235,7 @@ def test_given_teacher_topk_leaves_out_missing_entries():
 
 
 # ------------------------------------------------------------------------------------ vLLM mismatch correction
-def test_engine_importance_weights_truncate_and_mask():
-    from trl_sdft.losses import engine_importance_weights
-
-    behaviour = torch.log(torch.tensor([[0.5, 0.2, 0.9, 0.3]]))
-    sampling = torch.log(torch.tensor([[0.5, 0.4, 0.3, float("nan")]]))  # ratios 1, 0.5, 3, unknown
-    truncated = engine_importance_weights(behaviour, sampling, "token_truncate", 0.6, 2.0)
-    assert torch.allclose(truncated, torch.tensor([[1.0, 0.6, 2.0, 1.0]]))
-    masked = engine_importance_weights(behaviour, sampling, "token_mask", 0.6, 2.0)
-    assert torch.allclose(masked, torch.tensor([[1.0, 0.0, 0.0, 1.0]]))
-    assert torch.allclose(
-        engine_importance_weights(behaviour, sampling, "token_truncate", None, None)[0, :3],
-        torch.tensor([1.0, 0.5, 3.0]),
-    )
-
-
+# The weights themselves (truncate, mask, clipping) are tested in test_importance.py; here, how the loss applies them.
 @pytest.mark.parametrize("old", [False, True], ids=["on-policy", "reused"])
 def test_per_token_loss_weights_by_the_engine_ratio(old):
     from dataclasses import replace
@@ -257,9 +244,14 @@ def test_per_token_loss_weights_by_the_engine_ratio(old):
     student, teacher = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
     ids = torch.randint(0, 11, (2, 5), generator=g)
     settings = losses.LossSettings(
-        mode="topk_logits", alpha=0.5, topk=4, vllm_is_mode="token_truncate", vllm_is_max=2.0
+        mode="topk_logits",
+        alpha=0.5,
+        topk=4,
+        importance=ImportanceSettings(engine_mode="token_truncate", engine_max=2.0),
     )
-    plain, student_logps, _ = losses.per_token_loss(replace(settings, vllm_is_mode=None), student, teacher, ids)
+    plain, student_logps, _ = losses.per_token_loss(
+        replace(settings, importance=ImportanceSettings()), student, teacher, ids
+    )
     old_logps = student_logps - 0.3 if old else None
     behaviour = old_logps if old else student_logps
     engine = behaviour + torch.randn(2, 5, generator=g)
@@ -268,7 +260,7 @@ def test_per_token_loss_weights_by_the_engine_ratio(old):
     corrected, *_ = losses.per_token_loss(settings, student, teacher, ids, old_logps, sampling_logps=engine)
     assert torch.allclose(corrected, plain * (behaviour - engine).exp().clamp(max=2.0), atol=1e-6)
     assert not torch.allclose(corrected, plain)
-    metrics = losses.importance_metrics(settings, student_logps, torch.ones(2, 5), old_logps, engine)
+    metrics = importance.metrics(settings.importance, student_logps, torch.ones(2, 5), old_logps, engine)
     assert torch.isclose(metrics["vllm_importance_ratio"], (behaviour - engine).exp().mean())
     assert torch.isclose(metrics["vllm_importance_clipped_fraction"], ((behaviour - engine).exp() > 2).float().mean())
 
@@ -282,7 +274,8 @@ def test_chunked_loss_applies_the_engine_ratio_like_the_logits_path():
     ids = torch.randint(0, 13, (2, 6), generator=g)
     mask = torch.ones(2, 6, dtype=torch.long)
     mask[1, 4:] = 0
-    settings = losses.LossSettings(mode="full_logits", alpha=0.0, vllm_is_mode="token_mask", vllm_is_max=1.5)
+    engine_correction = ImportanceSettings(engine_mode="token_mask", engine_max=1.5)
+    settings = losses.LossSettings(mode="full_logits", alpha=0.0, importance=engine_correction)
     engine = losses.token_log_probs(hidden @ weight.t(), ids) + torch.randn(2, 6, generator=g) * 0.5
     want = losses.logits_loss(settings, hidden @ weight.t(), teacher_hidden @ weight.t(), ids, mask, None, engine)
     chunked = replace_chunk(settings, 3)

@@ -196,3 +196,146 @@ def test_a_student_that_already_has_an_adapter_is_warned_about(tokenizer, tmp_pa
             processing_class=tokenizer,
         )
     assert "already carries a PEFT adapter" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- protocol, registry
+def test_unknown_teacher_kind_names_the_registered_kinds():
+    from trl_sdft.teachers import TeacherContext, TeacherSettings, build_teacher
+
+    with pytest.raises(ValueError, match="register_teacher") as error:
+        build_teacher(TeacherContext(student=None, accelerator=None, settings=TeacherSettings(kind="nope")))
+    for kind in ("'nope'", "'base'", "'live'", "'ema'", "'live@server'"):
+        assert kind in str(error.value)
+    with pytest.raises(ValueError, match="'ema@server'"):  # only the live student is scored on the server
+        build_teacher(TeacherContext(None, None, TeacherSettings(kind="ema", on_server=True), scorer=object()))
+
+
+def test_register_teacher_refuses_duplicates_unless_replace(monkeypatch):
+    from trl_sdft import teachers
+
+    monkeypatch.setattr(teachers, "TEACHERS", dict(teachers.TEACHERS))  # the registry is restored afterwards
+    assert teachers.teacher_kinds() == ("base", "live", "ema")
+
+    class Constant(teachers.Teacher):
+        kind = "constant"
+
+    teachers.register_teacher("constant", lambda context: Constant(context.settings))
+    assert teachers.teacher_kinds() == ("base", "live", "ema", "constant")
+    context = teachers.TeacherContext(None, None, teachers.TeacherSettings(kind="constant"))
+    built = teachers.build_teacher(context)
+    assert isinstance(built, Constant) and built.settings is context.settings and not built.moves
+    with pytest.raises(ValueError, match="already registered.*replace=True"):
+        teachers.register_teacher("constant", lambda context: teachers.LiveTeacher(context.settings))
+    with pytest.raises(ValueError, match="already registered"):
+        teachers.register_teacher("base", lambda context: teachers.LiveTeacher(context.settings))
+    assert isinstance(teachers.build_teacher(context), Constant)  # the refused factory did not replace it
+    teachers.register_teacher("constant", lambda context: teachers.LiveTeacher(context.settings), replace=True)
+    assert type(teachers.build_teacher(context)) is teachers.LiveTeacher
+
+
+@pytest.mark.parametrize(
+    "kind, use_lora, expected, moves",
+    [
+        ("live", False, "LiveTeacher", False),
+        ("base", False, "FrozenCopyTeacher", False),
+        ("ema", False, "EMACopyTeacher", True),
+        ("live", True, "LiveTeacher", False),
+        ("base", True, "AdapterOffTeacher", False),
+        ("ema", True, "EMAAdapterTeacher", True),
+    ],
+)
+def test_one_class_per_kind(tokenizer, lora_config, kind, use_lora, expected, moves):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from peft import get_peft_model
+
+    from trl_sdft import teachers
+
+    student = build_model(tokenizer)
+    if use_lora:
+        student = get_peft_model(student, lora_config())
+    settings = teachers.TeacherSettings(kind=kind, update_rate=0.5)
+    try:
+        teacher = teachers.build_teacher(teachers.TeacherContext(student, Accelerator(cpu=True), settings))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert type(teacher).__name__ == expected
+    assert (teacher.kind, teacher.moves, teacher.settings) == (kind, moves, settings)
+    assert (teacher.state_dict() is not None) == moves  # only a moving teacher has state to checkpoint
+    if expected.endswith("CopyTeacher"):
+        assert teacher.module(student) is teacher.model is not student
+        assert not any(p.requires_grad for p in teacher.model.parameters())
+    else:
+        assert teacher.module(student) is student
+
+
+def test_score_forwards_the_teacher_module_without_gradients(tokenizer):
+    from trl_sdft.teachers import FrozenCopyTeacher, TeacherSettings
+
+    student, copy = build_model(tokenizer, seed=0), build_model(tokenizer, seed=1)
+    teacher = FrozenCopyTeacher(copy, TeacherSettings(kind="base"))
+    calls = []
+
+    def view(module, inputs, teacher=False):
+        calls.append((module, inputs, teacher, torch.is_grad_enabled()))
+        return "logits"
+
+    inputs = {"teacher_input_ids": torch.ones(1, 3, dtype=torch.long)}
+    assert teacher.score(student, inputs, torch.ones(1, 2), 7, view) == "logits"
+    assert calls == [(copy, inputs, True, False)]
+
+
+def test_server_teacher_calls_its_scorer(tokenizer):
+    """The server teacher scores through the rollout backend: the teacher prompt and mask of the batch, the top-k
+    of its settings and the optimizer step (the scorer syncs the weights for it); it never forwards a module."""
+    from trl_sdft.teachers import ServerTeacher, TeacherContext, TeacherSettings, build_teacher
+
+    class FakeScorer:
+        def __init__(self):
+            self.calls = []
+
+        def teacher_scores(self, teacher_input_ids, teacher_attention_mask, mask, top, step):
+            self.calls.append((teacher_input_ids, teacher_attention_mask, mask, top, step))
+            return "scores"
+
+    scorer, student = FakeScorer(), build_model(tokenizer)
+    settings = TeacherSettings(kind="live", on_server=True, server_topk=5)
+    teacher = build_teacher(TeacherContext(student, None, settings, scorer))
+    assert isinstance(teacher, ServerTeacher) and (teacher.kind, teacher.moves) == ("live", False)
+    assert teacher.module(student) is student and teacher.state_dict() is None
+    inputs = {"teacher_input_ids": torch.arange(6).view(2, 3), "teacher_attention_mask": torch.ones(2, 3)}
+    mask = torch.tensor([[1, 0], [1, 1]])
+
+    def view(*args, **kwargs):
+        raise AssertionError("the server teacher forwards no module")
+
+    assert teacher.score(student, inputs, mask, 11, view) == "scores"
+    ((ids, attention, got_mask, top, step),) = scorer.calls
+    assert ids is inputs["teacher_input_ids"] and attention is inputs["teacher_attention_mask"]
+    assert got_mask is mask and (top, step) == (5, 11)
+    with pytest.raises(ValueError, match="teacher_scores"):
+        build_teacher(TeacherContext(student, None, settings, scorer=None))
+
+
+def test_update_callback_moves_a_moving_teacher_every_sync_steps():
+    from types import SimpleNamespace
+
+    from trl_sdft.teachers import LiveTeacher, Teacher, TeacherSettings, TeacherUpdateCallback
+
+    class Recording(Teacher):
+        kind, moves = "ema", True
+
+        def __init__(self, settings):
+            super().__init__(settings)
+            self.updates = []
+
+        def update(self, student):
+            self.updates.append(student)
+
+    teacher = Recording(TeacherSettings(kind="ema", sync_steps=3))
+    callback, still = TeacherUpdateCallback(teacher), TeacherUpdateCallback(LiveTeacher())
+    for step in range(1, 8):
+        state = SimpleNamespace(global_step=step)
+        callback.on_step_end(None, state, None, model=f"student@{step}")
+        still.on_step_end(None, state, None, model=f"student@{step}")  # a live teacher never updates: no error
+    assert teacher.updates == ["student@3", "student@6"]

@@ -301,7 +301,7 @@ def test_peft_adapter_ema_callback(tok, begin, rate, sync_steps):
 
 
 def test_only_the_teacher_adapter_name_is_supported(tok):
-    """A known difference: TRL accepts any adapter name; `AdapterTeacher` always names its adapter "teacher"."""
+    """A known difference: TRL accepts any adapter name; `EMAAdapterTeacher` always names its adapter "teacher"."""
     with pytest.raises(ValueError, match="teacher_adapter_name"):
         ours_sync.PEFTAdapterEMACallback(peft_model(tok, lora()), teacher_adapter_name="ema")
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from trl_sdft import SDFTConfig, SDFTTrainer
 from trl_sdft.cli import vllm_serve_command
-from trl_sdft.rollout import VLLMServerError
+from trl_sdft.rollouts import VLLMServerError
 from trl_sdft.testing import build_model, build_tokenizer, completion_logits, facts_rows, logged_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,7 +125,7 @@ def test_serve_command_adds_what_the_trainer_needs():
 def test_server_rounds_take_each_repeated_prompt_once():
     """The server is asked for `num_generations` completions per distinct prompt: a round whose prompts are not in
     runs of equal ones would get completions of other prompts, so it is refused with the fix."""
-    from trl_sdft.vllm_rollout import distinct_prompts
+    from trl_sdft.rollouts.vllm import distinct_prompts
 
     assert distinct_prompts([[1, 2], [1, 2], [3], [3]], 2) == [[1, 2], [3]]
     assert distinct_prompts([[1], [2], [1]], 1) == [[1], [2], [1]]
@@ -219,7 +219,8 @@ def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, serv
 
     args = server_config(tmp_path, server, loss_chunk_size=0, distillation_topk=5)
     trainer = SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
-    assert trainer.loss_settings.vllm_is_mode == "token_truncate" and trainer.loss_settings.vllm_is_max == 2.0
+    importance = trainer.loss_settings.importance
+    assert importance.engine_mode == "token_truncate" and importance.engine_max == 2.0
     rows = facts_rows()
     batch = trainer._build_batch([rows[0], rows[0], rows[1], rows[1]], "train")  # as the sampler repeats prompts
     mask = batch["completion_mask"].bool()
@@ -231,7 +232,7 @@ def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, serv
         return losses.token_log_probs(logits, batch["completion_ids"])
 
     assert ((trainer_logps() - engine).abs()[mask]).max() < 1e-3
-    uncorrected = replace(trainer.loss_settings, vllm_is_mode=None)
+    uncorrected = replace(trainer.loss_settings, importance=replace(importance, engine_mode=None))
 
     def loss_with(settings):
         trainer.loss_settings = settings
@@ -250,7 +251,7 @@ def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, serv
     # Truncate at the median ratio, so that half the tokens are clipped whatever the server sampled (at the default cap
     # of 2 it depends on the samples whether any ratio exceeds it).
     cap = float(ratios.median())
-    corrected_settings = replace(corrected_settings, vllm_is_max=cap)
+    corrected_settings = replace(corrected_settings, importance=replace(importance, engine_max=cap))
     with torch.no_grad(), trainer.teacher.context():
         student_logits = trainer._completion_view(trainer.model, batch, logits=True)
         teacher = trainer.teacher.module(trainer.model)  # the base teacher: the weights before the perturbation

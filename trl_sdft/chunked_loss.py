@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import losses
+from . import importance, losses
 from .losses import LossOutput, LossSettings
 from .utils import unwrap
 
@@ -211,9 +211,16 @@ def liger_jsd_loss(
     chunk_size: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`full_logits` through Liger's fused linear JSD: the masked per-sequence mean, and the token mean (a metric)."""
-    from liger_kernel.chunked_loss.jsd_loss import LigerFusedLinearJSDFunction
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-    compiled = student_hidden.is_cuda
+    jsd = LigerFusedLinearJSDLoss(  # soft loss only: Liger's `beta` is our `alpha` (see the module docstring)
+        weight_hard_loss=0.0,
+        weight_soft_loss=1.0,
+        beta=alpha,
+        temperature=temperature,
+        compiled=student_hidden.is_cuda,
+        chunk_size=chunk_size,
+    )
     total = student_hidden.new_zeros((), dtype=torch.float32)
     token_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
     for row in range(mask.size(0)):
@@ -222,24 +229,8 @@ def liger_jsd_loss(
         if count == 0:
             continue
         hidden = student_hidden[row][keep]
-        sequence_loss = LigerFusedLinearJSDFunction.apply(
-            hidden,
-            student_weight,
-            teacher_hidden[row][keep].detach(),
-            teacher_weight.detach(),
-            torch.zeros(
-                count, dtype=torch.long, device=hidden.device
-            ),  # labels: only the (unused) hard loss reads them
-            None,
-            None,
-            0.0,  # weight_hard_loss
-            1.0,  # weight_soft_loss
-            alpha,  # beta
-            -100,
-            temperature,
-            compiled,
-            chunk_size,
-        )
+        labels = torch.zeros(count, dtype=torch.long, device=hidden.device)  # only the (unused) hard loss reads them
+        sequence_loss = jsd(hidden, student_weight, teacher_hidden[row][keep].detach(), teacher_weight.detach(), labels)
         total = total + sequence_loss
         token_sum += sequence_loss.detach() * count
     return total / mask.size(0), token_sum / mask.sum().clamp(min=1)
@@ -261,7 +252,7 @@ def hidden_states_loss(
     metrics = {
         "distillation_loss": losses.token_mean(per_token, mask),
         "teacher_student_kl": losses.token_mean(kl, mask),
-        **losses.importance_metrics(settings, student_logps, mask, old_per_token_logps, sampling_logps),
+        **importance.metrics(settings.importance, student_logps, mask, old_per_token_logps, sampling_logps),
     }
     return LossOutput(loss, metrics)
 
@@ -318,19 +309,23 @@ def packing_problem(model, forward_params: set[str]) -> str | None:
     return _hidden_states_problem(unwrap(model), forward_params)
 
 
-def resolve_chunk_size(model, args, forward_params: set[str]) -> int:
+def resolve_chunk_size(
+    model, requested_chunk_size: int | None, use_liger: bool, teacher_on_server: bool, forward_params: set[str]
+) -> int:
     """Tokens per chunk of the loss from hidden states, or 0 for the logits path.
 
-    Models where the hidden-state loss would not equal the logits path are refused when the user asked for it
+    `requested_chunk_size` is `loss_chunk_size` (None: automatic, 0: the logits path), `use_liger` `use_liger_kernel`,
+    `teacher_on_server` `use_teacher_server` (a server-scored teacher has no hidden states: the logits path). Models
+    where the hidden-state loss would not equal the logits path are refused when the user asked for it
     (`loss_chunk_size` >= 1 or `use_liger_kernel`), and fall back to the logits path by default."""
-    requested = args.use_liger_kernel or bool(args.loss_chunk_size)
-    if args.use_teacher_server or args.loss_chunk_size == 0 and not args.use_liger_kernel:
+    requested = use_liger or bool(requested_chunk_size)
+    if teacher_on_server or requested_chunk_size == 0 and not use_liger:
         return 0
     problem = _hidden_states_problem(unwrap(model), forward_params)
     if problem is not None:
-        path = "`use_liger_kernel`" if args.use_liger_kernel else "`loss_chunk_size`"
+        path = "`use_liger_kernel`" if use_liger else "`loss_chunk_size`"
         if requested:
             raise ValueError(f"{path} recomputes logits from hidden states, but {problem}. Turn {path} off.")
         logger.info(f"Loss on the logits path: {problem}.")
         return 0
-    return args.loss_chunk_size or DEFAULT_LOSS_CHUNK_SIZE
+    return requested_chunk_size or DEFAULT_LOSS_CHUNK_SIZE

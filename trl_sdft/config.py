@@ -15,13 +15,13 @@ from typing import Any, Literal
 from transformers import TrainingArguments
 from trl.trainer.base_config import _BaseConfig
 
+from . import settings
 from .chunked_loss import DEFAULT_LOSS_CHUNK_SIZE
-from .losses import DISTILLATION_MODES, TOPK_SUPPORTS, LossSettings
+from .losses import DISTILLATION_MODES, TOPK_SUPPORTS
 from .prompts import resolve_teacher_prompt_template
 from .utils import has_accelerator, native_bf16, require_package
 
 logger = logging.getLogger(__name__)
-TEACHER_MODEL_KINDS = ("base", "live", "ema")
 VLLM_MODES = ("server", "colocate")
 VLLM_MODEL_IMPLS = ("vllm", "transformers")
 # Liger's model patches (RMSNorm, RoPE, SwiGLU, ...) are Triton kernels with no CPU backend; its fused JSD loss, which
@@ -229,6 +229,13 @@ class SDFTConfig(_BaseConfig):
 
     # vLLM
     use_vllm: bool = field(default=False, metadata={"help": "Generate with vLLM instead of `model.generate`."})
+    rollout_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "The rollout backend by its registered name (`trl_sdft.rollouts.register_rollout_backend`). None: "
+            "'vllm' when `use_vllm`, else 'transformers' (`model.generate`)."
+        },
+    )
     use_teacher_server: bool = field(
         default=False,
         metadata={
@@ -444,7 +451,6 @@ class SDFTConfig(_BaseConfig):
     def _check_choices(self):
         choices = {
             "distillation_mode": DISTILLATION_MODES,
-            "teacher_model_kind": TEACHER_MODEL_KINDS,
             "vllm_mode": VLLM_MODES,
             "vllm_model_impl": VLLM_MODEL_IMPLS,
             "distillation_topk_support": TOPK_SUPPORTS,
@@ -453,6 +459,14 @@ class SDFTConfig(_BaseConfig):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"`{name}={value!r}` is not supported: use one of {', '.join(map(repr, allowed))}.")
+        from .teachers import teacher_kinds  # the registered kinds: built-in ones and `register_teacher`'s
+
+        kinds = teacher_kinds()
+        if self.teacher_model_kind not in kinds:
+            raise ValueError(
+                f"`teacher_model_kind={self.teacher_model_kind!r}` is not supported: use one of "
+                f"{', '.join(map(repr, kinds))}, or register a kind with `trl_sdft.teachers.register_teacher`."
+            )
 
     def _check_vllm_dtype(self):
         allowed = ("auto", "float32", "bfloat16", "float16")
@@ -463,7 +477,7 @@ class SDFTConfig(_BaseConfig):
             )
 
     def _check_ranges(self):
-        LossSettings.from_config(self)  # the loss options: alpha, top-k, clipping, and their combinations
+        settings.loss_settings(self)  # the loss options: alpha, top-k, clipping, and their combinations
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(
                 f"`teacher_update_rate={self.teacher_update_rate}` must be in (0, 1]: 1.0 copies the student, small "
@@ -550,7 +564,7 @@ class SDFTConfig(_BaseConfig):
             )
         if not self.use_liger_kernel:
             return
-        LossSettings.from_config(self, chunk_size=1)  # Liger's fused JSD is `full_logits` only
+        settings.loss_settings(self, chunk_size=1)  # Liger's fused JSD is `full_logits` only
         if self.use_teacher_server:
             raise ValueError("`use_liger_kernel=True` needs a local teacher: turn `use_teacher_server` off.")
         if self.async_rollouts_active:

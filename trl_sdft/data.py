@@ -140,18 +140,18 @@ def named_eval_sets(eval_dataset) -> list[tuple[str, Any]]:
     return [("eval", eval_dataset)]
 
 
-def check_datasets(train_dataset, eval_dataset, args) -> None:
-    """Every data problem of the trainer's datasets (`args` an `SDFTConfig`), before any model is loaded."""
+def check_datasets(train_dataset, eval_dataset, generation_batch_size: int, num_generations: int) -> None:
+    """Every data problem of the trainer's datasets, before any model is loaded."""
     if train_dataset is None:
         raise ValueError("`train_dataset` is required: a Dataset with `prompt` and `privileged_context` columns.")
     validate_dataset(train_dataset, "train")
-    prompts_per_generation = args.generation_batch_size // args.num_generations
+    prompts_per_generation = generation_batch_size // num_generations
     if len(train_dataset) < prompts_per_generation:
         # The repeat sampler drops incomplete batches: a smaller dataset would end training at step 0, silently.
         raise ValueError(
             f"The train dataset has {len(train_dataset)} rows but one generation batch takes "
-            f"{prompts_per_generation} distinct prompts (generation_batch_size {args.generation_batch_size} / "
-            f"num_generations {args.num_generations}), so no step could be built. Add rows, lower "
+            f"{prompts_per_generation} distinct prompts (generation_batch_size {generation_batch_size} / "
+            f"num_generations {num_generations}), so no step could be built. Add rows, lower "
             "`per_device_train_batch_size` / `steps_per_generation`, or raise `num_generations`."
         )
     for name, dataset in named_eval_sets(eval_dataset):

@@ -7,15 +7,8 @@ forward KL(teacher || student), 1 reverse KL(student || teacher), in between the
 
 import torch
 
-from .losses import (
-    LossSettings,
-    clip_importance_weights,
-    full_logits_loss,
-    generalized_jsd,
-    per_token_loss,
-    topk_logits_loss,
-    with_tail_bucket,
-)
+from .importance import ratio
+from .losses import LossSettings, generalized_jsd, per_token_loss, topk_logits_loss, with_tail_bucket
 
 __all__ = [
     "add_tail_bucket",
@@ -48,7 +41,7 @@ def apply_importance_sampling_clipping(
     clip_coeff: float,
 ) -> torch.Tensor:
     """`per_token_loss` times the detached ratio `exp(student - old)`, capped at `clip_coeff`."""
-    return clip_importance_weights(per_token_loss, student_log_probs, old_log_probs, clip_coeff)
+    return per_token_loss * ratio(student_log_probs, old_log_probs).clamp(max=clip_coeff)
 
 
 def compute_topk_self_distillation_loss(
@@ -72,7 +65,7 @@ def compute_full_logit_self_distillation_loss(
     distillation_alpha: float,
 ) -> torch.Tensor:
     """Divergence over the full vocabulary."""
-    return full_logits_loss(student_logits, teacher_logits, distillation_alpha)
+    return generalized_jsd(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), distillation_alpha)
 
 
 def compute_sampled_token_self_distillation_loss(

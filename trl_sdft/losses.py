@@ -1,8 +1,8 @@
 """SDFT divergences on logits. Pure functions: tensors in, tensors out, no model and no trainer state.
 
-`per_token_loss` is the one place where the distillation mode is chosen and importance-sampling clipping applied; the
-logits path (`logits_loss`) and the chunked path (`chunked_loss.py`, per chunk) both call it. `LossSettings` holds the
-loss options, built once from the config (`LossSettings.from_config`), and checks them.
+`per_token_loss` is the one place where the distillation mode is chosen and the importance weights (`importance.py`)
+applied; the logits path (`logits_loss`) and the chunked path (`chunked_loss.py`, per chunk) both call it. `LossSettings`
+holds the loss options, built once from the config (`settings.loss_settings`), and checks them.
 
 Shapes: logits `[B, T, V]`, per-token values `[B, T]`. `alpha` follows TRL: 0 is forward KL(teacher || student),
 1 is reverse KL(student || teacher), and values in between give the generalised Jensen-Shannon divergence
@@ -15,6 +15,9 @@ from typing import NamedTuple
 
 import torch
 from trl.trainer.utils import selective_log_softmax
+
+from . import importance
+from .importance import ImportanceSettings
 
 
 def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -133,10 +136,6 @@ def given_teacher_topk_loss(
     return generalized_jsd(renormalize(student), renormalize(teacher), alpha)
 
 
-def full_logits_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    return generalized_jsd(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), alpha)
-
-
 def sampled_token_loss(student_token_logps: torch.Tensor, teacher_token_logps: torch.Tensor) -> torch.Tensor:
     """Reverse-KL estimator on the sampled tokens: its gradient is `(log s - log t) * grad log s` (REINFORCE)."""
     return (student_token_logps - teacher_token_logps).detach() * student_token_logps
@@ -161,67 +160,6 @@ def kl_from_logits(teacher_logits, student_logits, teacher_norm, student_norm) -
     `sum_v p_t(v) (t_v - s_v) - logZ_t + logZ_s`, two passes over the vocabulary instead of two log-softmaxes."""
     weights = (teacher_logits - teacher_norm).exp_()
     return (weights.mul_(teacher_logits - student_logits)).sum(-1) - (teacher_norm - student_norm).squeeze(-1)
-
-
-def clip_importance_weights(
-    per_token_loss: torch.Tensor, student_logps: torch.Tensor, old_per_token_logps: torch.Tensor, clip: float
-) -> torch.Tensor:
-    """Weight each token by the (detached, capped) ratio of the current student to the policy that sampled it."""
-    return per_token_loss * _policy_ratio(student_logps, old_per_token_logps).clamp(max=clip)
-
-
-def _policy_ratio(student_logps: torch.Tensor, old_per_token_logps: torch.Tensor) -> torch.Tensor:
-    """`exp(student - old)`, detached; 1 where the old log-prob is unknown (NaN: an engine that returned none)."""
-    student_logps = student_logps.detach()
-    old = torch.where(torch.isnan(old_per_token_logps), student_logps, old_per_token_logps)
-    return (student_logps - old).clamp(-20.0, 20.0).exp()
-
-
-VLLM_IS_MODES = ("token_truncate", "token_mask")
-
-
-def _engine_ratio(behaviour_logps: torch.Tensor, sampling_logps: torch.Tensor) -> torch.Tensor:
-    """`exp(behaviour - sampling)`, detached; 1 where the engine gave no log-prob (NaN)."""
-    behaviour_logps = behaviour_logps.detach()
-    sampling_logps = torch.where(torch.isnan(sampling_logps), behaviour_logps, sampling_logps)
-    return (behaviour_logps - sampling_logps).clamp(-20.0, 20.0).exp()
-
-
-def engine_importance_weights(
-    behaviour_logps: torch.Tensor,
-    sampling_logps: torch.Tensor,
-    mode: str,
-    clip_min: float | None,
-    clip_max: float | None,
-) -> torch.Tensor:
-    """Per-token weights (detached) correcting for the rollout engine sampling from a slightly different distribution
-    than the trainer's policy: the ratio `pi_trainer(y_t) / pi_engine(y_t)`, truncated to `[clip_min, clip_max]`
-    (`token_truncate`) or set to 0 outside it (`token_mask`), as TRL's GRPO `vllm_importance_sampling_mode`."""
-    ratio = _engine_ratio(behaviour_logps, sampling_logps)
-    if mode == "token_truncate":
-        return ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
-    keep = torch.ones_like(ratio, dtype=torch.bool)
-    if clip_min is not None:
-        keep &= ratio >= clip_min
-    if clip_max is not None:
-        keep &= ratio <= clip_max
-    return ratio * keep
-
-
-def engine_importance_metrics(
-    behaviour_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, settings: "LossSettings"
-) -> dict[str, torch.Tensor]:
-    """The mean trainer/engine ratio, the share of tokens whose ratio was clipped or masked, and the mean absolute
-    log-prob gap, over the loss positions."""
-    ratio = _engine_ratio(behaviour_logps, sampling_logps)
-    low = settings.vllm_is_min if settings.vllm_is_min is not None else 0.0
-    high = settings.vllm_is_max if settings.vllm_is_max is not None else float("inf")
-    clipped = ((ratio < low) | (ratio > high)).float()
-    return {
-        "vllm_importance_ratio": token_mean(ratio, mask),
-        "vllm_importance_clipped_fraction": token_mean(clipped, mask),
-        "vllm_logprob_abs_diff": token_mean(ratio.log().abs(), mask),
-    }
 
 
 def loss_mask(completion_mask: torch.Tensor, num_tokens_to_skip: int) -> torch.Tensor:
@@ -277,12 +215,9 @@ class LossSettings:
     add_tail: bool = False
     support: str = "student"
     temperature: float = 1.0
-    is_clip: float | None = None
     chunk_size: int = 0
     use_liger: bool = False
-    vllm_is_mode: str | None = None  # None: rollouts are not corrected for the engine's sampling distribution
-    vllm_is_min: float | None = None
-    vllm_is_max: float | None = None
+    importance: ImportanceSettings = ImportanceSettings()  # the importance weights (`importance.py`); default: none
 
     def __post_init__(self):
         if self.mode not in DISTILLATION_MODES:
@@ -303,47 +238,12 @@ class LossSettings:
             )
         if self.support not in TOPK_SUPPORTS:
             raise ValueError(f"Unknown top-k support {self.support!r}: use one of {', '.join(TOPK_SUPPORTS)}.")
-        if self.is_clip is not None and self.is_clip <= 0:
-            raise ValueError(f"`distillation_is_clip={self.is_clip}` must be > 0 (e.g. 2.0), or None to disable it.")
-        if self.vllm_is_mode is not None and self.vllm_is_mode not in VLLM_IS_MODES:
-            raise ValueError(
-                f"`vllm_importance_sampling_mode={self.vllm_is_mode!r}` is not supported: use one of "
-                f"{', '.join(map(repr, VLLM_IS_MODES))}. The SDFT loss is a divergence at each completion position, so "
-                "its correction is per token, as in the original SDFT implementation; sequence-level modes are GRPO's."
-            )
-        low, high = self.vllm_is_min, self.vllm_is_max
-        if (
-            (low is not None and low < 0)
-            or (high is not None and high <= 0)
-            or (None not in (low, high) and low >= high)
-        ):
-            raise ValueError(
-                f"`vllm_importance_sampling_clip_min={low}` / `vllm_importance_sampling_clip_max={high}`: need "
-                "0 <= clip_min < clip_max (either may be None), e.g. clip_max=2.0."
-            )
         if self.use_liger and self.mode != "full_logits":
             raise ValueError(
                 "`use_liger_kernel=True` computes Liger's fused JSD over the full vocabulary: set "
                 f"`distillation_mode='full_logits'` (got {self.mode!r}), or use `loss_chunk_size` for a "
                 "memory-lean top-k or sampled-token loss."
             )
-
-    @classmethod
-    def from_config(cls, args, chunk_size: int = 0) -> "LossSettings":
-        return cls(
-            mode=args.distillation_mode,
-            alpha=args.distillation_alpha,
-            topk=args.distillation_topk,
-            add_tail=args.distillation_add_tail,
-            support=args.distillation_topk_support,
-            temperature=args.temperature,
-            is_clip=args.distillation_is_clip,
-            chunk_size=chunk_size,
-            use_liger=args.use_liger_kernel and chunk_size > 0,
-            vllm_is_mode=args.vllm_importance_sampling_mode if args.vllm_importance_sampling_active else None,
-            vllm_is_min=args.vllm_importance_sampling_clip_min,
-            vllm_is_max=args.vllm_importance_sampling_clip_max,
-        )
 
     @property
     def server_topk(self) -> int:
@@ -396,9 +296,9 @@ def per_token_loss(
     `teacher_student_kl` metric per token. Each distribution's log-normalizer is computed once and shared by all three.
 
     `teacher` is the teacher's logits (same shape as `student_logits`) or, for a server-scored teacher, its scores.
-    Importance weights, when given what they need: `old_per_token_logps` (the trainer's log-probs when the rollout was
-    sampled) clip the drift of reused rollouts (`is_clip`); `sampling_logps` (the rollout engine's own log-probs)
-    correct the engine's mismatch (`vllm_is_mode`), against the old log-probs, or the current ones when on-policy.
+    Importance weights (`importance.token_weights`), when given what they need: `old_per_token_logps` (the rollout
+    policy's log-probs) clip the drift of reused rollouts; `sampling_logps` (the rollout engine's own log-probs) correct
+    the engine's mismatch, against the old log-probs, or the current ones when on-policy.
     """
     scored = isinstance(teacher, ServerTeacherScores)
     kl_metric = None
@@ -435,31 +335,10 @@ def per_token_loss(
             )
         if with_kl and not scored:
             kl_metric = kl_from_logits(teacher, student_logits.detach(), teacher_norm, student_norm.detach())
-    if settings.is_clip is not None and old_per_token_logps is not None:
-        per_token = clip_importance_weights(per_token, student_logps, old_per_token_logps, settings.is_clip)
-    if settings.vllm_is_mode is not None and sampling_logps is not None:
-        behaviour = student_logps if old_per_token_logps is None else old_per_token_logps
-        per_token = per_token * engine_importance_weights(
-            behaviour, sampling_logps, settings.vllm_is_mode, settings.vllm_is_min, settings.vllm_is_max
-        )
+    weights = importance.token_weights(settings.importance, student_logps, old_per_token_logps, sampling_logps)
+    if weights is not None:
+        per_token = per_token * weights
     return PerToken(per_token, student_logps.detach(), None if kl_metric is None else kl_metric.detach())
-
-
-def importance_metrics(
-    settings: LossSettings, student_logps, mask, old_per_token_logps=None, sampling_logps=None
-) -> dict[str, torch.Tensor]:
-    """The metrics of the importance weights in use: for rollouts older than the current weights (`is_clip`), the mean
-    ratio of the current student to the rollout policy and the share of tokens capped; the engine-mismatch metrics
-    (`engine_importance_metrics`) when the run corrects for it."""
-    metrics = {}
-    if settings.is_clip is not None and old_per_token_logps is not None:
-        ratio = _policy_ratio(student_logps, old_per_token_logps)
-        metrics["importance_ratio"] = token_mean(ratio, mask)
-        metrics["importance_clipped_fraction"] = token_mean((ratio > settings.is_clip).float(), mask)
-    if settings.vllm_is_mode is not None and sampling_logps is not None:
-        behaviour = student_logps if old_per_token_logps is None else old_per_token_logps
-        metrics.update(engine_importance_metrics(behaviour, sampling_logps, mask, settings))
-    return metrics
 
 
 def logits_loss(
@@ -476,7 +355,7 @@ def logits_loss(
         settings, student_logits, teacher, token_ids, old_per_token_logps, sampling_logps
     )
     metrics = {"distillation_loss": token_mean(per_token.detach(), mask)}
-    metrics.update(importance_metrics(settings, student_logps, mask, old_per_token_logps, sampling_logps))
+    metrics.update(importance.metrics(settings.importance, student_logps, mask, old_per_token_logps, sampling_logps))
     if isinstance(teacher, ServerTeacherScores):
         metrics["server_logprob_abs_diff"] = token_mean((student_logps - teacher.finite_token_logps).abs(), mask)
     else:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -187,25 +188,35 @@ def _ensure(path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- trainer preparation
-def load_model(model, args):
-    """`model` itself, or the model at a path / hub id loaded with `args.model_init_kwargs`."""
+@dataclass(frozen=True)
+class ModelSettings:
+    """How a model given by name is loaded (`settings.model_settings`)."""
+
+    init_kwargs: dict | None = None  # `model_init_kwargs`
+    trust_remote_code: bool = False
+    distributed_type: str = ""  # accelerate's `DistributedType` value
+
+
+def load_model(model, settings: ModelSettings):
+    """`model` itself, or the model at a path / hub id loaded with `settings.init_kwargs`."""
     if not isinstance(model, str):
-        if args.model_init_kwargs is not None:
+        if settings.init_kwargs is not None:
             from accelerate.logging import get_logger
 
             get_logger(__name__).warning("`model_init_kwargs` is ignored: `model` is already instantiated.")
         return model
     from trl.trainer.utils import create_model_from_path
 
-    init_kwargs = dict(args.model_init_kwargs or {})
-    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+    init_kwargs = dict(settings.init_kwargs or {})
+    if settings.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         init_kwargs["device_map"] = None
-    init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+    init_kwargs.setdefault("trust_remote_code", settings.trust_remote_code)
     return create_model_from_path(model, **init_kwargs)
 
 
 def prepare_peft(model, peft_config, args):
-    """The model with `peft_config`'s adapter (or an existing PEFT model prepared for training), or `model` as is."""
+    """The model with `peft_config`'s adapter (or an existing PEFT model prepared for training), or `model` as is.
+    `args` goes to TRL's `prepare_peft_model` unread (gradient checkpointing and precision are TRL's to apply)."""
     from accelerate.utils import is_peft_model
 
     already_peft = is_peft_model(model) or getattr(model, "peft_config", None) is not None
@@ -228,7 +239,7 @@ def prepare_peft(model, peft_config, args):
     return prepare_peft_model(model, peft_config, args)
 
 
-def prepare_processing_class(model, processing_class, args):
+def prepare_processing_class(model, processing_class, trust_remote_code: bool = False):
     """The processor (loaded from the model's path when None) and its tokenizer, which gets a pad token if it has
     none."""
     from transformers import AutoProcessor, PreTrainedTokenizerBase
@@ -241,7 +252,7 @@ def prepare_processing_class(model, processing_class, args):
             get_config_model_id(model.config),
             padding_side="left",
             truncation_side="left",
-            trust_remote_code=args.trust_remote_code,
+            trust_remote_code=trust_remote_code,
         )
     tokenizer = tokenizer_of(processing_class)
     if not isinstance(tokenizer, PreTrainedTokenizerBase):

@@ -7,12 +7,20 @@ the same names, signatures and EMA rule, `teacher <- (1 - rate) * teacher + rate
 """
 
 import logging
+from dataclasses import replace
 
 import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .teachers import TEACHER_ADAPTER, AdapterTeacher, LiveTeacher, ModelCopyTeacher, TeacherUpdateCallback
+from .teachers import (
+    TEACHER_ADAPTER,
+    EMAAdapterTeacher,
+    EMACopyTeacher,
+    LiveTeacher,
+    TeacherSettings,
+    TeacherUpdateCallback,
+)
 from .teachers import student_adapter_name as _student_adapter_name
 
 __all__ = ["PEFTAdapterEMACallback", "SyncTeacherModelCallback", "is_pure_lora_training", "logger"]
@@ -37,10 +45,10 @@ def is_pure_lora_training(model, accelerator=None) -> bool:
 
 class SyncTeacherModelCallback(TeacherUpdateCallback):
     """Moves a separate EMA teacher model toward the student after every `args.teacher_sync_steps` optimizer steps, at
-    rate `args.teacher_update_rate` (`ModelCopyTeacher`, which also freezes the teacher and puts it in eval mode)."""
+    rate `args.teacher_update_rate` (`EMACopyTeacher`, which also freezes the teacher and puts it in eval mode)."""
 
     def __init__(self, teacher_model, accelerator=None):
-        super().__init__(LiveTeacher() if teacher_model is None else ModelCopyTeacher(teacher_model, "ema"))
+        super().__init__(LiveTeacher() if teacher_model is None else EMACopyTeacher(teacher_model))
         self.ref_model = teacher_model
         self.accelerator = accelerator
 
@@ -48,11 +56,15 @@ class SyncTeacherModelCallback(TeacherUpdateCallback):
         model = kwargs["model"]
         if self.accelerator:
             model = self.accelerator.unwrap_model(model)
+        # TRL reads the rate and the interval from the training arguments at every step.
+        self.teacher.settings = replace(
+            self.teacher.settings, update_rate=args.teacher_update_rate, sync_steps=args.teacher_sync_steps
+        )
         super().on_step_end(args, state, control, model=model)
 
 
 class PEFTAdapterEMACallback(TrainerCallback):
-    """Keeps a `teacher` LoRA adapter on `model` as an EMA of the active (student) adapter (`AdapterTeacher`).
+    """Keeps a `teacher` LoRA adapter on `model` as an EMA of the active (student) adapter (`EMAAdapterTeacher`).
 
     The teacher adapter is added at `on_train_begin` (or the first sync step) with zero weights, as in TRL, and moved
     by `teacher <- (1 - update_rate) * teacher + update_rate * student` after every `sync_steps` optimizer steps. Only
@@ -78,7 +90,7 @@ class PEFTAdapterEMACallback(TrainerCallback):
         self.sync_steps = sync_steps
         self.accelerator = accelerator
         self.teacher_adapter_config = None
-        self.teacher: AdapterTeacher | None = None
+        self.teacher: EMAAdapterTeacher | None = None
 
     @property
     def shadow_weights(self) -> dict[str, torch.Tensor] | None:
@@ -96,7 +108,7 @@ class PEFTAdapterEMACallback(TrainerCallback):
         if self.teacher is not None:
             return
         model = self._unwrapped()
-        self.teacher = AdapterTeacher(model, "ema")
+        self.teacher = EMAAdapterTeacher(model, TeacherSettings(kind="ema", update_rate=self.update_rate))
         with torch.no_grad():
             for weight in self.teacher.state_dict().values():
                 weight.zero_()
@@ -109,7 +121,8 @@ class PEFTAdapterEMACallback(TrainerCallback):
         if self.accelerator is None and "accelerator" in kwargs:
             self.accelerator = kwargs["accelerator"]
         self._initialize_teacher_adapter()
-        self.teacher.update(self._unwrapped(), self.update_rate)
+        self.teacher.settings = replace(self.teacher.settings, update_rate=self.update_rate)  # TRL reads it per step
+        self.teacher.update(self._unwrapped())
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         if self.accelerator is None and "accelerator" in kwargs:

@@ -1,21 +1,27 @@
-"""Teacher strategies: which weights score the teacher prompt, how they move, and how they are checkpointed.
+"""Teachers behind one protocol: which weights score the teacher prompt, how they move, and how they are checkpointed.
 
-| kind | plain model                                  | PEFT model                                          |
-|------|----------------------------------------------|-----------------------------------------------------|
-| live | `LiveTeacher`: the student itself            | `LiveTeacher`: the student itself                   |
-| base | `ModelCopyTeacher`: a frozen copy of the     | `AdapterTeacher`: the student with its adapter      |
-|      | initial weights                              | disabled                                            |
-| ema  | `ModelCopyTeacher`: a copy, lerped toward    | `AdapterTeacher`: pure LoRA, a `teacher` adapter    |
-|      | the student after optimizer steps            | lerped toward the student's; else a clear error     |
+| kind          | plain model                                  | PEFT model                                          |
+|---------------|----------------------------------------------|-----------------------------------------------------|
+| `live`        | `LiveTeacher`: the student itself            | `LiveTeacher`: the student itself                   |
+| `base`        | `FrozenCopyTeacher`: a frozen copy of the    | `AdapterOffTeacher`: the student with its adapter   |
+|               | initial weights                              | disabled                                            |
+| `ema`         | `EMACopyTeacher`: a copy, lerped toward the  | `EMAAdapterTeacher`: pure LoRA, a `teacher` adapter |
+|               | student after optimizer steps                | lerped toward the student's; else a clear error     |
+| `live@server` | `ServerTeacher`: the student's weights on the vLLM server, scored by the rollout backend (`scorer`) |
 
-`build_teacher` picks the class (and makes the model copy, placed like the student under DeepSpeed/FSDP).
+`build_teacher(TeacherContext(...))` picks the factory registered for the kind (`TEACHERS`; the key is
+`f"{kind}@server"` when the teacher is scored on the server), which picks the class and makes the model copy (placed
+like the student under DeepSpeed/FSDP). `register_teacher` adds a kind; `teacher_kinds()` lists the plain ones.
 
 The EMA state is written into every checkpoint and read back on resume, so a resumed run keeps its teacher.
 """
 
 import copy
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
@@ -27,6 +33,19 @@ from .checkpoints import TEACHER_STATE_FILE
 from .utils import unwrap
 
 TEACHER_ADAPTER = "teacher"
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """What a teacher reads of the run's config (`settings.teacher_settings` builds it)."""
+
+    kind: str = "base"  # teacher_model_kind
+    update_rate: float = 0.05  # teacher_update_rate: teacher <- (1 - rate) * teacher + rate * student
+    sync_steps: int = 1  # teacher_sync_steps: optimizer steps between EMA updates
+    on_server: bool = False  # use_teacher_server
+    server_topk: int = 1  # log-probs per position the server returns (`LossSettings.server_topk`)
+    model_init_kwargs: dict | None = None  # to load the copy again under ZeRO-3
+    trust_remote_code: bool = False
 
 
 def student_adapter_name(model) -> str:
@@ -59,19 +78,40 @@ def check_ema_adapter_support(model) -> None:
         )
 
 
+# --------------------------------------------------------------------------------------------------- the protocol
 class Teacher:
-    """What every teacher does; the defaults are those of a teacher without weights of its own (`LiveTeacher`)."""
+    """What the trainer calls on a teacher. The defaults are those of a teacher without weights of its own that
+    scores in process (`LiveTeacher`): subclasses override what differs.
 
-    kind: str
+    - `kind`: the config's `teacher_model_kind` it implements; `moves`: updated after optimizer steps (EMA kinds).
+    - `module(student)`: the module that scores the teacher prompt (`SDFTTrainer.teacher_model`).
+    - `score(student, inputs, mask, step, view)`: the teacher's side of the loss for a batch; `view(module, inputs,
+      teacher=True)` is the trainer's completion view (logits or `chunked_loss.HiddenStates`).
+    - `update(student)`: one EMA step at `settings.update_rate`.
+    - `state_dict()` / `load_state_dict()`, `save(dir)` / `load(dir)`: the teacher state a checkpoint holds (None /
+      nothing for teachers that keep none).
+    """
+
+    kind: str = "live"
+    moves: bool = False
+
+    def __init__(self, settings: TeacherSettings | None = None):
+        self.settings = TeacherSettings(kind=self.kind) if settings is None else settings
 
     def module(self, student):
         """The module to forward for the teacher; `student` is the (possibly wrapped) training model."""
         return unwrap(student)
 
     def context(self):
+        """Entered around the teacher's forward (an adapter switch for PEFT teachers)."""
         return nullcontext()
 
-    def update(self, student, rate: float) -> None:
+    def score(self, student, inputs: dict[str, Any], mask: torch.Tensor, step: int, view: Callable):
+        """The teacher's logits (or hidden states) at the completion positions of `inputs`, without gradients."""
+        with torch.no_grad(), self.context():
+            return view(self.module(student), inputs, teacher=True)
+
+    def update(self, student) -> None:
         pass
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -102,49 +142,84 @@ class Teacher:
         return True
 
 
+# ---------------------------------------------------------------------------------------------------- the kinds
 class LiveTeacher(Teacher):
     """The student itself (`live`): no extra weights, nothing to update or save."""
 
     kind = "live"
 
 
-class ModelCopyTeacher(Teacher):
-    """A separate model without gradients: the initial weights, frozen (`base`), or an EMA of the student (`ema`)."""
+class _ModelCopy(Teacher):
+    """A separate model without gradients, in eval mode."""
 
-    def __init__(self, teacher_model, kind: str):
+    def __init__(self, teacher_model, settings: TeacherSettings | None = None):
+        super().__init__(settings)
         self.model = teacher_model
         self.model.requires_grad_(False)
         self.model.eval()
-        self.kind = kind
 
     def module(self, student):
         return self.model
 
+
+class FrozenCopyTeacher(_ModelCopy):
+    """A frozen copy of the student's initial weights (`base`, plain model)."""
+
+    kind = "base"
+
+
+class EMACopyTeacher(_ModelCopy):
+    """A copy of the student moved toward it after optimizer steps (`ema`, plain model)."""
+
+    kind = "ema"
+    moves = True
+
     @torch.no_grad()
-    def update(self, student, rate: float) -> None:
-        if self.kind != "ema":
-            return
+    def update(self, student) -> None:
         from trl.trainer.callbacks import SyncRefModelCallback
 
         # TRL's reference-model sync: teacher <- (1 - rate) * teacher + rate * student, gathering ZeRO-3 shards.
-        SyncRefModelCallback.sync_target_model(unwrap(student), unwrap(self.model), rate)
+        SyncRefModelCallback.sync_target_model(unwrap(student), unwrap(self.model), self.settings.update_rate)
 
     def state_dict(self):
-        return unwrap(self.model).state_dict() if self.kind == "ema" else None
+        return unwrap(self.model).state_dict()
 
     def load_state_dict(self, state):
         unwrap(self.model).load_state_dict(state, strict=False)
 
 
-class AdapterTeacher(Teacher):
-    """The PEFT student with its adapter disabled (`base`) or switched to the EMA `teacher` adapter (`ema`)."""
+class _AdapterSwitch(Teacher):
+    """The PEFT student itself, forwarded with another adapter (`adapter`; None: all adapters disabled)."""
 
-    def __init__(self, student, kind: str):
-        self.kind = kind
+    adapter: str | None = None
+
+    def __init__(self, student, settings: TeacherSettings | None = None):
+        super().__init__(settings)
         self.student = unwrap(student)
         self.student_adapter = student_adapter_name(student)
-        if kind == "ema":
-            self._add_teacher_adapter(student)
+
+    def context(self):
+        # TRL's adapter switch: None disables adapters (base weights); a name activates that adapter and restores
+        # the student's afterwards (which also hands the trainable flags back to it).
+        return use_adapter(self.student, self.adapter)
+
+
+class AdapterOffTeacher(_AdapterSwitch):
+    """The PEFT student with its adapter disabled: the base weights (`base`, PEFT model)."""
+
+    kind = "base"
+
+
+class EMAAdapterTeacher(_AdapterSwitch):
+    """A `teacher` LoRA adapter lerped toward the student's adapter (`ema`, PEFT model; pure LoRA only)."""
+
+    kind = "ema"
+    moves = True
+    adapter = TEACHER_ADAPTER
+
+    def __init__(self, student, settings: TeacherSettings | None = None):
+        super().__init__(student, settings)
+        self._add_teacher_adapter(student)
 
     def _add_teacher_adapter(self, student) -> None:
         check_ema_adapter_support(student)
@@ -172,21 +247,12 @@ class AdapterTeacher(Teacher):
             raise RuntimeError(f"No LoRA weights of adapter {self.student_adapter!r} found for the EMA teacher.")
         return pairs
 
-    def context(self):
-        # TRL's adapter switch: None disables adapters (base weights); a name activates that adapter and restores
-        # the student's afterwards (which also hands the trainable flags back to it).
-        return use_adapter(self.student, None if self.kind == "base" else TEACHER_ADAPTER)
-
     @torch.no_grad()
-    def update(self, student, rate: float) -> None:
-        if self.kind != "ema":
-            return
+    def update(self, student) -> None:
         teacher, current = zip(*self._pairs(student), strict=True)
-        torch._foreach_lerp_(list(teacher), list(current), rate)
+        torch._foreach_lerp_(list(teacher), list(current), self.settings.update_rate)
 
     def state_dict(self):
-        if self.kind != "ema":
-            return None
         return {name: p for name, p in self.student.named_parameters() if f".{TEACHER_ADAPTER}." in name}
 
     def load_state_dict(self, state):
@@ -199,7 +265,70 @@ class AdapterTeacher(Teacher):
                 params[name].copy_(value)
 
 
-def copy_for_teacher(student, accelerator, args):
+class ServerTeacher(Teacher):
+    """The live student scored on the vLLM server (`use_teacher_server`): `scorer` is the rollout backend, whose
+    `teacher_scores` syncs the weights for `step` and returns `losses.ServerTeacherScores`."""
+
+    kind = "live"
+
+    def __init__(self, scorer, settings: TeacherSettings | None = None):
+        super().__init__(settings)
+        if scorer is None or not callable(getattr(scorer, "teacher_scores", None)):
+            raise ValueError(
+                "`use_teacher_server=True` needs a rollout backend that scores the teacher (`teacher_scores`), such "
+                f"as vLLM in server mode; got {type(scorer).__name__}."
+            )
+        self.scorer = scorer
+
+    def score(self, student, inputs, mask, step, view):
+        return self.scorer.teacher_scores(
+            inputs["teacher_input_ids"], inputs["teacher_attention_mask"], mask, self.settings.server_topk, step
+        )
+
+
+# ------------------------------------------------------------------------------------------------- the registry
+@dataclass
+class TeacherContext:
+    """What a teacher factory gets: the (prepared, not yet wrapped) student, the accelerator, the settings, and the
+    rollout backend (the server teacher's scorer; None where nothing scores on a server)."""
+
+    student: Any
+    accelerator: Any
+    settings: TeacherSettings
+    scorer: Any = None
+
+
+TeacherFactory = Callable[[TeacherContext], Teacher]
+TEACHERS: dict[str, TeacherFactory] = {}
+
+
+def register_teacher(kind: str, factory: TeacherFactory, replace: bool = False) -> None:
+    """Make `teacher_model_kind=kind` build `factory(context)`; `kind@server` is the kind scored on the server
+    (`use_teacher_server`). A registered kind is replaced only with `replace=True`."""
+    if kind in TEACHERS and not replace:
+        raise ValueError(f"Teacher kind {kind!r} is already registered; pass `replace=True` to replace it.")
+    TEACHERS[kind] = factory
+
+
+def teacher_kinds() -> tuple[str, ...]:
+    """The registered `teacher_model_kind` values (the keys without a `@server` suffix)."""
+    return tuple(kind for kind in TEACHERS if "@" not in kind)
+
+
+def build_teacher(context: TeacherContext) -> Teacher:
+    """The teacher registered for `context.settings.kind` (`f"{kind}@server"` when it is scored on the server)."""
+    settings = context.settings
+    key = f"{settings.kind}@server" if settings.on_server else settings.kind
+    factory = TEACHERS.get(key)
+    if factory is None:
+        raise ValueError(
+            f"No teacher is registered for {key!r}: the registered kinds are {', '.join(map(repr, TEACHERS))}. "
+            "Add one with `trl_sdft.teachers.register_teacher`."
+        )
+    return factory(context)
+
+
+def copy_for_teacher(student, accelerator, settings: TeacherSettings):
     """A copy of the student's current (initial) weights without gradients, placed like the student."""
     from trl.models import prepare_deepspeed, prepare_fsdp
 
@@ -207,8 +336,8 @@ def copy_for_teacher(student, accelerator, args):
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
         # ZeRO-3 shards are empty on each rank: a deep copy would copy nothing. Load the weights again.
-        init_kwargs = dict(args.model_init_kwargs or {})
-        init_kwargs.update(device_map=None, dtype=student.dtype, trust_remote_code=args.trust_remote_code)
+        init_kwargs = dict(settings.model_init_kwargs or {})
+        init_kwargs.update(device_map=None, dtype=student.dtype, trust_remote_code=settings.trust_remote_code)
         teacher = create_model_from_path(get_config_model_id(student.config), **init_kwargs)
     else:
         teacher = copy.deepcopy(student)
@@ -222,21 +351,30 @@ def copy_for_teacher(student, accelerator, args):
     return accelerator.prepare_model(teacher.to(accelerator.device), evaluation_mode=True)
 
 
-def build_teacher(kind: str, student, accelerator, args) -> Teacher:
-    """The teacher for `kind` and the (prepared, not yet wrapped) student."""
-    if kind == "live":
-        return LiveTeacher()
-    if is_peft_model(student):
-        return AdapterTeacher(student, kind)
-    return ModelCopyTeacher(copy_for_teacher(student, accelerator, args), kind)
+def _base_teacher(context: TeacherContext) -> Teacher:
+    if is_peft_model(context.student):
+        return AdapterOffTeacher(context.student, context.settings)
+    return FrozenCopyTeacher(copy_for_teacher(context.student, context.accelerator, context.settings), context.settings)
+
+
+def _ema_teacher(context: TeacherContext) -> Teacher:
+    if is_peft_model(context.student):
+        return EMAAdapterTeacher(context.student, context.settings)
+    return EMACopyTeacher(copy_for_teacher(context.student, context.accelerator, context.settings), context.settings)
+
+
+register_teacher("base", _base_teacher)
+register_teacher("live", lambda context: LiveTeacher(context.settings))
+register_teacher("ema", _ema_teacher)
+register_teacher("live@server", lambda context: ServerTeacher(context.scorer, context.settings))
 
 
 class TeacherUpdateCallback(TrainerCallback):
-    """Moves the EMA teacher after every `teacher_sync_steps` optimizer steps."""
+    """Moves a teacher that `moves` (EMA kinds) after every `teacher.settings.sync_steps` optimizer steps."""
 
     def __init__(self, teacher: Teacher):
         self.teacher = teacher
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.teacher.kind == "ema" and state.global_step % args.teacher_sync_steps == 0:
-            self.teacher.update(model, args.teacher_update_rate)
+        if self.teacher.moves and state.global_step % self.teacher.settings.sync_steps == 0:
+            self.teacher.update(model)

@@ -2,10 +2,12 @@
 
 One step, as `_prepare_inputs` and `compute_loss` read top to bottom:
   rows `{prompt, privileged_context}` -> teacher prompts and token ids (`batch.py`) -> completions from the rollout
-  backend's `generate` (`rollout.py`, `vllm_rollout.py`) -> padded batch (`batch.py`) -> student forward, teacher forward
-  with the weights `teachers.py` routes (or teacher scores from the vLLM server) -> the loss of the run's path
-  (`chunked_loss.loss_function`: logits, chunked hidden states or Liger; the mode switch is `losses.per_token_loss`).
-After each optimizer step an EMA teacher moves (`teachers.TeacherUpdateCallback`).
+  backend (`rollouts/`, chosen through its registry) -> padded batch (`batch.py`), carrying the rollout log-probs the
+  importance weights need (`importance.plan`) -> student forward (`forwards.py`) -> the teacher's scores
+  (`teachers.py`, chosen through its registry) -> the loss of the run's path (`chunked_loss.loss_function`: logits,
+  chunked hidden states or Liger; the mode switch is `losses.per_token_loss`, the weights `importance.token_weights`).
+After each optimizer step a moving teacher (EMA) moves (`teachers.TeacherUpdateCallback`). The settings each module
+reads are built once from the config in `settings.py`.
 """
 
 import inspect
@@ -25,8 +27,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
 
 from . import batch as batching
-from . import forwards, guards, losses, packing
-from .async_rollout import AsyncRounds
+from . import forwards, guards, importance, losses, packing, settings
 from .callbacks import dispatch
 from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resume
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
@@ -36,8 +37,9 @@ from .evaluation import greedy_answers
 from .metrics import completion_metrics, completion_stats
 from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class, warn_if_adapter_present
 from .prompts import resolve_teacher_prompt_template
-from .rollout import TransformersRollout, eos_token_ids, sampling_config
-from .teachers import TeacherUpdateCallback, build_teacher
+from .rollouts import RolloutContext, build_rollout, eos_token_ids, sampling_config
+from .rollouts.async_rounds import AsyncRounds
+from .teachers import TeacherContext, TeacherUpdateCallback, build_teacher
 from .utils import has_accelerator, reuse_freed_cpu_memory, unwrap
 
 logger = get_logger(__name__)
@@ -83,7 +85,7 @@ class SDFTTrainer(_BaseTrainer):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = SDFTConfig(f"{os.path.basename(str(name).rstrip('/')) or 'model'}-SDFT")
-        check_datasets(train_dataset, eval_dataset, args)
+        check_datasets(train_dataset, eval_dataset, args.generation_batch_size, args.num_generations)
         args.check_installed_packages(peft_config)
         if args.reuse_cpu_memory and (args.use_cpu or not has_accelerator()):
             logger.info(f"CPU malloc keeps freed blocks for reuse: {reuse_freed_cpu_memory()}.")
@@ -91,11 +93,11 @@ class SDFTTrainer(_BaseTrainer):
         self.chat_template_kwargs = dict(args.chat_template_kwargs or {})
 
         set_seed(args.seed)  # PEFT initialises adapter weights randomly
-        model = load_model(model, args)
+        model = load_model(model, settings.model_settings(args))
         warn_if_adapter_present(model, peft_config, _warn)
         model = prepare_peft(model, peft_config, args)
         check_finite_weights(model)
-        processing_class, self._tokenizer = prepare_processing_class(model, processing_class, args)
+        processing_class, self._tokenizer = prepare_processing_class(model, processing_class, args.trust_remote_code)
         self.eos_token_ids = eos_token_ids(model, self._tokenizer)
         text_config, pad_id = model.config.get_text_config(), self._tokenizer.pad_token_id
         text_config.pad_token_id = pad_id
@@ -111,7 +113,8 @@ class SDFTTrainer(_BaseTrainer):
             getattr(text_config, "max_position_embeddings", None),
             warn=_warn,
         )
-        self.generation_config = sampling_config(args, self._tokenizer, self.eos_token_ids)
+        self.rollout_settings = settings.rollout_settings(args)
+        self.generation_config = sampling_config(self.rollout_settings, self._tokenizer, self.eos_token_ids)
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._forward_params = set(inspect.signature(base_model.forward).parameters)
         if hasattr(model, "warnings_issued"):
@@ -137,17 +140,22 @@ class SDFTTrainer(_BaseTrainer):
             disable_dropout_in_model(self.model)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-        self.teacher = build_teacher(args.teacher_model_kind, self.model, self.accelerator, args)
-        if self.teacher.kind == "ema":
-            self.add_callback(TeacherUpdateCallback(self.teacher))
         self.rollout = self._build_rollout()
+        # After the rollout backend: a teacher scored on the vLLM server scores through it.
+        self.teacher = build_teacher(
+            TeacherContext(self.model, self.accelerator, settings.teacher_settings(args), self.rollout)
+        )
+        if self.teacher.moves:
+            self.add_callback(TeacherUpdateCallback(self.teacher))
         self.async_rounds, self._generated_at = None, 0
         if args.async_rollouts:
             spec = (args.num_generations, args.generate_every, args.max_staleness, args.round_span)
             self.async_rounds = AsyncRounds(self.rollout, self.accelerator, *spec)
-        self.loss_settings = losses.LossSettings.from_config(
-            args, resolve_chunk_size(self.model, args, self._forward_params)
+        chunk_size = resolve_chunk_size(
+            self.model, args.loss_chunk_size, args.use_liger_kernel, args.use_teacher_server, self._forward_params
         )
+        self.loss_settings = settings.loss_settings(args, chunk_size)
+        self.importance_settings = self.loss_settings.importance
         self.loss_fn = loss_function(self.loss_settings)
         problem = packing_problem(self.model, self._forward_params)
         self.padding_free = args.padding_free and problem is None
@@ -161,33 +169,30 @@ class SDFTTrainer(_BaseTrainer):
         )
 
     def _build_rollout(self):
-        """The rollout backend: vLLM (colocate or server) when `use_vllm`, else transformers' `generate`."""
-        if not self.args.use_vllm:
-            pad_id, gather_zero3 = self._tokenizer.pad_token_id, self.args.ds3_gather_for_generation
-            return TransformersRollout(
-                self.accelerator, self.generation_config, self.eos_token_ids, pad_id, gather_zero3
-            )
-        from .vllm_rollout import VLLMRollout
-
-        backend = VLLMRollout(
+        """The rollout backend `rollout_settings.backend` names (`rollouts.ROLLOUT_BACKENDS`): "vllm" (colocate or
+        server) with `use_vllm`, else "transformers" (`model.generate`), or one registered for `rollout_backend`."""
+        context = RolloutContext(
             self.model,
             self.accelerator,
             self.processing_class,
-            self.args,
+            self._tokenizer,
+            self.rollout_settings,
             self.eos_token_ids,
             longest_prompt=self.prompt_lengths.student,
             longest_teacher_prompt=self.prompt_lengths.teacher,
         )
-        logger.info(
-            f"vLLM ({self.args.vllm_mode}, weight sync: {backend.generation.sync_method}) scores a probe like the "
-            f"trainer model within {backend.probe_gap:.2e} nats per token."
-        )
+        backend = build_rollout(context)
+        # TRL's `generation_config` is the one `model.generate` samples with, when the backend has one.
+        self.generation_config = getattr(backend, "generation_config", self.generation_config)
+        description = backend.describe()
+        if description is not None:
+            logger.info(description)
         return backend
 
     @property
     def teacher_model(self):
         """TRL's attribute: the frozen or EMA copy, or the student itself (`live`, and PEFT adapter switches)."""
-        return getattr(self.teacher, "model", self.model)
+        return self.teacher.module(self.model)
 
     @property
     def loss_chunk_size(self) -> int:
@@ -278,14 +283,12 @@ class SDFTTrainer(_BaseTrainer):
 
     def _build_batch(self, rows: list[dict[str, Any]], mode: str) -> dict[str, torch.Tensor | None]:
         """Rows -> rollouts (generated now, or ahead by `async_rollouts`) -> the padded batch `compute_loss` reads."""
-        stale = None  # async: the server's log-probs of a round generated with older weights
         if mode == "train" and self.async_rounds is not None:
             last = self.state.max_steps * self.args.gradient_accumulation_steps
             result = self.async_rounds.round(rows, self._step, self.state.global_step, last, self._round_prompts)
             prompts, (completions, engine_logps), self._generated_at = result[:3]
             for name, value in result.metrics.items():
                 self._metrics[mode][f"async/{name}"].append(value)
-            stale = engine_logps if self.args.async_rollouts_active else None
         else:
             prompts = self._round_prompts(rows)
             n, step = self._num_generations(mode), self.state.global_step
@@ -294,14 +297,16 @@ class SDFTTrainer(_BaseTrainer):
         batch = batching.assemble_batch(
             prompts.student, prompts.teacher, completions, self._tokenizer.pad_token_id, self.accelerator.device
         )
-        from_teacher = self.args.generate_from_teacher
-        if engine_logps is not None and self.loss_settings.vllm_is_mode and not from_teacher and stale is None:
+        logps = importance.plan(self.importance_settings, mode == "train", engine_logps is not None)
+        if logps.engine:  # the engine's own log-probs: its sampling mismatch is corrected
             batch["sampling_per_token_logps"] = batching.right_pad(
                 engine_logps, 0.0, self.accelerator.device, torch.float32
             )[0]
-        if stale is not None and not from_teacher:  # the rollout policy is the server's: its own log-probs
-            batch["old_per_token_logps"] = batching.right_pad(stale, 0.0, self.accelerator.device, torch.float32)[0]
-        elif mode == "train" and not from_teacher and self.args.rollouts_outlive_optimizer_step:
+        if logps.old == "server":  # async: the server generated the round with older weights; its log-probs are old
+            batch["old_per_token_logps"] = batching.right_pad(
+                engine_logps, 0.0, self.accelerator.device, torch.float32
+            )[0]
+        elif logps.old == "trainer":
             with torch.no_grad(), self.accelerator.autocast():  # the rollout policy's log-probs (importance weights)
                 logits = self._completion_view(self.model, batch, logits=True)
                 batch["old_per_token_logps"] = losses.token_log_probs(logits, batch["completion_ids"])
@@ -334,17 +339,7 @@ class SDFTTrainer(_BaseTrainer):
         if not mask.any():  # every token skipped: zero loss and zero gradients, not an error
             self._log_metric(mode, "distillation_loss", torch.zeros((), device=mask.device))
             return (student.hidden if isinstance(student, HiddenStates) else student).sum() * 0.0
-        if self.args.use_teacher_server:
-            teacher = self.rollout.teacher_scores(
-                inputs["teacher_input_ids"],
-                inputs["teacher_attention_mask"],
-                mask,
-                self.loss_settings.server_topk,
-                self.state.global_step,
-            )
-        else:
-            with torch.no_grad(), self.teacher.context():
-                teacher = self._completion_view(self.teacher.module(model), inputs, teacher=True)
+        teacher = self.teacher.score(model, inputs, mask, self.state.global_step, self._completion_view)
         # The rollout policy's log-probs (reused rollouts) and the engine's (vLLM): what importance weights need.
         rollout_logps = (inputs.get("old_per_token_logps"), inputs.get("sampling_per_token_logps"))
         result = self.loss_fn(self.loss_settings, student, teacher, inputs["completion_ids"], mask, *rollout_logps)
@@ -429,9 +424,8 @@ class SDFTTrainer(_BaseTrainer):
                 ignore_keys_for_eval=ignore_keys_for_eval,
                 **kwargs,
             )
-        finally:
-            if self.async_rounds is not None:
-                self.async_rounds.close()
+        finally:  # a round still in flight is dropped; the backend's threads and temporary files go
+            (self.rollout if self.async_rounds is None else self.async_rounds).close()
 
     # ----------------------------------------------------------------------------------------------------- utils
     def generate(self, query: Any, max_new_tokens: int | None = None) -> str:

@@ -1,6 +1,7 @@
 """vLLM rollouts, colocated or on a server, built on TRL's generation layer (`trl.generation`).
 
-Kept apart from `rollout.py` so that `import trl_sdft` never imports vLLM. What this module adds to TRL's
+The "vllm" backend of the registry in `rollouts/__init__.py`, imported only when built, so that `import trl_sdft`
+never imports vLLM. What this module adds to TRL's
 `VLLMGeneration`:
 
 - Colocate weight sync through vLLM's in-place `reload_weights` (TRL's per-tensor `load_weights` fails on vLLM 0.32:
@@ -28,7 +29,6 @@ import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
@@ -49,9 +49,9 @@ with tolerate_vllm_version():
     from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import ensure_master_addr_port  # noqa: E402
 
-from .losses import ServerTeacherScores  # noqa: E402
-from .rollout import Rollouts, VLLMServerError, cut_at_eos  # noqa: E402
-from .utils import tokenizer_of, unwrap  # noqa: E402
+from ..losses import ServerTeacherScores  # noqa: E402
+from ..utils import tokenizer_of, unwrap  # noqa: E402
+from . import PendingRound, RolloutContext, Rollouts, VLLMServerError, VLLMSettings, cut_at_eos  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +62,14 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3, 4, 5."
 PROBE_TOLERANCE = 0.5
 
 
-def engine_dtype(args, model) -> torch.dtype | str:
+def engine_dtype(settings: VLLMSettings, model) -> torch.dtype | str:
     """The colocated engine's dtype: `vllm_dtype` if set, else the trainer's precision (bf16 / fp16 mixed precision,
     else the model's dtype), so that rollouts are sampled at the precision the trainer computes in."""
-    if args.vllm_dtype is not None:
-        return args.vllm_dtype
-    if args.bf16:
+    if settings.dtype is not None:
+        return settings.dtype
+    if settings.precision == "bf16":
         return torch.bfloat16
-    if args.fp16:
+    if settings.precision == "fp16":
         return torch.float16
     return model.dtype
 
@@ -157,6 +157,43 @@ class SyncDirectory:
             self._path = None
 
 
+# What the colocated engine reads from the environment while it is built ("external_launcher": torchrun's variables,
+# and vLLM's switch for an in-process engine), set by `launcher_environment` and restored after.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "VLLM_ENABLE_V1_MULTIPROCESSING",
+)
+
+
+@contextmanager
+def launcher_environment(accelerator):
+    """The environment of a torchrun-launched process, for building the colocated engine inside this one: vLLM's
+    "external_launcher" reads this process's rank from RANK / LOCAL_RANK / WORLD_SIZE and joins (or creates)
+    torch.distributed's group at MASTER_ADDR / MASTER_PORT (`ensure_master_addr_port`: a free port when unset), and
+    runs the engine in-process with VLLM_ENABLE_V1_MULTIPROCESSING=0 (vLLM sets it too). Every one of those variables
+    is restored afterwards (removed if it was unset): the engine has read them by then (the process group exists, and
+    the engine core froze vLLM's view of the environment, `vllm.envs.enable_envs_cache`), and whatever runs in this
+    process later, another trainer or launcher, sees the environment it started with."""
+    saved = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
+    try:
+        os.environ["RANK"] = str(accelerator.process_index)
+        os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
+        os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        ensure_master_addr_port()
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class SDFTVLLMGeneration(VLLMGeneration):
     """TRL's `VLLMGeneration` with CPU-capable weight syncs and pre-training checks (see the module docstring)."""
 
@@ -192,8 +229,6 @@ class SDFTVLLMGeneration(VLLMGeneration):
         self.accelerator.wait_for_everyone()
 
     def _init_colocate(self):
-        from vllm import LLM
-
         accelerator = self.accelerator
         if accelerator.num_processes % self.tensor_parallel_size:
             raise ValueError(
@@ -206,12 +241,6 @@ class SDFTVLLMGeneration(VLLMGeneration):
                 for start in range(0, accelerator.num_processes, self.tensor_parallel_size)
             ]
             self.tp_group, _ = torch.distributed.new_subgroups_by_enumeration(groups)
-        # The engine runs inside this process ("external_launcher"), which reads the rank from the environment.
-        os.environ["RANK"] = str(accelerator.process_index)
-        os.environ["LOCAL_RANK"] = str(accelerator.local_process_index)
-        os.environ["WORLD_SIZE"] = str(accelerator.num_processes)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        ensure_master_addr_port()
         name = self.model.name_or_path
         if not name or not (os.path.isdir(name) or not os.path.isabs(name)):
             raise ValueError(
@@ -226,27 +255,34 @@ class SDFTVLLMGeneration(VLLMGeneration):
             # `vllm_gpu_memory_utilization` of the host memory.
             host_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             extra["kv_cache_memory_bytes"] = int(self.gpu_memory_utilization * host_memory)
-        self.llm = LLM(
-            model=name,
-            dtype=self.dtype if self.dtype is not None else "auto",
-            enforce_eager=on_cpu if self.enforce_eager is None else self.enforce_eager,
-            tensor_parallel_size=self.tensor_parallel_size,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            max_model_len=self.max_model_length,
-            max_num_seqs=self.max_num_seqs,
-            enable_sleep_mode=self.enable_sleep_mode,
-            model_impl=self.model_impl,
-            distributed_executor_backend="external_launcher",
-            seed=accelerator.process_index // self.tensor_parallel_size,
-            max_num_batched_tokens=4096,
-            logprobs_mode="processed_logprobs",
-            trust_remote_code=self.trust_remote_code,
-            **extra,
-        )
+        with launcher_environment(accelerator):
+            self.llm = self._create_llm(
+                model=name,
+                dtype=self.dtype if self.dtype is not None else "auto",
+                enforce_eager=on_cpu if self.enforce_eager is None else self.enforce_eager,
+                tensor_parallel_size=self.tensor_parallel_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                max_model_len=self.max_model_length,
+                max_num_seqs=self.max_num_seqs,
+                enable_sleep_mode=self.enable_sleep_mode,
+                model_impl=self.model_impl,
+                distributed_executor_backend="external_launcher",
+                seed=accelerator.process_index // self.tensor_parallel_size,
+                max_num_batched_tokens=4096,
+                logprobs_mode="processed_logprobs",
+                trust_remote_code=self.trust_remote_code,
+                **extra,
+            )
         if self.enable_sleep_mode:
             self.llm.sleep(level=2)
         self._llm_weights_sleeping = self.enable_sleep_mode
         self.sync_method = "reload"
+
+    def _create_llm(self, **kwargs):
+        """The colocated engine (`vllm.LLM`), built inside `launcher_environment`."""
+        from vllm import LLM
+
+        return LLM(**kwargs)
 
     def _init_server(self):
         accelerator = self.accelerator
@@ -412,80 +448,71 @@ def distinct_prompts(prompts: list[list[int]], num_generations: int) -> list[lis
     return [group[0] for group in groups]
 
 
-class PendingRound(NamedTuple):
-    """A generation round sent to the server (`VLLMRollout.start`): the main process's future of the whole round's
-    completions, this process's share of it, and the optimizer step of the weights that generate it."""
-
-    future: Future | None
-    count: int
-    step: int
-
-
 class VLLMRollout:
-    """What the trainer uses: rollouts (`rollout.py`'s `generate` call) and server teacher scores, with the weights
-    synced whenever the optimizer step changed. In server mode a round can be started and collected apart (`start`,
-    `finish`), so that the trainer learns while the server generates (`async_rollouts`)."""
+    """The "vllm" backend: rollouts (`RolloutBackend.generate`) and server teacher scores (`TeacherScorer`), with the
+    weights synced whenever the optimizer step changed. In server mode a round can be started and collected apart
+    (`start`, `finish`, `BackgroundRollouts`), so that the trainer learns while the server generates
+    (`async_rollouts`). Reads `context.settings` (and its `vllm` part) only."""
 
-    def __init__(
-        self,
-        model,
-        accelerator,
-        processing_class,
-        args,
-        eos_token_ids: list[int],
-        longest_prompt: int,
-        longest_teacher_prompt: int,
-    ):
-        self.args = args
+    def __init__(self, context: RolloutContext):
+        settings = context.settings
+        if settings.vllm is None:
+            raise ValueError(
+                "The 'vllm' rollout backend needs `RolloutSettings.vllm` (`trl_sdft.settings.vllm_settings(args)`): "
+                "set `use_vllm=True`."
+            )
+        engine = settings.vllm
+        model = context.model
+        self.settings = settings
         self.model = model
-        self.accelerator = accelerator
-        self.eos_token_ids = list(eos_token_ids)
-        longest = longest_teacher_prompt if args.generate_from_teacher else longest_prompt
-        if args.use_teacher_server:
-            longest = max(longest, longest_teacher_prompt)
-        if args.vllm_mode == "colocate":
-            limit = args.vllm_max_model_length
+        self.accelerator = context.accelerator
+        self.eos_token_ids = list(context.eos_token_ids)
+        longest = context.longest_teacher_prompt if settings.generate_from_teacher else context.longest_prompt
+        if settings.teacher_on_server:
+            longest = max(longest, context.longest_teacher_prompt)
+        if engine.mode == "colocate":
+            limit = engine.max_model_length
             if limit is None:
                 limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
             self._check_length(longest, limit, "`vllm_max_model_length`")
         self.generation = SDFTVLLMGeneration(
             model=model,
-            accelerator=accelerator,
-            processing_class=processing_class,
-            mode=args.vllm_mode,
-            server_base_url=args.vllm_server_base_url,
-            server_host=args.vllm_server_host,
-            server_port=args.vllm_server_port,
-            server_timeout=args.vllm_server_timeout,
-            group_port=args.vllm_group_port,
-            tensor_parallel_size=args.vllm_tensor_parallel_size,
-            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-            max_model_length=args.vllm_max_model_length,
-            enable_sleep_mode=args.vllm_enable_sleep_mode,
-            model_impl=args.vllm_model_impl,
-            trust_remote_code=args.trust_remote_code,
-            repetition_penalty=args.repetition_penalty,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k or 0,
-            min_p=args.min_p or 0.0,
-            max_completion_length=args.max_completion_length,
-            # 0: the sampled token's only; async rounds need them as the rollout policy's log-probs
-            logprobs=0 if args.vllm_importance_sampling_active or args.async_rollouts_active else None,
-            generation_kwargs={"stop_token_ids": self.eos_token_ids, **(args.generation_kwargs or {})},
-            dtype=engine_dtype(args, unwrap(model)),
-            enforce_eager=args.vllm_enforce_eager,
-            sync_dir=args.vllm_sync_dir,
+            accelerator=context.accelerator,
+            processing_class=context.processing_class,
+            mode=engine.mode,
+            server_base_url=engine.server_base_url,
+            server_host=engine.server_host,
+            server_port=engine.server_port,
+            server_timeout=engine.server_timeout,
+            group_port=engine.group_port,
+            tensor_parallel_size=engine.tensor_parallel_size,
+            gpu_memory_utilization=engine.gpu_memory_utilization,
+            max_model_length=engine.max_model_length,
+            enable_sleep_mode=engine.enable_sleep_mode,
+            model_impl=engine.model_impl,
+            trust_remote_code=settings.trust_remote_code,
+            repetition_penalty=settings.repetition_penalty,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k or 0,
+            min_p=settings.min_p or 0.0,
+            max_completion_length=settings.max_completion_length,
+            # 0: the sampled token's only (engine-mismatch correction; async rounds: the rollout policy's log-probs)
+            logprobs=0 if settings.engine_logprobs else None,
+            generation_kwargs={"stop_token_ids": self.eos_token_ids, **(settings.generation_kwargs or {})},
+            dtype=engine_dtype(engine, unwrap(model)),
+            enforce_eager=engine.enforce_eager,
+            sync_dir=engine.sync_dir,
         )
-        if args.vllm_mode == "server":
+        if engine.mode == "server":
             self._check_length(longest, self.generation.server_max_model_len, "the server's `--max-model-len`")
         self.teacher_client = None
-        if args.use_teacher_server:
+        if settings.teacher_on_server:
             self.teacher_client = getattr(self.generation, "vllm_client", None)
             if self.teacher_client is None:
                 with tolerate_vllm_version():
                     self.teacher_client = VLLMClient(
-                        base_url=self.generation.base_url, connection_timeout=args.vllm_server_timeout
+                        base_url=self.generation.base_url, connection_timeout=engine.server_timeout
                     )
         self.synced_step = None
         self._inflight: Future | None = None  # the round the server is generating (main process, server mode)
@@ -508,17 +535,24 @@ class VLLMRollout:
             )
         self.probe_gap = gap
 
+    def describe(self) -> str:
+        """The line the trainer logs at start: the mode, how weights are synced, and the probe check's gap."""
+        return (
+            f"vLLM ({self.settings.vllm.mode}, weight sync: {self.generation.sync_method}) scores a probe like the "
+            f"trainer model within {self.probe_gap:.2e} nats per token."
+        )
+
     def _check_length(self, longest_prompt: int, limit: int | None, field: str) -> None:
-        needed = longest_prompt + self.args.max_completion_length
+        needed = longest_prompt + self.settings.max_completion_length
         if limit is not None and needed > limit:
             raise ValueError(
                 f"vLLM's context ({limit} tokens, {field}) is shorter than the longest prompt ({longest_prompt} "
-                f"tokens) + max_completion_length ({self.args.max_completion_length}) = {needed}. Raise {field} to "
+                f"tokens) + max_completion_length ({self.settings.max_completion_length}) = {needed}. Raise {field} to "
                 f"at least {needed}, or lower max_completion_length / max_prompt_length / max_teacher_prompt_length."
             )
 
     def _server(self) -> bool:
-        return self.args.vllm_mode == "server"
+        return self.settings.vllm.mode == "server"
 
     @contextmanager
     def _server_errors(self, doing: str):
@@ -645,7 +679,10 @@ class VLLMRollout:
             prompt_lengths.append(sum(row_mask[:prompt_width]))
         with self._server_errors("scoring the teacher"):
             served = self.teacher_client.get_sequence_logprobs(
-                sequences=sequences, prompt_lengths=prompt_lengths, top_logprobs=top, temperature=self.args.temperature
+                sequences=sequences,
+                prompt_lengths=prompt_lengths,
+                top_logprobs=top,
+                temperature=self.settings.temperature,
             )
         actual = torch.full((batch, num_tokens), float("-inf"))
         topk = torch.full((batch, num_tokens, top), float("-inf"))

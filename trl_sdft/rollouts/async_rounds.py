@@ -13,7 +13,7 @@ A synchronous step costs generation + training; here it costs about max(generati
 
 The rollouts of a round sent ahead come from the weights of the step before: the trainer weights each token by the
 ratio of the current student to the server's own log-prob of it (the rollout policy), capped at `distillation_is_clip`
-(`losses.clip_importance_weights`). The teacher is whatever it is when the round is trained: the base weights, the live
+(`importance.token_weights`). The teacher is whatever it is when the round is trained: the base weights, the live
 student, or the EMA teacher of the current step.
 """
 
@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .batch import RoundPrompts
+from ..batch import RoundPrompts
+from . import BackgroundRollouts, PendingRound, Rollouts
 
 
 class _Epoch:
@@ -122,12 +123,12 @@ class _Ahead(NamedTuple):
     position: int
     rows: Any
     prompts: RoundPrompts
-    round: Any  # vllm_rollout.PendingRound
+    round: PendingRound
 
 
 class RoundResult(NamedTuple):
     prompts: RoundPrompts
-    rollouts: Any  # rollout.Rollouts
+    rollouts: Rollouts
     generated_at: int  # the optimizer step of the weights that generated the round
     metrics: dict[str, float]  # wait_seconds: this process waited for the server; regenerated: 1 if a round sent
     # ahead could not be used
@@ -136,7 +137,15 @@ class RoundResult(NamedTuple):
 class AsyncRounds:
     """The round in flight and the decisions around it (see the module docstring)."""
 
-    def __init__(self, rollout, accelerator, num_generations: int, generate_every: int, max_staleness: int, span: int):
+    def __init__(
+        self,
+        rollout: BackgroundRollouts,
+        accelerator,
+        num_generations: int,
+        generate_every: int,
+        max_staleness: int,
+        span: int,
+    ):
         self.rollout = rollout
         self.accelerator = accelerator
         self.num_generations = num_generations

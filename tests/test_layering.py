@@ -1,0 +1,76 @@
+"""The package's import structure: modules import downward only, so each seam can be read (and replaced) alone.
+
+From the bottom: pure helpers and math (`importance.py` imports nothing of the package) -> losses, rollouts,
+teachers, batches -> `settings.py` (config -> settings objects) and `config.py` -> `trainer.py` -> the CLIs. Read from
+the source with `ast`, so a lazy import inside a function counts too."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "trl_sdft"
+CLIS = {"cli", "continual", "offline"}
+# Modules that may import `config` (besides the CLIs): none reads SDFTConfig but these.
+CONFIG_READERS = {"trainer", "__init__"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" and len(parts) > 1 else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules `path` imports (resolved to dotted names under trl_sdft, first component kept)."""
+    name = _module_name(path)
+    package = name.split(".")[:-1] if path.name != "__init__.py" else name.split(".")
+    if path.name == "__init__.py" and name == "__init__":
+        package = []
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module and node.module.startswith("trl_sdft."):
+                    found.add(node.module.split(".")[1])
+                continue
+            base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+            target = [*base, *(node.module.split(".") if node.module else [])]
+            if target:
+                found.add(target[0])
+            else:  # `from . import x, y`
+                found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("trl_sdft."):
+                    found.add(alias.name.split(".")[1])
+    return found - {name.split(".")[0]}
+
+
+def _graph() -> dict[str, set[str]]:
+    graph = {_module_name(path): _imports(path) for path in PACKAGE.rglob("*.py")}
+    assert len(graph) > 20 and "trainer" in graph, sorted(graph)  # the package was found and read
+    return graph
+
+
+def test_importance_depends_on_nothing_in_the_package():
+    assert _imports(PACKAGE / "importance.py") == set()
+
+
+def test_nothing_below_the_trainer_imports_it_or_a_cli():
+    graph = _graph()
+    for module, imported in graph.items():
+        top = module.split(".")[0]
+        if top in CLIS or top in ("trainer", "__init__"):
+            continue
+        assert not imported & ({"trainer"} | CLIS), (module, imported & ({"trainer"} | CLIS))
+
+
+def test_only_the_trainer_and_the_clis_import_the_config():
+    graph = _graph()
+    readers = {module for module, imported in graph.items() if "config" in imported}
+    assert {module.split(".")[0] for module in readers} <= CONFIG_READERS | CLIS, readers
+
+
+def test_the_seams_do_not_import_each_other_upward():
+    """Losses, teachers and rollout backends know nothing of the settings builder, the config or the trainer."""
+    graph = _graph()
+    for module in ("losses", "chunked_loss", "teachers", "rollouts", "rollouts.vllm", "rollouts.transformers"):
+        assert not graph[module] & {"settings", "config", "trainer"}, (module, graph[module])

@@ -1,0 +1,253 @@
+"""Rollout backends: sample completions for a batch of tokenized prompts.
+
+A backend is anything with the `RolloutBackend` protocol: `generate(model, prompt_ids, num_generations, step) ->
+Rollouts`, `close()` and `describe()`. `prompt_ids` are the token ids of each prompt (already repeated
+`num_generations` times by the sampler), `step` the optimizer step of the weights to sample with; each completion ends
+at its first end-of-sequence token, and engines that report their own log-probs of the sampled tokens (vLLM) return
+them too. A backend that can generate a round while the trainer learns (`async_rollouts`) also has `start` and
+`finish` (`BackgroundRollouts`), and one that scores the teacher (`use_teacher_server`) has `teacher_scores`
+(`TeacherScorer`).
+
+Backends are built by name from `ROLLOUT_BACKENDS` (`build_rollout`), which holds "transformers"
+(`transformers.TransformersRollout`, `model.generate`) and "vllm" (`vllm.VLLMRollout`, a colocated or a server vLLM
+engine; imported only when built, so that `import trl_sdft` never imports vLLM). `register_rollout_backend` adds one.
+Backends read `RolloutSettings` (built from the config by `trl_sdft.settings.rollout_settings`), never the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from transformers import GenerationConfig
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "cache_implementation")
+
+
+# ------------------------------------------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class VLLMSettings:
+    """The vLLM engine's options: `SDFTConfig`'s `vllm_*` fields without the prefix, and the trainer's precision."""
+
+    mode: str = "colocate"
+    server_base_url: str | None = None
+    server_host: str = "0.0.0.0"
+    server_port: int = 8000
+    server_timeout: float = 240.0
+    group_port: int = 51216
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.3
+    max_model_length: int | None = None
+    enable_sleep_mode: bool = False
+    model_impl: str = "vllm"
+    dtype: str | None = None
+    enforce_eager: bool | None = None
+    sync_dir: str | None = None
+    precision: str | None = None  # "bf16" / "fp16" when the trainer runs mixed precision (`vllm.engine_dtype`)
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How completions are sampled, and by which registered backend (`backend`)."""
+
+    backend: str = "transformers"
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = 0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    cache_implementation: str | None = None
+    generation_kwargs: dict | None = None
+    gather_deepspeed3_params: bool = True  # ZeRO-3 weights gathered for generation
+    generate_from_teacher: bool = False  # rollouts from the teacher prompt (its length bounds the context)
+    engine_logprobs: bool = False  # the engine returns its log-prob of each sampled token
+    teacher_on_server: bool = False  # the backend also scores the teacher (`TeacherScorer`)
+    trust_remote_code: bool = False
+    vllm: VLLMSettings | None = None
+
+
+# ------------------------------------------------------------------------------------------------ what they return
+class Rollouts(NamedTuple):
+    """What a backend's `generate` returns: the completions' token ids, each cut after its first end-of-sequence token,
+    and, from engines that report them (vLLM), the engine's log-prob of each of those tokens."""
+
+    completions: list[list[int]]
+    logprobs: list[list[float]] | None = None
+
+
+class PendingRound(NamedTuple):
+    """A generation round started in the background (`BackgroundRollouts.start`): the main process's future of the
+    whole round's completions, this process's share of it, and the optimizer step of the weights that generate it."""
+
+    future: Future | None
+    count: int
+    step: int
+
+
+class VLLMServerError(RuntimeError):
+    """The vLLM server cannot be used: unreachable, a different model, or it stopped answering (`rollouts/vllm.py`)."""
+
+
+# ------------------------------------------------------------------------------------------------------ protocols
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """What the trainer calls on a rollout backend."""
+
+    def generate(self, model, prompt_ids: list[list[int]], num_generations: int, step: int) -> Rollouts:
+        """Completions of `prompt_ids` sampled with the weights of optimizer step `step`."""
+        ...
+
+    def close(self) -> None:
+        """End of training: release what the backend holds (threads, temporary files)."""
+        ...
+
+    def describe(self) -> str | None:
+        """One line the trainer logs once the backend is built, or None."""
+        ...
+
+
+@runtime_checkable
+class BackgroundRollouts(RolloutBackend, Protocol):
+    """A backend that generates a round while the trainer learns (`async_rounds.AsyncRounds`)."""
+
+    def start(self, prompt_ids: list[list[int]], num_generations: int, step: int) -> PendingRound:
+        """Send a round off; returns at once."""
+        ...
+
+    def finish(self, pending: PendingRound) -> Rollouts:
+        """Wait for the round `start` sent and return this process's share of it."""
+        ...
+
+
+@runtime_checkable
+class TeacherScorer(Protocol):
+    """A backend that scores the teacher's log-probs of the completion tokens (the vLLM server)."""
+
+    def teacher_scores(self, teacher_input_ids, teacher_attention_mask, mask, top: int, step: int) -> Any:
+        """`losses.ServerTeacherScores` of the completion positions `mask` marks, with the weights of step `step`."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------------- registry
+@dataclass
+class RolloutContext:
+    """What a backend factory gets: the trainer's model and accelerator, the tokenizer, the settings, the end ids and
+    the longest (student, teacher) prompt, in tokens (backends with a fixed context check them)."""
+
+    model: Any
+    accelerator: Any
+    processing_class: Any
+    tokenizer: Any
+    settings: RolloutSettings
+    eos_token_ids: list[int]
+    longest_prompt: int = 0
+    longest_teacher_prompt: int = 0
+
+
+RolloutFactory = Callable[[RolloutContext], RolloutBackend]
+ROLLOUT_BACKENDS: dict[str, RolloutFactory] = {}
+
+
+def register_rollout_backend(name: str, factory: RolloutFactory, replace: bool = False) -> None:
+    """Make `factory(context) -> RolloutBackend` the backend `name` (`RolloutSettings.backend`, the config's
+    `rollout_backend`). A name already registered is refused unless `replace=True`."""
+    if name in ROLLOUT_BACKENDS and not replace:
+        raise ValueError(
+            f"A rollout backend named {name!r} is already registered. Pick another name, or pass `replace=True` to "
+            "replace it."
+        )
+    ROLLOUT_BACKENDS[name] = factory
+
+
+def rollout_backends() -> tuple[str, ...]:
+    """The registered backend names."""
+    return tuple(ROLLOUT_BACKENDS)
+
+
+def build_rollout(context: RolloutContext) -> RolloutBackend:
+    """The backend `context.settings.backend` names, built by its registered factory."""
+    name = context.settings.backend
+    factory = ROLLOUT_BACKENDS.get(name)
+    if factory is None:
+        known = ", ".join(map(repr, ROLLOUT_BACKENDS))
+        raise ValueError(
+            f"Unknown rollout backend {name!r}; registered: {known}. Add one with "
+            "`trl_sdft.rollouts.register_rollout_backend(name, factory)`."
+        )
+    return factory(context)
+
+
+def _transformers_backend(context: RolloutContext) -> RolloutBackend:
+    from .transformers import TransformersRollout
+
+    return TransformersRollout.from_context(context)
+
+
+def _vllm_backend(context: RolloutContext) -> RolloutBackend:
+    from .vllm import VLLMRollout  # vLLM is imported only here
+
+    return VLLMRollout(context)
+
+
+register_rollout_backend("transformers", _transformers_backend)
+register_rollout_backend("vllm", _vllm_backend)
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def cut_at_eos(rows: Iterable[Sequence[int]], eos_token_ids: Iterable[int]) -> list[list[int]]:
+    """Each row up to and including its first end-of-sequence token (all of it if none)."""
+    ends = set(eos_token_ids)
+    completions = []
+    for row in rows:
+        row = list(row)
+        end = next((position + 1 for position, token in enumerate(row) if token in ends), len(row))
+        completions.append(row[:end])
+    return completions
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every end id the model declares (e.g. end-of-turn) plus the tokenizer's."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if declared is None else [declared] if isinstance(declared, int) else list(declared)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    return ids
+
+
+def sampling_config(settings: RolloutSettings, tokenizer, eos_ids: list[int]) -> GenerationConfig:
+    """The rollouts' `GenerationConfig`: the sampling fields of `settings`, then `generation_kwargs` over them."""
+    kwargs = dict(
+        max_new_tokens=settings.max_completion_length,
+        do_sample=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_ids,
+        **{name: getattr(settings, name) for name in SAMPLING_FIELDS},
+    )
+    kwargs.update(settings.generation_kwargs or {})
+    return GenerationConfig(**kwargs, disable_compile=True)
+
+
+__all__ = [
+    "ROLLOUT_BACKENDS",
+    "SAMPLING_FIELDS",
+    "BackgroundRollouts",
+    "PendingRound",
+    "RolloutBackend",
+    "RolloutContext",
+    "RolloutFactory",
+    "RolloutSettings",
+    "Rollouts",
+    "TeacherScorer",
+    "VLLMServerError",
+    "VLLMSettings",
+    "build_rollout",
+    "cut_at_eos",
+    "eos_token_ids",
+    "register_rollout_backend",
+    "rollout_backends",
+    "sampling_config",
+]
