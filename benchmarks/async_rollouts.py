@@ -76,7 +76,7 @@ def run_case(case: str, port: int, steps: int) -> dict:
     from transformers import TrainerCallback
 
     from trl_sdft import SDFTConfig, SDFTTrainer
-    from trl_sdft.models import smollm2_dir
+    from trl_sdft.demo.default_model import smollm2_dir
 
     torch.set_num_threads(1)
     workload = dict(WORKLOADS["natural"], steps=steps)
@@ -165,7 +165,7 @@ def main():
     if options.case:
         print("RESULT " + json.dumps(run_case(options.case, options.port, options.steps)), flush=True)
         return
-    from trl_sdft.models import smollm2_dir
+    from trl_sdft.demo.default_model import smollm2_dir
 
     server, port = start_server(str(smollm2_dir()), "/tmp/trl-sdft-async-server.log")
     runs, learned = [], []

@@ -22,7 +22,7 @@ NATURAL_LENGTHS = [8, 78, 114, 25, 128, 128, 21, 123]
 
 
 def model_dir(random: bool) -> str:
-    from trl_sdft.models import smollm2_dir
+    from trl_sdft.demo.default_model import smollm2_dir
 
     if not random:
         return str(smollm2_dir())
@@ -62,7 +62,7 @@ def main():
 
     from trl_sdft import SDFTConfig, SDFTTrainer
     from trl_sdft import batch as batching
-    from trl_sdft.knowledge import facts_dataset, load_facts
+    from trl_sdft.demo.knowledge import facts_dataset, load_facts
 
     directory = model_dir(options.random)
     rows = list(facts_dataset(load_facts(8)))

@@ -152,7 +152,7 @@ def run_case(case: str, workload_name: str) -> dict:
     """One training run in this process; returns its measurements."""
     from transformers import TrainerCallback
 
-    from trl_sdft.models import smollm2_dir
+    from trl_sdft.demo.default_model import smollm2_dir
 
     if case.startswith("peer"):
         from trl.experimental.sdft import SDFTConfig, SDFTTrainer

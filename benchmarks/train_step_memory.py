@@ -21,8 +21,8 @@ def run(chunk: int | None, tokens: int, steps: int, mode: str) -> dict:
     from transformers import TrainerCallback
 
     from trl_sdft import SDFTConfig, SDFTTrainer
-    from trl_sdft.knowledge import facts_dataset, load_facts
-    from trl_sdft.models import smollm2_dir
+    from trl_sdft.demo.default_model import smollm2_dir
+    from trl_sdft.demo.knowledge import facts_dataset, load_facts
 
     class Timer(TrainerCallback):
         times, start = [], 0.0

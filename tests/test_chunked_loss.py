@@ -179,7 +179,7 @@ def test_trainer_chunked_loss_equals_logits_path(
     common = dict(teacher_model_kind=kind, **mode)
     reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=0, **common)
     chunked = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, loss_chunk_size=5, **common)
-    batch = reference._build_batch(facts_rows()[:4], "train")
+    batch = reference.build_batch(facts_rows()[:4], "train")
     assert_same_step(reference, chunked, batch, rtol=1e-4)
 
 
@@ -191,7 +191,7 @@ def test_trainer_liger_equals_full_logits(tiny_model_dir, tokenizer, tmp_path, a
     common = dict(teacher_model_kind=kind, distillation_mode="full_logits", distillation_alpha=alpha)
     reference = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=0, **common)
     liger = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, use_liger_kernel=True, **common)
-    batch = reference._build_batch(facts_rows()[:4], "train")
+    batch = reference.build_batch(facts_rows()[:4], "train")
     assert_same_step(reference, liger, batch, rtol=1e-4)
 
 
@@ -373,7 +373,7 @@ def test_bf16_chunked_loss_equals_logits_path(sharp_model_dir, tokenizer, tmp_pa
     reference = build_trainer(sharp_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=0, **common)
     chunked = build_trainer(sharp_model_dir, tokenizer, tmp_path / "b", use_lora, loss_chunk_size=5, **common)
     assert chunked.accelerator.mixed_precision == "bf16"
-    batch = reference._build_batch(facts_rows()[:4], "train")
+    batch = reference.build_batch(facts_rows()[:4], "train")
     assert_same_step(reference, chunked, batch, atol=2e-2, rtol=5e-2)
 
 
@@ -389,7 +389,7 @@ def test_bf16_head_weight_casts_do_not_grow_with_chunks(
     common = dict(teacher_model_kind=kind, bf16=True)
     one = build_trainer(tiny_model_dir, tokenizer, tmp_path / "a", use_lora, loss_chunk_size=10_000, **common)
     many = build_trainer(tiny_model_dir, tokenizer, tmp_path / "b", use_lora, loss_chunk_size=2, **common)
-    batch = one._build_batch(facts_rows()[:4], "train")
+    batch = one.build_batch(facts_rows()[:4], "train")
     assert int(batch["completion_mask"].sum()) > 8  # several chunks of 2
     casts = head_casts(one, batch)
     assert 0 < casts <= 4

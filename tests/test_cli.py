@@ -387,7 +387,7 @@ def test_question_files_need_your_dataset(tmp_path):
 @pytest.mark.usefixtures("requires_smollm")
 def test_your_own_questions_on_the_default_model(tmp_path, capsys):
     """Once on SmolLM2: made-up facts it cannot know, probes it answers; two training steps, the same table."""
-    from trl_sdft.knowledge import load_facts
+    from trl_sdft.demo.knowledge import load_facts
 
     facts = load_facts(2)
     data = write_lines(

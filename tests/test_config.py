@@ -387,3 +387,10 @@ def test_skipping_every_completion_token_is_refused(tmp_path):
     with pytest.raises(ValueError, match="every completion token would be skipped"):
         make(tmp_path, num_loss_tokens_to_skip=8, max_completion_length=8)
     assert make(tmp_path, num_loss_tokens_to_skip=7, max_completion_length=8).num_loss_tokens_to_skip == 7
+
+
+def test_num_iterations_zero_is_a_clear_error_even_with_steps_per_generation(tmp_path):
+    """The loss options (importance settings included) are validated before the generation batch: a zero
+    `num_iterations` must still reach its own message, not a division by zero in the reuse rule."""
+    with pytest.raises(ValueError, match="`num_iterations=0` must be >= 1"):
+        make(tmp_path, steps_per_generation=2, num_iterations=0)

@@ -1,8 +1,10 @@
-"""Greedy answers and accuracies (`evaluation.py`), shared by the trainer, the CLI's knowledge task and the harness."""
+"""Greedy answers (`generation.py`, shared by the trainer, the CLI's knowledge task and the harness) and accuracies
+(`demo/evaluation.py`)."""
 
 import re
 
-from trl_sdft.evaluation import accuracies, greedy_answers, summary
+from trl_sdft.demo.evaluation import accuracies, summary
+from trl_sdft.generation import greedy_answers
 
 
 def test_greedy_answers_are_deterministic_and_batched(tiny_model, tokenizer):

@@ -123,3 +123,10 @@ def test_a_rollout_backend_registered_from_outside_trains(tmp_path, tokenizer, t
     assert [call[1:] for call in backend.calls] == [(2, 0), (2, 1)]  # num_generations, optimizer step
     assert seen and all(row == backend.completion for batch in seen for row in batch)
     assert len([entry for entry in trainer.state.log_history if "loss" in entry]) == 2
+
+
+def test_an_unknown_or_mismatched_rollout_backend_is_refused_before_any_model(tmp_path, tiny_config):
+    with pytest.raises(ValueError, match=r"rollout_backend='nope'.*'transformers'.*register_rollout_backend"):
+        tiny_config(tmp_path, rollout_backend="nope")
+    with pytest.raises(ValueError, match="use_vllm=True"):
+        tiny_config(tmp_path, rollout_backend="vllm")

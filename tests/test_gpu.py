@@ -81,7 +81,7 @@ def test_bf16_chunked_loss_equals_logits_path(sharp_model_dir, tokenizer, tmp_pa
     for trainer in (logits, chunked):
         trainer.model.train()
         trainer.model = trainer.accelerator.prepare(trainer.model)  # bf16 autocast around the forward, as in training
-    batch = logits._build_batch(facts_rows()[:4], "train")
+    batch = logits.build_batch(facts_rows()[:4], "train")
     same_step(logits, chunked, batch)
 
 
@@ -100,7 +100,7 @@ def test_bf16_padding_free_equals_padded(sharp_model_dir, tokenizer, tmp_path, g
     for trainer in (padded, packed):
         trainer.model.train()
         trainer.model = trainer.accelerator.prepare(trainer.model)
-    batch = padded._build_batch(facts_rows()[:4], "train")
+    batch = padded.build_batch(facts_rows()[:4], "train")
     same_step(padded, packed, batch)
 
 

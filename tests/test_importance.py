@@ -78,7 +78,7 @@ def test_plan_table(fields, training, has_engine, want):
 
 
 def _previous_trainer_decisions(settings, training, has_engine):
-    """The conditions `SDFTTrainer._build_batch` wrote inline before `plan` existed (an independent oracle)."""
+    """The conditions `SDFTTrainer.build_batch` wrote inline before `plan` existed (an independent oracle)."""
     stale = has_engine if training and settings.server_policy else False
     from_teacher = settings.from_teacher
     engine = has_engine and bool(settings.engine_mode) and not from_teacher and not stale

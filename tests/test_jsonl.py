@@ -11,7 +11,7 @@ def test_rows_are_numbered_by_file_line_and_blank_lines_skipped():
 
 
 @pytest.mark.parametrize(
-    ("lines", "number", "not_utf8"), [(['{"a": 1}', "{oops"], 2, False), ([b"1", b"", b"\"\xc3\x28\""], 3, True)]
+    ("lines", "number", "not_utf8"), [(['{"a": 1}', "{oops"], 2, False), ([b"1", b"", b'"\xc3\x28"'], 3, True)]
 )
 def test_a_bad_line_is_named(lines, number, not_utf8):
     with pytest.raises(JSONLineError) as caught:

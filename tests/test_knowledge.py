@@ -1,6 +1,6 @@
-"""The embedded knowledge task (`knowledge.py`): its facts, its probes and the answer scoring."""
+"""The embedded knowledge task (`demo/knowledge.py`): its facts, its probes and the answer scoring."""
 
-from trl_sdft.knowledge import is_correct, load_facts, load_probes, question_sets
+from trl_sdft.demo.knowledge import is_correct, load_facts, load_probes, question_sets
 
 
 def test_facts_file():

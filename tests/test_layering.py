@@ -74,3 +74,15 @@ def test_the_seams_do_not_import_each_other_upward():
     graph = _graph()
     for module in ("losses", "chunked_loss", "teachers", "rollouts", "rollouts.vllm", "rollouts.transformers"):
         assert not graph[module] & {"settings", "config", "trainer"}, (module, graph[module])
+
+
+def test_the_core_does_not_import_the_demo():
+    """The embedded default model and the knowledge task (`demo/`) are the demo's and the CLIs': the trainer and what
+    it calls run without them."""
+    graph = _graph()
+    assert any(module.startswith("demo.") for module in graph), sorted(graph)  # the demo package was read
+    outside_core = CLIS | {"demo", "testing"}
+    for module, imported in graph.items():
+        if module.split(".")[0] in outside_core:
+            continue
+        assert "demo" not in imported, module

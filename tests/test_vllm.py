@@ -222,13 +222,13 @@ def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, serv
     importance = trainer.loss_settings.importance
     assert importance.engine_mode == "token_truncate" and importance.engine_max == 2.0
     rows = facts_rows()
-    batch = trainer._build_batch([rows[0], rows[0], rows[1], rows[1]], "train")  # as the sampler repeats prompts
+    batch = trainer.build_batch([rows[0], rows[0], rows[1], rows[1]], "train")  # as the sampler repeats prompts
     mask = batch["completion_mask"].bool()
     engine = batch["sampling_per_token_logps"]
 
     def trainer_logps():
         with torch.no_grad():
-            logits = trainer._completion_view(trainer.model, batch, logits=True)
+            logits = trainer.completion_view(trainer.model, batch, logits=True)
         return losses.token_log_probs(logits, batch["completion_ids"])
 
     assert ((trainer_logps() - engine).abs()[mask]).max() < 1e-3
@@ -253,9 +253,9 @@ def test_engine_mismatch_correction_on_the_server(vllm_model_dir, tmp_path, serv
     cap = float(ratios.median())
     corrected_settings = replace(corrected_settings, importance=replace(importance, engine_max=cap))
     with torch.no_grad(), trainer.teacher.context():
-        student_logits = trainer._completion_view(trainer.model, batch, logits=True)
+        student_logits = trainer.completion_view(trainer.model, batch, logits=True)
         teacher = trainer.teacher.module(trainer.model)  # the base teacher: the weights before the perturbation
-        teacher_logits = trainer._completion_view(teacher, batch, teacher=True, logits=True)
+        teacher_logits = trainer.completion_view(teacher, batch, teacher=True, logits=True)
     per_token, *_ = losses.per_token_loss(uncorrected, student_logits, teacher_logits, batch["completion_ids"])
     loss_mask = losses.loss_mask(batch["completion_mask"], 0)
     want = losses.sequence_mean(per_token * (student - engine).exp().clamp(max=cap), loss_mask)
@@ -280,7 +280,7 @@ def test_teacher_scored_on_the_server(vllm_model_dir, tmp_path, server, mode):
     # The server's teacher scores are the trainer model's on the teacher input.
     trainer.rollout.sync(trainer.state.global_step)
     rows = facts_rows()
-    batch = trainer._build_batch([rows[0], rows[0], rows[1], rows[1]], "eval")  # as the sampler repeats prompts
+    batch = trainer.build_batch([rows[0], rows[0], rows[1], rows[1]], "eval")  # as the sampler repeats prompts
     num_tokens = batch["completion_ids"].size(1)
     mask = batch["completion_mask"].bool()
     served = trainer.rollout.teacher_scores(

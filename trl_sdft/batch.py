@@ -2,7 +2,8 @@
 
 The trainer calls `round_prompts` (each row's student prompt and teacher prompt, tokenized; a teacher prompt over its
 limit loses the end of its privileged context first, `fit_teacher_prompts`), a rollout backend's `generate`, then
-`assemble_batch`. `check_prompt_lengths` runs once per dataset at trainer init. No model here, and no trainer state.
+`assemble_batch`. `fit_datasets_in_context` (each dataset's prompts against the limits and the model's context, with
+`check_prompt_lengths`) runs once at trainer init. No model here, and no trainer state.
 """
 
 import logging

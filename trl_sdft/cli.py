@@ -16,8 +16,9 @@ from .checkpoints import resolve_resume_from_checkpoint
 from .config import SDFTConfig
 from .data import validate_dataset
 from .data_files import load_local_dataset
+from .demo.default_model import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
 from .launch import close_process_group, relaunch_cpu_processes
-from .models import DEFAULT_MODEL, ModelUnavailableError, check_model_path, first_line, is_default_alias, resolve_model
+from .models import check_model_path, first_line
 from .output_dir import claim_output_dir
 from .rollouts import VLLMServerError
 from .yaml_config import check_yaml_config, load_yaml_config, split_config_flag
@@ -81,7 +82,7 @@ def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
                 "task has its own questions)."
             )
         if script_args.knowledge_eval:
-            from .knowledge import question_sets_from_files
+            from .demo.knowledge import question_sets_from_files
 
             questions = question_sets_from_files(
                 script_args.eval_questions, script_args.eval_probes, script_args.num_probes
@@ -103,7 +104,7 @@ def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
             raise ValueError(f"--dataset_train_split {script_args.dataset_train_split!r} not in {list(loaded)}.")
         evaluation = loaded.get(script_args.dataset_test_split) if wants_eval else None
         return loaded[script_args.dataset_train_split], evaluation, questions
-    from .knowledge import facts_dataset, load_facts, load_probes, question_sets
+    from .demo.knowledge import facts_dataset, load_facts, load_probes, question_sets
 
     facts = load_facts(script_args.num_facts)
     train = facts_dataset(facts)
@@ -154,7 +155,7 @@ def parse(argv=None):
 def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args: ModelConfig):
     from transformers import AutoTokenizer
 
-    from .evaluation import KnowledgeEvalCallback
+    from .demo.evaluation import KnowledgeEvalCallback
     from .trainer import SDFTTrainer
 
     started = time.time()

@@ -91,7 +91,8 @@ class SDFTConfig(_BaseConfig):
             Process-wide, so off unless asked; the CLI turns it on when `None`.
 
     > The teacher
-        teacher_model_kind (`"base" | "live" | "ema"`, defaults to `"base"`).
+        teacher_model_kind (`"base" | "live" | "ema"` or a kind registered with `teachers.register_teacher`, defaults
+            to `"base"`).
         teacher_update_rate (`float`, defaults to `0.05`): EMA rate in (0, 1]; 1 copies the student.
         teacher_sync_steps (`int`, defaults to `1`): optimizer steps between EMA updates.
         generate_from_teacher (`bool`, defaults to `False`): sample rollouts from the teacher prompt.
@@ -111,6 +112,8 @@ class SDFTConfig(_BaseConfig):
       `num_generations`, `max_completion_length`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`,
       `generation_kwargs`, `chat_template_kwargs`, `use_vllm` and the `vllm_*` fields, `num_iterations`,
       `generation_batch_size`, `steps_per_generation`, ...). See each field's help.
+        rollout_backend (`str` or `None`, defaults to `None`): a backend registered with
+            `rollouts.register_rollout_backend`; `None`: "vllm" with `use_vllm`, else "transformers".
     """
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
@@ -261,8 +264,8 @@ class SDFTConfig(_BaseConfig):
     vllm_enforce_eager: bool | None = field(
         default=None,
         metadata={
-            "help": "Run the colocated vLLM engine without graph compilation. `None`: eager on CPU (compiling took "
-            "~2 min there and generated slower), compiled on GPU."
+            "help": "Run the colocated vLLM engine without graph compilation. `None`: eager on CPU (where compiling "
+            "costs more than it gains, see the docs), compiled on GPU."
         },
     )
     vllm_dtype: str | None = field(
@@ -329,7 +332,10 @@ class SDFTConfig(_BaseConfig):
     # Teacher
     teacher_model_kind: str = field(
         default="base",
-        metadata={"help": "'base' (initial weights), 'live' (the student itself) or 'ema' (moving average)."},
+        metadata={
+            "help": "'base' (initial weights), 'live' (the student itself), 'ema' (moving average), or a kind "
+            "registered with `trl_sdft.teachers.register_teacher`."
+        },
     )
     teacher_update_rate: float = field(
         default=0.05,
@@ -466,6 +472,24 @@ class SDFTConfig(_BaseConfig):
             raise ValueError(
                 f"`teacher_model_kind={self.teacher_model_kind!r}` is not supported: use one of "
                 f"{', '.join(map(repr, kinds))}, or register a kind with `trl_sdft.teachers.register_teacher`."
+            )
+        self._check_rollout_backend()
+
+    def _check_rollout_backend(self):
+        if self.rollout_backend is None:
+            return
+        from .rollouts import rollout_backends  # the registered backends: built-in ones and registered ones
+
+        backends = rollout_backends()
+        if self.rollout_backend not in backends:
+            raise ValueError(
+                f"`rollout_backend={self.rollout_backend!r}` is not registered: use one of "
+                f"{', '.join(map(repr, backends))}, or register one with `trl_sdft.rollouts.register_rollout_backend`."
+            )
+        if (self.rollout_backend == "vllm") != self.use_vllm:
+            raise ValueError(
+                f"`rollout_backend={self.rollout_backend!r}` with `use_vllm={self.use_vllm}`: vLLM rollouts are "
+                "`use_vllm=True` (with `rollout_backend` None or 'vllm'); another backend needs `use_vllm=False`."
             )
 
     def _check_vllm_dtype(self):

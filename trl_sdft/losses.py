@@ -245,11 +245,6 @@ class LossSettings:
                 "memory-lean top-k or sampled-token loss."
             )
 
-    @property
-    def server_topk(self) -> int:
-        """How many teacher log-probs per position a teacher scored on a server must return."""
-        return self.topk if self.mode == "topk_logits" else 1
-
 
 @dataclass
 class ServerTeacherScores:

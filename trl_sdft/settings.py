@@ -34,8 +34,9 @@ def importance_settings(args) -> ImportanceSettings:
         engine_mode=args.vllm_importance_sampling_mode if args.vllm_importance_sampling_active else None,
         engine_min=args.vllm_importance_sampling_clip_min,
         engine_max=args.vllm_importance_sampling_clip_max,
-        # Known once the generation batch is resolved (the config validates the loss options before that).
-        reused_rollouts=bool(args.steps_per_generation) and args.rollouts_outlive_optimizer_step,
+        # Known once the generation batch is resolved and checked (the config validates the loss options before).
+        reused_rollouts=bool(args.steps_per_generation and args.num_iterations >= 1)
+        and args.rollouts_outlive_optimizer_step,
         server_policy=args.async_rollouts_active,
         from_teacher=args.generate_from_teacher,
     )
@@ -62,6 +63,8 @@ def teacher_settings(args) -> TeacherSettings:
     """Which teacher scores the teacher prompt, how it moves, and where (in process, or on the vLLM server)."""
     from .teachers import TeacherSettings
 
+    # How many teacher log-probs per position a teacher scored on a server returns: the top-k of `topk_logits`, else
+    # the sampled token's.
     server_topk = args.distillation_topk if args.distillation_mode == "topk_logits" else 1
     return TeacherSettings(
         kind=args.teacher_model_kind,

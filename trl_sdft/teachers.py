@@ -111,6 +111,10 @@ class Teacher:
         with torch.no_grad(), self.context():
             return view(self.module(student), inputs, teacher=True)
 
+    def bind(self, rollout) -> None:
+        """Called once the rollout backend exists (built after the teacher, so that a teacher's errors come before
+        an engine starts): a teacher scored by the backend keeps it."""
+
     def update(self, student) -> None:
         pass
 
@@ -271,16 +275,23 @@ class ServerTeacher(Teacher):
 
     kind = "live"
 
-    def __init__(self, scorer, settings: TeacherSettings | None = None):
+    def __init__(self, scorer=None, settings: TeacherSettings | None = None):
         super().__init__(settings)
-        if scorer is None or not callable(getattr(scorer, "teacher_scores", None)):
+        self.scorer = None
+        if scorer is not None:
+            self.bind(scorer)
+
+    def bind(self, rollout) -> None:
+        if not callable(getattr(rollout, "teacher_scores", None)):
             raise ValueError(
                 "`use_teacher_server=True` needs a rollout backend that scores the teacher (`teacher_scores`), such "
-                f"as vLLM in server mode; got {type(scorer).__name__}."
+                f"as vLLM in server mode; got {type(rollout).__name__}."
             )
-        self.scorer = scorer
+        self.scorer = rollout
 
     def score(self, student, inputs, mask, step, view):
+        if self.scorer is None:
+            raise RuntimeError("The server teacher scores through the rollout backend: `bind` it first.")
         return self.scorer.teacher_scores(
             inputs["teacher_input_ids"], inputs["teacher_attention_mask"], mask, self.settings.server_topk, step
         )

@@ -33,7 +33,7 @@ from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resu
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, EpochRepeatSampler, check_datasets, named_eval_sets
-from .evaluation import greedy_answers
+from .generation import greedy_answers
 from .metrics import completion_metrics, completion_stats
 from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class, warn_if_adapter_present
 from .prompts import resolve_teacher_prompt_template
@@ -140,13 +140,11 @@ class SDFTTrainer(_BaseTrainer):
             disable_dropout_in_model(self.model)
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
-        self.rollout = self._build_rollout()
-        # After the rollout backend: a teacher scored on the vLLM server scores through it.
-        self.teacher = build_teacher(
-            TeacherContext(self.model, self.accelerator, settings.teacher_settings(args), self.rollout)
-        )
+        self.teacher = build_teacher(TeacherContext(self.model, self.accelerator, settings.teacher_settings(args)))
         if self.teacher.moves:
             self.add_callback(TeacherUpdateCallback(self.teacher))
+        self.rollout = self._build_rollout()
+        self.teacher.bind(self.rollout)  # a teacher scored on the vLLM server scores through the backend
         self.async_rounds, self._generated_at = None, 0
         if args.async_rollouts:
             spec = (args.num_generations, args.generate_every, args.max_staleness, args.round_span)
@@ -272,17 +270,18 @@ class SDFTTrainer(_BaseTrainer):
         """Train: one generation round every `generate_every` micro-steps, served in `steps_per_generation` slices.
         Eval: a fresh batch each time."""
         if not self.model.training:
-            return self._build_batch(generation_batch, "eval")
+            return self.build_batch(generation_batch, "eval")
         slices, generate_every = self.args.steps_per_generation, self.args.generate_every
         if self._buffered_inputs is None or self._step % generate_every == 0:
-            self._buffered_inputs = split_tensor_dict(self._build_batch(generation_batch, "train"), slices)
+            self._buffered_inputs = split_tensor_dict(self.build_batch(generation_batch, "train"), slices)
             self._hook("on_generation_batch_built", generate_every=generate_every, steps_per_generation=slices)
         if self.async_rounds is not None:
             self._metrics["train"]["async/staleness"].append(float(self.state.global_step - self._generated_at))
         return self._buffered_inputs[self._step % slices]
 
-    def _build_batch(self, rows: list[dict[str, Any]], mode: str) -> dict[str, torch.Tensor | None]:
-        """Rows -> rollouts (generated now, or ahead by `async_rollouts`) -> the padded batch `compute_loss` reads."""
+    def build_batch(self, rows: list[dict[str, Any]], mode: str = "train") -> dict[str, torch.Tensor | None]:
+        """Rows -> rollouts (generated now, or ahead by `async_rollouts`) -> the padded batch `compute_loss` reads.
+        Public for inspection and tests: `trainer.compute_loss(trainer.model, trainer.build_batch(rows))` is their loss."""
         if mode == "train" and self.async_rounds is not None:
             last = self.state.max_steps * self.args.gradient_accumulation_steps
             result = self.async_rounds.round(rows, self._step, self.state.global_step, last, self._round_prompts)
@@ -308,7 +307,7 @@ class SDFTTrainer(_BaseTrainer):
             )[0]
         elif logps.old == "trainer":
             with torch.no_grad(), self.accelerator.autocast():  # the rollout policy's log-probs (importance weights)
-                logits = self._completion_view(self.model, batch, logits=True)
+                logits = self.completion_view(self.model, batch, logits=True)
                 batch["old_per_token_logps"] = losses.token_log_probs(logits, batch["completion_ids"])
         self._record_completion_metrics(mode, completions)
         self._hook(
@@ -335,11 +334,11 @@ class SDFTTrainer(_BaseTrainer):
     def _distillation_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         mask = losses.loss_mask(inputs["completion_mask"], self.args.num_loss_tokens_to_skip)
-        student = self._completion_view(model, inputs)
+        student = self.completion_view(model, inputs)
         if not mask.any():  # every token skipped: zero loss and zero gradients, not an error
             self._log_metric(mode, "distillation_loss", torch.zeros((), device=mask.device))
             return (student.hidden if isinstance(student, HiddenStates) else student).sum() * 0.0
-        teacher = self.teacher.score(model, inputs, mask, self.state.global_step, self._completion_view)
+        teacher = self.teacher.score(model, inputs, mask, self.state.global_step, self.completion_view)
         # The rollout policy's log-probs (reused rollouts) and the engine's (vLLM): what importance weights need.
         rollout_logps = (inputs.get("old_per_token_logps"), inputs.get("sampling_per_token_logps"))
         result = self.loss_fn(self.loss_settings, student, teacher, inputs["completion_ids"], mask, *rollout_logps)
@@ -348,8 +347,10 @@ class SDFTTrainer(_BaseTrainer):
         scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
         return result.loss / scale
 
-    def _completion_view(self, model, inputs, teacher: bool = False, logits: bool = False):
-        """What the loss reads at the positions that predict the completion tokens (`forwards.completion_view`)."""
+    def completion_view(self, model, inputs, teacher: bool = False, logits: bool = False):
+        """What the loss reads at the positions that predict the completion tokens (`forwards.completion_view`): the
+        student's (or with `teacher`, the teacher prompt's) logits, or hidden states on the chunked path unless
+        `logits`. Teachers get it as `view` (`teachers.Teacher.score`)."""
         input_ids, attention_mask = forwards.sequence(inputs, teacher)
         length, hidden_path = inputs["completion_ids"].size(1), bool(self.loss_chunk_size and not logits)
         return forwards.completion_view(model, input_ids, attention_mask, length, self.forward_settings, hidden_path)

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..evaluation import greedy_answers, summary
-from ..models import resolve_model
+from ..demo.default_model import resolve_model
+from ..demo.evaluation import summary
+from ..generation import greedy_answers
 from ..utils import ensure_pad_token, reuse_freed_cpu_memory
 from .grid import VARIANTS, Point, load_grid
 from .report import summarize, write_reports

@@ -28,8 +28,8 @@ from typing import Any
 
 from datasets import Dataset
 
+from ..demo.knowledge import chat, is_correct, load_probes
 from ..jsonl import JSONLineError, json_lines
-from ..knowledge import chat, is_correct, load_probes
 from ..prompts import build_teacher_prompt, context_to_text, is_chat, resolve_teacher_prompt_template
 
 DEFAULT_TEMPLATE = "{prompt}\n\nExample answer: {privileged_context}"

@@ -12,7 +12,7 @@ from importlib import resources
 
 from datasets import Dataset
 
-from .jsonl import JSONLineError, json_lines
+from ..jsonl import JSONLineError, json_lines
 
 
 def _read_jsonl(name: str) -> list[dict]:
