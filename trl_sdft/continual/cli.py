@@ -28,8 +28,9 @@ def _list(kind):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scripts/continual.py",
-        description="Train tasks in sequence with SFT and/or SDFT; write retention.json, retention.md and "
-        "retention.png (accuracy on every task and the general probes after each stage).",
+        description="Train tasks in sequence with SFT and/or SDFT; write retention.json (every accuracy), "
+        "answers.json (every answer), retention.md and retention.png (accuracy on every task and the general probes "
+        "after each stage).",
     )
     defaults = ContinualConfig()
     p.add_argument("--method", choices=["sft", "sdft", "both"], default="both")
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
         default=defaults.alphas,
         help="SDFT distillation_alpha values: 0 forward KL, 0.5 JSD, 1 reverse KL",
     )
-    p.add_argument("--seeds", type=_list(int), default=defaults.seeds)
+    p.add_argument("--seeds", type=_list(int), default=defaults.seeds, help="comma-separated; every run once per seed")
     p.add_argument(
         "--grid",
         default=None,
@@ -69,17 +70,22 @@ def parser() -> argparse.ArgumentParser:
         default=defaults.num_generations,
         help="SDFT completions per prompt (batch_size / num_generations prompts per step)",
     )
-    p.add_argument("--distillation_mode", default=defaults.distillation_mode)
+    p.add_argument("--distillation_mode", default=defaults.distillation_mode, help="SDFT's distillation_mode")
     p.add_argument(
         "--teacher_model_kind",
         default=defaults.teacher_model_kind,
         help="base: the model at the start of each stage, frozen",
     )
-    p.add_argument("--max_train_rows", type=int, default=None)
-    p.add_argument("--max_test_rows", type=int, default=None)
-    p.add_argument("--num_probes", type=int, default=None)
-    p.add_argument("--min_teacher_gap", type=float, default=defaults.min_teacher_gap)
-    p.add_argument("--output_dir", default=defaults.output_dir)
+    p.add_argument("--max_train_rows", type=int, default=None, help="train on the first N rows of each task")
+    p.add_argument("--max_test_rows", type=int, default=None, help="score the first N test rows of each task")
+    p.add_argument("--num_probes", type=int, default=None, help="how many general-knowledge probes (default: all)")
+    p.add_argument(
+        "--min_teacher_gap",
+        type=float,
+        default=defaults.min_teacher_gap,
+        help="the in-context teacher check warns when the teacher beats the base model by less on a task",
+    )
+    p.add_argument("--output_dir", default=defaults.output_dir, help="where the reports and answers.json go")
     p.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK} unless given explicitly")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="keep the finished runs of an earlier identical call")
@@ -134,6 +140,7 @@ def main(argv=None) -> int:
     out = config.output_dir
     print(
         f"\nretention table: {os.path.join(out, 'retention.md')}\nplot: {os.path.join(out, 'retention.png')}\n"
-        f"all scores and answers: {os.path.join(out, 'retention.json')}\nwall time: {(time.time() - started) / 60:.1f} min"
+        f"all scores: {os.path.join(out, 'retention.json')}\nall answers: {os.path.join(out, 'answers.json')}\n"
+        f"wall time: {(time.time() - started) / 60:.1f} min"
     )
     return 0

@@ -5,6 +5,9 @@ Every run starts from the same base model and trains the tasks in the given orde
 steps and sequences per step. Stage 0 is the base model, scored once with greedy decoding like every later stage.
 With a budget grid (`grid`, see `grid.py`) the runs are the grid's points instead, each with its own learning rate,
 steps and SDFT variant, every point once per seed.
+
+Two files hold the results: `retention.json` (settings, the in-context teacher check, every accuracy: what the
+reports are made from, small enough to keep) and `answers.json` (every answer of every evaluation, by run and stage).
 """
 
 import gc
@@ -25,6 +28,8 @@ from .report import summarize, write_reports
 from .tasks import PROBES, Task, load_tasks, probes_task
 
 METHODS = ("sft", "sdft")
+RETENTION_FILE = "retention.json"
+ANSWERS_FILE = "answers.json"
 
 
 @dataclass
@@ -130,6 +135,34 @@ def evaluate(model, tokenizer, tasks: list[Task], batch_size: int = 32, with_con
             ],
         }
     return results
+
+
+def split_answers(scores: dict) -> tuple[dict, dict]:
+    """`evaluate`'s result as (accuracies and counts per task, answers per task)."""
+    kept = {name: {k: v for k, v in task.items() if k != "answers"} for name, task in scores.items()}
+    answers = {name: task["answers"] for name, task in scores.items() if "answers" in task}
+    return kept, answers
+
+
+def _run_key(run: dict) -> tuple:
+    return RunSpec(**{k: run.get(k) for k in RunSpec.__dataclass_fields__}).key
+
+
+def _split_saved(results: dict) -> tuple[dict, dict]:
+    """A `retention.json` written before the answers had their own file: its answers moved out, as `_save` does."""
+    answers = {"base": {}, "teacher": {}, "runs": []}
+    if "base" in results:
+        results["base"], answers["base"] = split_answers(results["base"])
+    if "teacher_answers" in results:
+        answers["teacher"] = split_answers(results.pop("teacher_answers"))[1]
+    for run in results.get("runs", []):
+        stages = []
+        for stage in run["stages"]:
+            stage["scores"], stage_answers = split_answers(stage["scores"])
+            if stage["stage"]:
+                stages.append({"stage": stage["stage"], "trained": stage["trained"], "answers": stage_answers})
+        answers["runs"].append({k: v for k, v in run.items() if k != "stages"} | {"stages": stages})
+    return results, answers
 
 
 def _common_args(config: ContinualConfig, spec: RunSpec, output_dir: str) -> dict:
@@ -240,7 +273,9 @@ class ContinualRunner:
                 "Add rows, lower --batch_size or raise --num_generations."
             )
         self.points = load_grid(config.grid) if config.grid else None
-        self.path = os.path.join(config.output_dir, "retention.json")
+        self.path = os.path.join(config.output_dir, RETENTION_FILE)
+        self.answers_path = os.path.join(config.output_dir, ANSWERS_FILE)
+        self.answers = {"base": {}, "teacher": {}, "runs": []}  # every answer; `results` holds the accuracies
         self.results = self._start(overwrite, resume)
 
     def _start(self, overwrite: bool, resume: bool) -> dict:
@@ -273,6 +308,22 @@ class ContinualRunner:
             self.log(f"--resume: {', '.join(sorted(grown))} extended; only the new runs will run")
         previous["config"] = fresh["config"]
         previous["runs"] = [run for run in previous["runs"] if len(run["stages"]) == len(self.tasks) + 1]
+        previous, migrated = _split_saved(previous)
+        answers = migrated
+        if os.path.exists(self.answers_path):  # the answers of the kept runs (a missing file loses only answers)
+            with open(self.answers_path) as f:
+                answers = json.load(f)
+            for key in ("base", "teacher"):
+                answers[key] = answers.get(key) or migrated[key]
+            answers["runs"] = answers.get("runs", []) + migrated["runs"]
+        kept = {_run_key(run) for run in previous["runs"]}
+        seen = set()
+        self.answers["base"], self.answers["teacher"] = answers["base"], answers["teacher"]
+        for run in answers["runs"]:
+            key = _run_key(run)
+            if key in kept and key not in seen:
+                seen.add(key)
+                self.answers["runs"].append(run)
         return previous
 
     def _task_info(self) -> list[dict]:
@@ -290,10 +341,11 @@ class ContinualRunner:
     def _save(self):
         os.makedirs(self.config.output_dir, exist_ok=True)
         self.results["summary"] = summarize(self.results)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.results, f, indent=1)
-        os.replace(tmp, self.path)
+        for path, content, indent in ((self.answers_path, self.answers, None), (self.path, self.results, 1)):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(content, f, indent=indent)
+            os.replace(tmp, path)
         write_reports(self.results, self.config.output_dir)
 
     def _baseline(self, model, tokenizer):
@@ -303,11 +355,11 @@ class ContinualRunner:
         scores = evaluate(model, tokenizer, [*self.tasks, self.probes], self.config.eval_batch_size)
         with_context = [t for t in self.tasks if t.has_test_context]
         teacher = evaluate(model, tokenizer, with_context, self.config.eval_batch_size, with_context=True)
-        self.results["base"] = scores
+        self.results["base"], self.answers["base"] = split_answers(scores)
         self.results["teacher_check"] = teacher_check(
             summary(scores), summary(teacher), self.tasks, self.config.min_teacher_gap
         )
-        self.results["teacher_answers"] = teacher
+        self.answers["teacher"] = split_answers(teacher)[1]
         self.log(f"[base] {_fmt(summary(scores))} ({time.time() - started:.0f} s)")
         for name, check in self.results["teacher_check"].items():
             if check["teacher"] is None:
@@ -338,15 +390,20 @@ class ContinualRunner:
                 "label": spec.label,
                 "stages": [{"stage": 0, "trained": None, "scores": base_scores}],
             }
+            answers = {**asdict(spec), "label": spec.label, "stages": []}
             for number, task in enumerate(self.tasks, start=1):
                 stats = train_stage(model, tokenizer, task, spec, self.config)
-                scores = evaluate(model, tokenizer, [*self.tasks, self.probes], self.config.eval_batch_size)
+                scores, stage_answers = split_answers(
+                    evaluate(model, tokenizer, [*self.tasks, self.probes], self.config.eval_batch_size)
+                )
                 run["stages"].append({"stage": number, "trained": task.name, **stats, "scores": scores})
+                answers["stages"].append({"stage": number, "trained": task.name, "answers": stage_answers})
                 self.log(
                     f"[{spec.label} seed={spec.seed}] after {task.name} ({stats['train_seconds']:.0f} s): "
                     f"{_fmt(summary(scores))}"
                 )
             self.results["runs"].append(run)
+            self.answers["runs"].append(answers)
             self._save()
             del model
             gc.collect()
@@ -359,12 +416,15 @@ def _fmt(scores: dict) -> str:
 
 
 def run_continual(config: ContinualConfig, overwrite: bool = False, resume: bool = False, log=print) -> dict:
-    """Run the comparison and write retention.json, retention.md and retention.png into `config.output_dir`."""
+    """Run the comparison and write retention.json, answers.json, retention.md and retention.png (and pareto.md,
+    pareto.png) into `config.output_dir`."""
     return ContinualRunner(config, overwrite=overwrite, resume=resume, log=log).run()
 
 
 __all__ = [
+    "ANSWERS_FILE",
     "PROBES",
+    "RETENTION_FILE",
     "VARIANTS",
     "ContinualConfig",
     "ContinualRunner",
@@ -373,4 +433,5 @@ __all__ = [
     "run_continual",
     "run_specs",
     "sdft_settings",
+    "split_answers",
 ]

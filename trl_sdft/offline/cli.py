@@ -55,9 +55,9 @@ def extract_parser() -> argparse.ArgumentParser:
         help="JSONL of the kept records, in the Parquet's row order",
     )
     p.add_argument("--model_name", default=DEFAULT_MODEL, help="teacher: a path, a hub id or smollm2-135m-instruct")
-    p.add_argument("--topk", type=int, default=100)
+    p.add_argument("--topk", type=int, default=100, help="logits kept per token (K)")
     p.add_argument("--max_length", type=int, default=2048, help="records with more tokens are skipped")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="records per teacher forward")
     p.add_argument("--sort_by_len", action="store_true", help="process (and write) records shortest first")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(

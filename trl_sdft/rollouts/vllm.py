@@ -4,7 +4,7 @@ The "vllm" backend of the registry in `rollouts/__init__.py`, imported only when
 never imports vLLM. What this module adds to TRL's `VLLMGeneration`:
 
 - Colocate weight sync through vLLM's in-place `reload_weights` (TRL's per-tensor `load_weights` fails on vLLM 0.32:
-  `'Parameter' object has no attribute 'weight_loader'`), and an eager engine on CPU (why: README, vLLM rollouts).
+  `'Parameter' object has no attribute 'weight_loader'`), and an eager engine on CPU (why: docs/guides/vllm.md).
 - Server weight sync that needs no CUDA: when NCCL is not available (CPU trainer, or a server started without a
   weight-transfer engine) the main process writes the current weights (LoRA merged) as one safetensors file into a
   directory the server can read, and asks the server to `reload_weights` from it (`/collective_rpc`, dev mode). With a
@@ -55,8 +55,8 @@ logger = logging.getLogger(__name__)
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 1, 2, 3, 4, 5."
 # Mean absolute difference (nats per token) between the server's and the trainer's log-probs on the probe above after
-# a sync, beyond which the two are not the same model (the gaps measured for the same and for other models: README,
-# vLLM rollouts).
+# a sync, beyond which the two are not the same model (the gaps measured for the same and for other models:
+# docs/guides/vllm.md).
 PROBE_TOLERANCE = 0.5
 
 

