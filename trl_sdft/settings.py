@@ -15,6 +15,7 @@ Each builder takes the config (duck-typed: any object with the fields) and impor
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -80,21 +81,10 @@ def teacher_settings(args) -> TeacherSettings:
 def vllm_settings(args) -> VLLMSettings:
     from .rollouts import VLLMSettings
 
+    # Every field but `precision` is the config's `vllm_<name>`.
+    names = [field.name for field in fields(VLLMSettings) if field.name != "precision"]
     return VLLMSettings(
-        mode=args.vllm_mode,
-        server_base_url=args.vllm_server_base_url,
-        server_host=args.vllm_server_host,
-        server_port=args.vllm_server_port,
-        server_timeout=args.vllm_server_timeout,
-        group_port=args.vllm_group_port,
-        tensor_parallel_size=args.vllm_tensor_parallel_size,
-        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-        max_model_length=args.vllm_max_model_length,
-        enable_sleep_mode=args.vllm_enable_sleep_mode,
-        model_impl=args.vllm_model_impl,
-        dtype=args.vllm_dtype,
-        enforce_eager=args.vllm_enforce_eager,
-        sync_dir=args.vllm_sync_dir,
+        **{name: getattr(args, f"vllm_{name}") for name in names},
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else None,
     )
 
