@@ -273,13 +273,17 @@ def assemble_batch(
     completions: list[list[int]],
     pad_token_id: int,
     device,
+    tool_mask: list[list[int]] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The batch `compute_loss` reads: left-padded prompts, right-padded completions, and the teacher's prompt +
-    completion. `old_per_token_logps` (the rollout policy's log-probs, for importance clipping) starts as None."""
+    completion. `old_per_token_logps` (the rollout policy's log-probs, for importance clipping) starts as None. With
+    `tool_mask` (multi-turn rollouts: 1 on generated tokens, 0 on tool results) the batch carries it, padded with 0."""
     prompt_ids, prompt_mask = left_pad(student_prompt_ids, pad_token_id, device)
     completion_ids, completion_mask = right_pad(completions, pad_token_id, device)
     teacher_ids, teacher_mask = left_pad(teacher_prompt_ids, pad_token_id, device)
+    tools = {} if tool_mask is None else {"tool_mask": right_pad(tool_mask, 0, device)[0] * completion_mask}
     return {
+        **tools,
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "completion_ids": completion_ids,
@@ -288,3 +292,13 @@ def assemble_batch(
         "teacher_attention_mask": torch.cat([teacher_mask, completion_mask], dim=1),
         "old_per_token_logps": None,
     }
+
+
+def add_engine_logps(batch: dict, plan, engine_logps: list[list[float]] | None, device) -> None:
+    """The engine's log-probs of the sampled tokens, right-padded, where the importance plan (`importance.plan`)
+    reads them: `sampling_per_token_logps` (its sampling mismatch is corrected) and, in asynchronous rounds generated
+    with older weights, `old_per_token_logps` (the rollout policy's)."""
+    if plan.engine:
+        batch["sampling_per_token_logps"] = right_pad(engine_logps, 0.0, device, torch.float32)[0]
+    if plan.old == "server":
+        batch["old_per_token_logps"] = right_pad(engine_logps, 0.0, device, torch.float32)[0]

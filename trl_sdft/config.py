@@ -196,6 +196,21 @@ class SDFTConfig(_BaseConfig):
             "help": f"Extra `apply_chat_template` arguments. On the command line a JSON object, e.g. {JSON_EXAMPLE}."
         },
     )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sets the chat template: a Jinja file, a tokenizer directory (its template), or a bundled template "
+            "by name ('smollm2-tools': SmolLM2's ChatML with tool calls). Tools need a template that renders tool calls."
+        },
+    )
+    max_tool_calling_iterations: int | None = field(
+        default=None,
+        metadata={
+            "help": "With `tools` or `environment_factory` (trainer arguments): rounds of tool calls per trajectory. "
+            "`None`: no limit; a trajectory ends with a turn without a tool call or when `max_completion_length` "
+            "(generated and tool-result tokens together) is used."
+        },
+    )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty; 1.0 disables it."})
     cache_implementation: str | None = field(
         default=None, metadata={"help": "KV-cache implementation for transformers generation."}
@@ -532,6 +547,10 @@ class SDFTConfig(_BaseConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}={value}` must be >= 1, or None for no limit.")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            raise ValueError(
+                f"`max_tool_calling_iterations={self.max_tool_calling_iterations}` must be >= 0, or None for no limit."
+            )
         if self.max_completion_length is None:
             raise ValueError("`max_completion_length` must be set (e.g. 256): rollouts need a length limit.")
         if self.num_loss_tokens_to_skip >= self.max_completion_length:

@@ -162,12 +162,15 @@ def kl_from_logits(teacher_logits, student_logits, teacher_norm, student_norm) -
     return (weights.mul_(teacher_logits - student_logits)).sum(-1) - (teacher_norm - student_norm).squeeze(-1)
 
 
-def loss_mask(completion_mask: torch.Tensor, num_tokens_to_skip: int) -> torch.Tensor:
-    """The completion mask without its first `num_tokens_to_skip` positions."""
+def loss_mask(
+    completion_mask: torch.Tensor, num_tokens_to_skip: int, tool_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The completion positions the loss reads: the model's own tokens (`tool_mask`, in multi-turn rollouts: 0 on tool
+    results and the template's turn headers) without the trajectory's first `num_tokens_to_skip` of them."""
+    mask = completion_mask if tool_mask is None else completion_mask * tool_mask.to(completion_mask.dtype)
     if num_tokens_to_skip <= 0:
-        return completion_mask
-    positions = torch.arange(completion_mask.size(1), device=completion_mask.device)
-    return completion_mask * (positions >= num_tokens_to_skip).to(completion_mask.dtype)
+        return mask
+    return mask * (mask.cumsum(-1) > num_tokens_to_skip).to(mask.dtype)
 
 
 def sequence_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,22 @@
 import torch
 
 
-def completion_stats(completions: list[list[int]], eos_token_ids: list[int]) -> tuple[list[int], list[bool]]:
-    """Each completion's length, and whether it was cut by the length limit (no end-of-sequence token at its end)."""
+def completion_stats(
+    completions: list[list[int]], eos_token_ids: list[int], tool_mask: list[list[int]] | None = None
+) -> tuple[list[int], list[bool]]:
+    """Each completion's length (with `tool_mask`: its generated tokens only, not tool results), and whether it was
+    cut by the length limit (no end-of-sequence token at its end)."""
     ends = set(eos_token_ids)
-    return [len(c) for c in completions], [not c or c[-1] not in ends for c in completions]
+    lengths = [len(c) for c in completions] if tool_mask is None else [sum(mask) for mask in tool_mask]
+    return lengths, [not c or c[-1] not in ends for c in completions]
+
+
+def tool_metrics(calls: int, failures: int, rollouts: int) -> dict[str, float]:
+    """TRL GRPO's tool metrics over a round (every process's counts summed): calls per rollout, failed calls per call."""
+    return {
+        "tools/call_frequency": calls / max(rollouts, 1),
+        "tools/failure_frequency": failures / calls if calls else 0.0,
+    }
 
 
 def completion_metrics(lengths: torch.Tensor, truncated: torch.Tensor) -> dict[str, float]:
@@ -23,3 +35,15 @@ def completion_metrics(lengths: torch.Tensor, truncated: torch.Tensor) -> dict[s
         "completions/min_terminated_length": terminated.min().item(),
         "completions/max_terminated_length": terminated.max().item(),
     }
+
+
+def round_metrics(completions, eos_token_ids, tool_mask, tool_stats, gather, device) -> dict[str, float]:
+    """A round's completion metrics over every process (`gather`: `accelerator.gather`), and with tools
+    (`tool_stats`, a `tools.ToolStats`) the tool metrics."""
+    lengths, truncated = completion_stats(completions, eos_token_ids, tool_mask)
+    lengths, truncated = gather(torch.tensor(lengths, device=device)), gather(torch.tensor(truncated, device=device))
+    metrics = completion_metrics(lengths, truncated)
+    if tool_stats is not None:
+        counts = gather(torch.tensor([tool_stats.calls, tool_stats.failures], device=device)).view(-1, 2).sum(0)
+        metrics.update(tool_metrics(int(counts[0]), int(counts[1]), len(lengths)))
+    return metrics

@@ -116,9 +116,9 @@ def prepare_peft(model, peft_config, args):
     return prepare_peft_model(model, peft_config, args)
 
 
-def prepare_processing_class(model, processing_class, trust_remote_code: bool = False):
+def prepare_processing_class(model, processing_class, trust_remote_code: bool = False, chat_template=None):
     """The processor (loaded from the model's path when None) and its tokenizer, which gets a pad token if it has
-    none."""
+    none, and `chat_template` where given (`chat_template_path`)."""
     from transformers import AutoProcessor, PreTrainedTokenizerBase
     from trl.trainer.utils import get_config_model_id
 
@@ -134,4 +134,6 @@ def prepare_processing_class(model, processing_class, trust_remote_code: bool = 
     tokenizer = tokenizer_of(processing_class)
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError("`processing_class` must be a `PreTrainedTokenizerBase` or a `ProcessorMixin`.")
+    if chat_template is not None:
+        processing_class.chat_template = tokenizer.chat_template = chat_template
     return processing_class, ensure_pad_token(tokenizer)

@@ -122,6 +122,13 @@ def rollout_settings(args) -> RolloutSettings:
     )
 
 
+def tool_loop_settings(args):
+    """How multi-turn rollouts with tools end (`rollouts.agentic.ToolCallingLoop`)."""
+    from .rollouts.agentic import ToolLoopSettings
+
+    return ToolLoopSettings(args.max_completion_length, args.max_tool_calling_iterations)
+
+
 def model_settings(args) -> ModelSettings:
     """How a model given by name is loaded."""
     from .models import ModelSettings

@@ -128,3 +128,111 @@ def assert_same_step(reference, other, batch, atol=1e-5, rtol=None):
         assert torch.allclose(grad, got_grads[name], atol=atol), (name, error)
         if rtol is not None:
             assert error <= rtol * grad.abs().max(), (name, float(error), float(grad.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------- tools (agentic SDFT)
+# A compact ChatML with tool calls in the format TRL's `qwen3_template` parser reads; the tools are not listed (the
+# tiny model's context is short), so the prompt is the same with and without them.
+TOOL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.role == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}"
+    "\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{% for call in message.tool_calls %}{% set f = call.function if call.function is defined else call %}"
+    '<tool_call>\n{"name": "{{ f.name }}", "arguments": {{ f.arguments | tojson }}}\n</tool_call>'
+    "{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def lookup(name: str) -> str:
+    """Look up the secret color of a made-up name.
+
+    Args:
+        name: The name to look up.
+    """
+    colors = dict(zip(NAMES, COLORS, strict=True))
+    if name not in colors:
+        raise KeyError(f"no entry for {name!r}")
+    return colors[name]
+
+
+def tool_call_text(name: str, tool: str = "lookup") -> str:
+    return f'<tool_call>\n{{"name": "{tool}", "arguments": {{"name": "{name}"}}}}\n</tool_call>'
+
+
+def tool_trajectory(name: str, color: str) -> list[dict]:
+    """A question, the call that answers it, the result and the answer, as chat messages."""
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"name": name}}}
+    return [
+        {"role": "user", "content": f"What color is {name}?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "lookup", "content": color},
+        {"role": "assistant", "content": f"{name} is {color}."},
+    ]
+
+
+def build_tool_tokenizer():
+    """The test tokenizer trained on the toy corpus plus tool-call text, with `TOOL_CHAT_TEMPLATE` and TRL's parser of
+    `<tool_call>` JSON (`qwen3_template`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from trl.chat_template_utils import qwen3_template
+
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    extra = [
+        tool_call_text(name) + f"\n<tool_response>\n{color}\n</tool_response>" for name, color in zip(NAMES, COLORS)
+    ]
+    tok.train_from_iterator(corpus() + extra * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        padding_side="left",
+        truncation_side="left",
+    )
+    fast.chat_template = TOOL_CHAT_TEMPLATE
+    fast.response_template = qwen3_template
+    return fast
+
+
+def tool_rows(n: int = 8) -> list[dict]:
+    """Chat rows whose questions the `lookup` tool answers; the privileged context shows the call."""
+    rows = []
+    for i in range(n):
+        name, color = NAMES[i % len(NAMES)], COLORS[i % len(COLORS)]
+        context = f"Call the tool: {tool_call_text(name)} It returns {color}. Answer: {name} is {color}."
+        rows.append({"prompt": [{"role": "user", "content": f"What color is {name}?"}], "privileged_context": context})
+    return rows
+
+
+def build_tool_model(tokenizer, steps: int = 250, seed: int = 0):
+    """The tiny Llama (vLLM-sized: hidden 64, 2 heads) trained on `tool_trajectory` rendered by the chat template, so
+    that it calls `lookup` and then answers: real multi-turn rollouts from a real model, in seconds."""
+    model = build_model(tokenizer, seed=seed, hidden_size=64, heads=2)
+    texts = [
+        tokenizer.apply_chat_template(tool_trajectory(name, color), tokenize=False)
+        for name, color in zip(NAMES, COLORS)
+    ]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, float(loss.detach())

@@ -29,15 +29,17 @@ from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_confi
 from . import batch as batching
 from . import forwards, guards, importance, losses, packing, settings
 from .callbacks import dispatch
+from .chat_tools import load_chat_template
 from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resume
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, EpochRepeatSampler, check_datasets, named_eval_sets
 from .generation import greedy_answers
-from .metrics import completion_metrics, completion_stats
+from .metrics import round_metrics
 from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class, warn_if_adapter_present
 from .prompts import resolve_teacher_prompt_template
 from .rollouts import RolloutContext, build_rollout, eos_token_ids, sampling_config
+from .rollouts.agentic import prepare_tools, tool_loop
 from .rollouts.async_rounds import AsyncRounds
 from .teachers import TeacherContext, TeacherUpdateCallback, build_teacher
 from .utils import has_accelerator, reuse_freed_cpu_memory, unwrap
@@ -81,6 +83,8 @@ class SDFTTrainer(_BaseTrainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: Optimizers = (None, None),
         peft_config=None,
+        tools: list | None = None,
+        environment_factory=None,
     ):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -91,13 +95,19 @@ class SDFTTrainer(_BaseTrainer):
             logger.info(f"CPU malloc keeps freed blocks for reuse: {reuse_freed_cpu_memory()}.")
         self.teacher_prompt_template = resolve_teacher_prompt_template(args.teacher_prompt_template)
         self.chat_template_kwargs = dict(args.chat_template_kwargs or {})
+        chat_template = load_chat_template(args.chat_template_path) if args.chat_template_path else None
 
         set_seed(args.seed)  # PEFT initialises adapter weights randomly
         model = load_model(model, settings.model_settings(args))
         warn_if_adapter_present(model, peft_config, _warn)
         model = prepare_peft(model, peft_config, args)
         check_finite_weights(model)
-        processing_class, self._tokenizer = prepare_processing_class(model, processing_class, args.trust_remote_code)
+        processing_class, self._tokenizer = prepare_processing_class(
+            model, processing_class, args.trust_remote_code, chat_template
+        )
+        datasets = [("train", train_dataset), *named_eval_sets(eval_dataset)]
+        spec = (processing_class, self._tokenizer, datasets, self.chat_template_kwargs, args.async_rollouts)
+        self.toolbox = prepare_tools(tools, environment_factory, *spec)  # the prompts then show the tools
         self.eos_token_ids = eos_token_ids(model, self._tokenizer)
         text_config, pad_id = model.config.get_text_config(), self._tokenizer.pad_token_id
         text_config.pad_token_id = pad_id
@@ -106,7 +116,7 @@ class SDFTTrainer(_BaseTrainer):
         self.max_prompt_length = args.max_prompt_length
         self.max_teacher_prompt_length, self.prompt_lengths = batching.fit_datasets_in_context(
             processing_class,
-            [("train", train_dataset), *named_eval_sets(eval_dataset)],
+            datasets,
             self.teacher_prompt_template,
             self.chat_template_kwargs,
             (args.max_prompt_length, args.max_teacher_prompt_length, args.max_completion_length),
@@ -145,6 +155,8 @@ class SDFTTrainer(_BaseTrainer):
             self.add_callback(TeacherUpdateCallback(self.teacher))
         self.rollout = self._build_rollout()
         self.teacher.bind(self.rollout)  # a teacher scored on the vLLM server scores through the backend
+        spec = (processing_class, self._tokenizer, settings.tool_loop_settings(args), self.chat_template_kwargs)
+        self.tool_loop = tool_loop(self.rollout, self.toolbox, *spec, self.accelerator, self.eos_token_ids)
         self.async_rounds, self._generated_at = None, 0
         if args.async_rollouts:
             spec = (args.num_generations, args.generate_every, args.max_staleness, args.round_span)
@@ -285,31 +297,26 @@ class SDFTTrainer(_BaseTrainer):
         if mode == "train" and self.async_rounds is not None:
             last = self.state.max_steps * self.args.gradient_accumulation_steps
             result = self.async_rounds.round(rows, self._step, self.state.global_step, last, self._round_prompts)
-            prompts, (completions, engine_logps), self._generated_at = result[:3]
+            prompts, rollouts, self._generated_at = result[:3]
             for name, value in result.metrics.items():
                 self._metrics[mode][f"async/{name}"].append(value)
         else:
+            rows, toolsets = self.toolbox.start(rows) if self.toolbox is not None else (rows, None)
             prompts = self._round_prompts(rows)
-            n, step = self._num_generations(mode), self.state.global_step
-            completions, engine_logps = self.rollout.generate(self.model_wrapped, prompts.generation, n, step)
+            spec = (self.model_wrapped, prompts.generation, self._num_generations(mode), self.state.global_step)
+            rollouts = self.rollout.generate(*spec) if toolsets is None else self.tool_loop.run(*spec, toolsets)
+        completions, engine_logps = rollouts[0], rollouts[1]
+        tool_mask, tool_stats = rollouts[2:4] if self.tool_loop is not None else (None, None)
         self.num_generation_rounds += 1
-        batch = batching.assemble_batch(
-            prompts.student, prompts.teacher, completions, self._tokenizer.pad_token_id, self.accelerator.device
-        )
+        spec = (completions, self._tokenizer.pad_token_id, self.accelerator.device, tool_mask)
+        batch = batching.assemble_batch(prompts.student, prompts.teacher, *spec)
         logps = importance.plan(self.importance_settings, mode == "train", engine_logps is not None)
-        if logps.engine:  # the engine's own log-probs: its sampling mismatch is corrected
-            batch["sampling_per_token_logps"] = batching.right_pad(
-                engine_logps, 0.0, self.accelerator.device, torch.float32
-            )[0]
-        if logps.old == "server":  # async: the server generated the round with older weights; its log-probs are old
-            batch["old_per_token_logps"] = batching.right_pad(
-                engine_logps, 0.0, self.accelerator.device, torch.float32
-            )[0]
-        elif logps.old == "trainer":
+        batching.add_engine_logps(batch, logps, engine_logps, self.accelerator.device)
+        if logps.old == "trainer":
             with torch.no_grad(), self.accelerator.autocast():  # the rollout policy's log-probs (importance weights)
                 logits = self.completion_view(self.model, batch, logits=True)
                 batch["old_per_token_logps"] = losses.token_log_probs(logits, batch["completion_ids"])
-        self._record_completion_metrics(mode, completions)
+        self._record_completion_metrics(mode, completions, tool_mask, tool_stats)
         self._hook(
             "on_self_distillation_batch_prepared",
             **{key: batch[key] for key in ("prompt_ids", "completion_ids", "old_per_token_logps")},
@@ -333,7 +340,7 @@ class SDFTTrainer(_BaseTrainer):
 
     def _distillation_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
-        mask = losses.loss_mask(inputs["completion_mask"], self.args.num_loss_tokens_to_skip)
+        mask = losses.loss_mask(inputs["completion_mask"], self.args.num_loss_tokens_to_skip, inputs.get("tool_mask"))
         student = self.completion_view(model, inputs)
         if not mask.any():  # every token skipped: zero loss and zero gradients, not an error
             self._log_metric(mode, "distillation_loss", torch.zeros((), device=mask.device))
@@ -368,12 +375,9 @@ class SDFTTrainer(_BaseTrainer):
             **payload,
         )
 
-    def _record_completion_metrics(self, mode: str, completions: list[list[int]]) -> None:
-        lengths, truncated = completion_stats(completions, self.eos_token_ids)
-        device = self.accelerator.device
-        lengths = self.accelerator.gather(torch.tensor(lengths, device=device))
-        truncated = self.accelerator.gather(torch.tensor(truncated, device=device))
-        for name, value in completion_metrics(lengths, truncated).items():
+    def _record_completion_metrics(self, mode: str, completions, tool_mask=None, tool_stats=None) -> None:
+        spec = (self.eos_token_ids, tool_mask, tool_stats, self.accelerator.gather, self.accelerator.device)
+        for name, value in round_metrics(completions, *spec).items():
             self._metrics[mode][name].append(value)
 
     def _log_metric(self, mode: str, name: str, value: torch.Tensor) -> None:

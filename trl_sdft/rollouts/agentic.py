@@ -1,0 +1,185 @@
+"""Multi-turn rollouts that call tools, over any rollout backend (`ToolCallingLoop`).
+
+A rollout is a trajectory. The backend generates a turn from the prompt; a turn with tool calls (`chat_tools.
+parse_turn`) has them run (`tools.call_tools`), their results rendered by the chat template after the turn
+(`chat_tools.tool_suffix_ids`), and the backend generates the next turn from everything so far. A trajectory ends
+with a turn without a tool call, after `max_iterations` rounds of tool calls, or when the next results would not leave
+room for one more token within `max_completion_length` (the results are then not added, as in TRL).
+
+The completion holds every generated token and every token the template added (tool results, turn headers), and
+`tool_mask` is 1 on the generated tokens only: the loss, the importance weights and the completion metrics read only
+those. A trajectory without tool calls is exactly the backend's single-turn completion.
+
+Every process runs the same number of backend calls: the processes agree on the most continuations any of them needs
+and pad theirs with a placeholder, so collective backends (vLLM server, ZeRO-3 gathering) stay in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from ..chat_tools import MALFORMED, parse_turn, tool_suffix_ids
+from ..tools import ToolResult, ToolStats, call_tools, failure
+from . import RolloutBackend
+
+
+@dataclass(frozen=True)
+class ToolLoopSettings:
+    """`max_iterations`: rounds of tool calls per trajectory (None: until the length budget ends them);
+    `max_completion_length`: generated and added tokens of a trajectory together."""
+
+    max_completion_length: int = 256
+    max_iterations: int | None = None
+
+
+class Trajectories(NamedTuple):
+    """What `ToolCallingLoop.run` returns: a backend's `Rollouts` fields plus the tool mask and the round's calls."""
+
+    completions: list[list[int]]
+    logprobs: list[list[float]] | None
+    tool_mask: list[list[int]]
+    stats: ToolStats
+
+
+class ToolCallingLoop:
+    """Runs trajectories with `backend` (any `RolloutBackend`). `tools` are the schemas shown to the model (for
+    parsing arguments with their types); each rollout's callables come with each `run`."""
+
+    def __init__(
+        self,
+        backend: RolloutBackend,
+        processing_class,
+        tokenizer,
+        settings: ToolLoopSettings,
+        chat_template_kwargs: dict | None = None,
+    ):
+        self.backend = backend
+        self.processing_class = processing_class
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.connect()
+
+    def connect(self, tools: list[dict] | None = None, accelerator=None, end_ids: list[int] | None = None):
+        """The tool schemas (arguments are typed by them), the accelerator (processes keep in step) and the end ids
+        (a turn that ended on one may hold a tool call; default: the tokenizer's end-of-sequence token)."""
+        self.tools = tools
+        self.accelerator = accelerator
+        self.end_ids = set(end_ids or [self.tokenizer.eos_token_id])
+
+    def run(self, model, prompt_ids: list[list[int]], num_generations: int, step: int, toolsets: list[dict]):
+        first = self.backend.generate(model, prompt_ids, num_generations, step)
+        completions = [list(ids) for ids in first.completions]
+        logprobs = None if first.logprobs is None else [list(row) for row in first.logprobs]
+        masks = [[1] * len(ids) for ids in completions]
+        turn_start = [0] * len(completions)
+        stats = ToolStats()
+        iteration = 0
+        while True:
+            open_ = [] if self._done(iteration) else [i for i in range(len(completions)) if self._ended(completions[i])]
+            continuing = []
+            for index in open_:
+                prefix = prompt_ids[index] + completions[index][: turn_start[index]]
+                message = parse_turn(self.tokenizer, completions[index][turn_start[index] :], prefix, self.tools)
+                results = self._results(message, toolsets[index])
+                if not results:
+                    continue
+                stats.add(results)
+                suffix = tool_suffix_ids(
+                    self.processing_class, self.tokenizer, [r.message for r in results], self.chat_template_kwargs
+                )
+                if len(completions[index]) + len(suffix) >= self.settings.max_completion_length:
+                    continue  # no room for a reply after the results: the trajectory ends with its call
+                completions[index] += suffix
+                masks[index] += [0] * len(suffix)
+                if logprobs is not None:
+                    logprobs[index] += [0.0] * len(suffix)
+                turn_start[index] = len(completions[index])
+                continuing.append(index)
+            if not self._anyone(len(continuing)):
+                break
+            replies = self._generate(model, [prompt_ids[i] + completions[i] for i in continuing], prompt_ids, step)
+            for position, index in enumerate(continuing):
+                room = self.settings.max_completion_length - len(completions[index])
+                reply = list(replies.completions[position])[:room]
+                completions[index] += reply
+                masks[index] += [1] * len(reply)
+                if logprobs is not None:
+                    logprobs[index] += list(replies.logprobs[position])[: len(reply)]
+            iteration += 1
+        return Trajectories(completions, logprobs, masks, stats)
+
+    def _done(self, iteration: int) -> bool:
+        limit = self.settings.max_iterations
+        return limit is not None and iteration >= limit
+
+    def _ended(self, completion: list[int]) -> bool:
+        """A turn that stopped on its end token (a turn cut by the length limit holds no complete call)."""
+        return bool(completion) and completion[-1] in self.end_ids
+
+    def _results(self, message: dict, tools: dict) -> list[ToolResult]:
+        if message.get(MALFORMED):
+            return [failure("unknown", f"Malformed tool call, it could not be parsed: {message[MALFORMED][:200]!r}")]
+        return call_tools(message.get("tool_calls") or [], tools)
+
+    def _anyone(self, count: int) -> bool:
+        """Whether any process has a trajectory to continue (each process then calls the backend, same count)."""
+        self._count = count
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return count > 0
+        counts = self.accelerator.gather(torch.tensor([count], device=self.accelerator.device))
+        self._count = int(counts.max())
+        return self._count > 0
+
+    def _generate(self, model, prompts: list[list[int]], originals: list[list[int]], step: int) -> Any:
+        """One reply per prompt; padded with copies of a short prompt to the count every process uses."""
+        padded = prompts + [originals[0]] * (self._count - len(prompts))
+        return self.backend.generate(model, padded, 1, step)
+
+
+def prepare_tools(
+    tools,
+    environment_factory,
+    processing_class,
+    tokenizer,
+    datasets: list[tuple[str, Any]],
+    chat_template_kwargs: dict,
+    async_rollouts: bool,
+):
+    """At construction, before any model runs: the run's `Toolbox`, or None without tools; the tools' schemas go into
+    `chat_template_kwargs` (the prompts show them). Refuses what a tool run cannot do: text prompts, a chat template
+    without tool calls (`chat_tools.prepare_tool_tokenizer`), asynchronous rounds."""
+    from ..prompts import is_chat
+    from ..tools import Toolbox
+
+    if not tools and environment_factory is None:
+        return None
+    toolbox = Toolbox(tools, environment_factory)
+    for name, dataset in datasets:
+        if dataset is not None and len(dataset) and not is_chat(dataset[0]["prompt"]):
+            raise ValueError(
+                f"Tools need chat prompts (lists of messages), but the {name} dataset's prompts are text: write each "
+                'prompt as [{"role": "user", "content": ...}] so that tool calls and results can be turns.'
+            )
+    if async_rollouts:
+        raise ValueError(
+            "`async_rollouts` cannot be combined with tools: a round generated in the background would have to run "
+            "the tools off the training loop, which SDFTTrainer does not do. Set `async_rollouts=False`."
+        )
+    from ..chat_tools import prepare_tool_tokenizer
+
+    prepare_tool_tokenizer(processing_class, tokenizer)
+    chat_template_kwargs["tools"] = toolbox.schemas
+    return toolbox
+
+
+def tool_loop(backend, toolbox, processing_class, tokenizer, settings, chat_template_kwargs, accelerator, end_ids):
+    """The `ToolCallingLoop` over `backend` for a run with `toolbox`; None without tools."""
+    if toolbox is None:
+        return None
+    loop = ToolCallingLoop(backend, processing_class, tokenizer, settings, chat_template_kwargs)
+    loop.connect(toolbox.schemas, accelerator, end_ids)
+    return loop

@@ -1,0 +1,191 @@
+"""Tools a rollout may call, and what calling them returns. Plain Python: no model, no tokenizer, no torch.
+
+The names and meanings are TRL GRPO's: `tools` is a list of callables (sync or async) whose name, type hints and
+docstring describe them to the model; `environment_factory` is a callable returning an object with a `reset(**row)`
+method, whose other public methods are tools too. Each rollout gets its own environment (`Toolbox.start`), reset with
+its dataset row; a string that `reset` returns is appended to the row's last prompt message.
+
+A call that cannot run (unknown tool, arguments that do not match the signature, a tool that raises, a call that is
+not a function call) does not stop training: its error text becomes the tool's result, as in TRL, and it counts as a
+failure (`tools/failure_frequency`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+RESERVED_METHODS = ("reset", "get_reward")
+
+
+def tool_name(tool: Callable) -> str:
+    return getattr(tool, "__name__", type(tool).__name__)
+
+
+def tool_schema(tool: Callable, owner: str = "`tools`") -> dict:
+    """The JSON schema the chat template shows the model (transformers' `get_json_schema`); a tool it cannot describe
+    is refused here, at construction, with its name."""
+    from transformers.utils import get_json_schema
+
+    try:
+        return get_json_schema(tool)
+    except Exception as error:  # DocstringParsingException, TypeHintParsingException
+        raise ValueError(
+            f"Tool {tool_name(tool)!r} (from {owner}) cannot be described to the model: {error} Give it type hints "
+            "and a Google-style docstring with an `Args:` section, as transformers' `get_json_schema` needs."
+        ) from None
+
+
+def environment_methods(environment: Any) -> list[Callable]:
+    """The public methods of an environment (listed on its class, so that properties are not evaluated), without
+    `reset` and `get_reward`."""
+    names = [name for name, _ in inspect.getmembers(type(environment), predicate=inspect.isfunction)]
+    return [getattr(environment, name) for name in names if name not in RESERVED_METHODS and not name.startswith("_")]
+
+
+class Toolbox:
+    """The run's tools: the standalone `tools` plus, per rollout, the methods of its own environment."""
+
+    def __init__(self, tools: list[Callable] | None = None, environment_factory: Callable | None = None):
+        tools = list(tools or [])
+        for tool in tools:
+            if not callable(tool):
+                raise ValueError(f"`tools` must hold callables; got {tool!r} ({type(tool).__name__}).")
+        if isinstance(environment_factory, dict):
+            raise ValueError(
+                "`environment_factory` as a dict of several environments is not supported by SDFTTrainer yet: pass "
+                "one callable that returns an environment."
+            )
+        if environment_factory is not None and not callable(environment_factory):
+            raise ValueError(f"`environment_factory` must be callable; got {type(environment_factory).__name__}.")
+        self.tools = tools
+        self.environment_factory = environment_factory
+        self._pool: list[Any] = []
+        methods: list[Callable] = []
+        if environment_factory is not None:  # one instance, probed for its methods, seeds the pool
+            probe = environment_factory()
+            if not callable(getattr(probe, "reset", None)):
+                raise ValueError(
+                    f"The environment `environment_factory` returned ({type(probe).__name__}) has no `reset` method: "
+                    "define `reset(self, **row)`, which starts an episode and may return text appended to the prompt."
+                )
+            self._pool.append(probe)
+            methods = environment_methods(probe)
+        names = [tool_name(tool) for tool in tools + methods]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"Two tools share the name {repeated[0]!r}: tool names must be unique.")
+        if not names:
+            raise ValueError("`environment_factory`'s environment has no public method to use as a tool.")
+        self.schemas = [tool_schema(tool) for tool in tools] + [
+            tool_schema(method, "`environment_factory`") for method in methods
+        ]
+
+    def start(self, rows: list[dict]) -> tuple[list[dict], list[dict[str, Callable]]]:
+        """One episode per row: the rows (prompts with the observations their environments' `reset` returned) and
+        each rollout's tools by name. Environments are pooled and reset, not rebuilt."""
+        if self.environment_factory is None:
+            tools = {tool_name(tool): tool for tool in self.tools}
+            return rows, [tools] * len(rows)
+        while len(self._pool) < len(rows):
+            self._pool.append(self.environment_factory())
+        started, toolsets = [], []
+        for row, environment in zip(rows, self._pool, strict=False):
+            observation = environment.reset(**row)
+            if observation is not None:
+                row = {**row, "prompt": with_observation(row["prompt"], observation)}
+            started.append(row)
+            toolsets.append({tool_name(tool): tool for tool in self.tools + environment_methods(environment)})
+        return started, toolsets
+
+
+def with_observation(prompt: list[dict], observation: Any) -> list[dict]:
+    """The prompt with `observation` appended to its last message (a new list; the row is left as it was)."""
+    last = prompt[-1]
+    return [*prompt[:-1], {**last, "content": f"{last.get('content') or ''}{observation}"}]
+
+
+class ToolResult(NamedTuple):
+    """One call's result: the tool message to append, and whether the call failed."""
+
+    message: dict
+    failed: bool
+
+
+def call_tools(tool_calls: list[Any], tools: dict[str, Callable]) -> list[ToolResult]:
+    """Run a turn's tool calls in order; each gives one `tool` message. Failures become the message's content."""
+    return [_call(call, tools) for call in tool_calls]
+
+
+def _call(call: Any, tools: dict[str, Callable]) -> ToolResult:
+    if (
+        not isinstance(call, dict)
+        or call.get("type", "function") != "function"
+        or "function" in call
+        and not (isinstance(call["function"], dict))
+    ):
+        kind = call.get("type") if isinstance(call, dict) else type(call).__name__
+        return failure("unknown", f"Unsupported tool call: {kind!r} is not a function call.")
+    function = call.get("function", call)
+    name, arguments = function.get("name"), function.get("arguments") or {}
+    if isinstance(arguments, str):  # some templates give the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as error:
+            return failure(str(name), f"The arguments of {name!r} are not valid JSON: {error}.")
+    if not isinstance(name, str) or name not in tools:
+        known = ", ".join(sorted(tools))
+        return failure(str(name), f"Tool {name!r} not found. Available tools: {known}.")
+    if not isinstance(arguments, dict):
+        return failure(name, f"The arguments of {name!r} must be a JSON object, got {type(arguments).__name__}.")
+    tool = tools[name]
+    try:
+        inspect.signature(tool).bind(**arguments)
+    except TypeError as error:
+        return failure(
+            name, f"Arguments {json.dumps(arguments)} do not match {name}{inspect.signature(tool)}: {error}."
+        )
+    try:
+        result = _run(tool, arguments)
+    except Exception as error:  # the tool's own error: the model reads it, training goes on
+        return failure(name, f"{type(error).__name__}: {error}")
+    return ToolResult({"role": "tool", "name": name, "content": _text(result)}, False)
+
+
+def _run(tool: Callable, arguments: dict) -> Any:
+    result = tool(**arguments)
+    if inspect.isawaitable(result):  # an async tool runs in its own event loop, on a thread of its own
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-sdft-tool") as pool:
+            return pool.submit(asyncio.run, _awaited(result)).result()
+    return result
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+def _text(result: Any) -> str:
+    return result if isinstance(result, str) else json.dumps(result) if isinstance(result, dict | list) else str(result)
+
+
+def failure(name: str, error: str) -> ToolResult:
+    """A failed call: its error, as JSON, is the tool's result."""
+    return ToolResult({"role": "tool", "name": name, "content": json.dumps({"error": error})}, True)
+
+
+@dataclass
+class ToolStats:
+    """Calls and failed calls over one round, for `tools/call_frequency` (calls per rollout) and
+    `tools/failure_frequency` (failed calls per call)."""
+
+    calls: int = 0
+    failures: int = 0
+
+    def add(self, results: list[ToolResult]) -> None:
+        self.calls += len(results)
+        self.failures += sum(result.failed for result in results)
