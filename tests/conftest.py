@@ -35,6 +35,19 @@ def sharp_model_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tool_model_dir(tmp_path_factory):
+    """The tiny Llama (vLLM-sized) trained to call `lookup` and answer, with the tool tokenizer (`TOOL_CHAT_TEMPLATE`,
+    TRL's `<tool_call>` parser), saved to disk."""
+    from trl_sdft.testing import build_tool_model, build_tool_tokenizer
+
+    path = tmp_path_factory.mktemp("tool-llama")
+    tokenizer = build_tool_tokenizer()
+    build_tool_model(tokenizer)[0].save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer

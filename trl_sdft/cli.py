@@ -68,6 +68,29 @@ class SDFTScriptArguments(ScriptArguments):
             "holds them is refused (resume it with --resume_from_checkpoint true instead)."
         },
     )
+    tools: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Tools the model may call during rollouts (agentic SDFT): one or more `module:function` names, "
+            "e.g. --tools my_tools:lookup my_tools:search (in YAML, a list), imported from the working directory or "
+            "PYTHONPATH. Each function needs type hints and a Google-style docstring with an `Args:` section (they "
+            "describe it to the model). Tools need chat prompts and a chat template that renders tool calls "
+            "(--chat_template_path, e.g. smollm2-tools)."
+        },
+    )
+    environment_factory: str | None = field(
+        default=None,
+        metadata={
+            "help": "A `module:name` class or function returning an environment for each rollout: its `reset(**row)` "
+            "starts an episode from the dataset row (text it returns is appended to the prompt), and its other public "
+            "methods are tools (type hints and Google-style docstrings, as for --tools). Needs chat prompts and a "
+            "tool-capable chat template (--chat_template_path)."
+        },
+    )
+
+    def __post_init__(self):
+        if isinstance(self.tools, str):  # `tools: my_tools:lookup` in YAML, one name without a list
+            self.tools = [self.tools]
 
 
 def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
@@ -111,6 +134,22 @@ def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
     train = facts_dataset(facts)
     questions = question_sets(facts, load_probes(script_args.num_probes)) if script_args.knowledge_eval else None
     return train, (train if wants_eval else None), questions
+
+
+def resolve_tools(script_args: SDFTScriptArguments) -> tuple[list | None, object | None]:
+    """The callables `--tools` and `--environment_factory` name, imported before the model loads; the working directory
+    is importable (as for `python -m`), so `--tools my_tools:lookup` finds ./my_tools.py."""
+    from .callables import resolve_callable
+
+    if not script_args.tools and not script_args.environment_factory:
+        return None, None
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    tools = [resolve_callable(spec, "--tools") for spec in script_args.tools or []] or None
+    factory = script_args.environment_factory
+    factory = resolve_callable(factory, "--environment_factory") if factory else None
+    return tools, factory
 
 
 def model_init_kwargs(model_args: ModelConfig, training_args: SDFTConfig) -> dict:
@@ -169,6 +208,7 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
     started = time.time()
     train_dataset, eval_dataset, questions = load_data(script_args, training_args)
     validate_dataset(train_dataset, "train")  # before the model is loaded
+    tools, environment_factory = resolve_tools(script_args)
     resume = resolve_resume_from_checkpoint(
         training_args.resume_from_checkpoint, training_args.output_dir, training_args.teacher_model_kind == "ema"
     )
@@ -208,6 +248,8 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
         processing_class=tokenizer,
         callbacks=callbacks,
         peft_config=get_peft_config(model_args),
+        tools=tools,
+        environment_factory=environment_factory,
     )
     for callback in callbacks:
         callback.attach(trainer)

@@ -77,9 +77,9 @@ class ToolCallingLoop:
         masks = [[1] * len(ids) for ids in completions]
         turn_start = [0] * len(completions)
         stats = ToolStats()
-        iteration = 0
-        while True:
-            open_ = [] if self._done(iteration) else [i for i in range(len(completions)) if self._ended(completions[i])]
+        iteration, active = 0, range(len(completions))
+        while True:  # a trajectory that does not continue in one round is finished: its last turn is never rerun
+            open_ = [] if self._done(iteration) else [i for i in active if self._ended(completions[i])]
             continuing = []
             for index in open_:
                 prefix = prompt_ids[index] + completions[index][: turn_start[index]]
@@ -109,7 +109,7 @@ class ToolCallingLoop:
                 masks[index] += [1] * len(reply)
                 if logprobs is not None:
                     logprobs[index] += list(replies.logprobs[position])[: len(reply)]
-            iteration += 1
+            iteration, active = iteration + 1, continuing
         return Trajectories(completions, logprobs, masks, stats)
 
     def _done(self, iteration: int) -> bool:
