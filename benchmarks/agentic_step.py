@@ -8,7 +8,8 @@ Both cases generate with the real model (`model.generate`, one forward per token
 differs:
 - `multi`: turn 1 is a `lookup` call; the tool runs, its result is rendered by the template (prefilled, not
   generated, masked from the loss); turn 2 is an answer. Two `generate` calls per round.
-- `single`: one generated completion as long as the whole trajectory (every token generated and trained on).
+- `single`: one generated completion as long as the whole trajectory (every token generated and trained on), from
+  the same prompt (the tool list shown too).
 The loss, teacher and optimizer work per step are the same for both (same completion length; the multi-turn mask
 holds fewer tokens). Rounds alternate the cases (single multi single multi ...), each run a fresh process; the first
 step of every run is warm-up and not counted. Reported per case: median step time, and generation's share of it.
@@ -93,6 +94,7 @@ def run_case(case: str, steps: int) -> dict:
     from trl_sdft.chat_tools import load_chat_template
     from trl_sdft.demo.default_model import smollm2_dir
     from trl_sdft.rollouts import register_rollout_backend
+    from trl_sdft.tools import tool_schema
 
     path = str(smollm2_dir())
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -110,7 +112,7 @@ def run_case(case: str, steps: int) -> dict:
     def targets(prompt_text):
         if case == "single":
             return filler
-        return answer if "<tool_response>" in prompt_text else call
+        return answer if "<tool_response>\n" in prompt_text else call  # the system text names the tag too
 
     backends = []
 
@@ -146,6 +148,8 @@ def run_case(case: str, steps: int) -> dict:
         bf16=False,
         rollout_backend="forced",
         disable_tqdm=True,
+        # the single-turn prompts show the same tool list, so both rounds hold the same prompt tokens too
+        chat_template_kwargs={"tools": [tool_schema(lookup)]} if case == "single" else None,
     )
     trainer = SDFTTrainer(
         path,

@@ -42,6 +42,8 @@ MACHINES = {
     "train_step_memory.json": CPU,
     "async_rollouts.json": f"{CPU}, used as a two-device node: the vLLM server pinned to core 0, the trainer to core 1",
     "offline.json": CPU,
+    "agentic.json": CPU_NO_AMX,
+    "agentic_step.json": CPU_NO_AMX,
     "continual/retention.json": CPU,
     "continual-seed43/retention.json": CPU,
     "pareto/retention.json": CPU,
@@ -63,6 +65,8 @@ COMMANDS = {
     "train_step_memory.json": "python benchmarks/train_step_memory.py --tokens {tokens}",
     "async_rollouts.json": "python benchmarks/async_rollouts.py",
     "offline.json": "python benchmarks/offline.py",
+    "agentic.json": "python benchmarks/agentic_task.py --variants sdft sdft-from-teacher sft",
+    "agentic_step.json": "python benchmarks/agentic_step.py --rounds 2 --steps 4",
 }
 
 
@@ -1028,6 +1032,111 @@ def continual_page() -> str:
     return "\n".join(lines)
 
 
+AGENTIC_VARIANTS = {
+    "base": "the base model (before)",
+    "sdft": "SDFT, student rollouts",
+    "sdft-from-teacher": "SDFT, `generate_from_teacher`",
+    "sdft-lr3x": "SDFT, 3x learning rate",
+    "sft": "SFT (TRL `SFTTrainer`, assistant-only loss)",
+}
+
+
+def agentic_page() -> str:
+    lines = header("Agentic SDFT: the bundled tool task", "`benchmarks/results/agentic.json`, `agentic_step.json`")
+    data, step = load("agentic.json"), load("agentic_step.json")
+    config, fields = data["config"], data["config"]["sdft_fields"]
+    lines += [
+        "SmolLM2-135M-Instruct learns to answer questions about made-up entities by calling `lookup` and answering "
+        f"from its result (`trl_sdft/demo/agentic.py`, `configs/agentic.yaml`): {config['train_rows']} questions about "
+        f"{config['train_entities']} entities to train on, {config['eval_questions']} questions about "
+        f"{config['heldout_entities']} other entities to score, so the scores measure the skill (call, read, answer), "
+        "not remembered facts. The privileged context is a demonstration trajectory: the exact call, its result and "
+        "the answer. Every variant starts from the base model and trains "
+        f"{fields['max_steps']} steps of {fields['per_device_train_batch_size']} sequences at learning rate "
+        f"{fields['learning_rate']:g} (CPU, float32); SFT trains on the demonstration trajectories at the same "
+        "learning rate, steps, batch and seed.",
+        "",
+        "Scores are greedy multi-turn rollouts with the tool (at most "
+        f"{config['eval']['max_tool_calling_iterations']} rounds of calls): **well-formed call** (the first turn is a "
+        "call of `lookup` that parses), **right entity** (its argument is the entity asked about), **correct answer** "
+        "(the final turn contains the looked-up value), and the general-knowledge probes (forgetting).",
+        "",
+    ]
+    rows = []
+    for name, scores in data["summary"].items():
+        seconds = scores.get("train_seconds")
+        rows.append(
+            [
+                AGENTIC_VARIANTS.get(name, name),
+                pct(scores["tool_call_rate"]),
+                pct(scores["correct_call_rate"]),
+                pct(scores["answer_accuracy"]),
+                pct(scores["probes"]),
+                "–" if seconds is None else f"{seconds / 60:.1f} min",
+            ]
+        )
+    summary = data["summary"]
+    learned = [name for name, scores in summary.items() if scores["answer_accuracy"] >= 0.5]
+    base_probes = summary["base"]["probes"]
+    best_sdft = max((v["correct_call_rate"] for k, v in summary.items() if k.startswith("sdft")), default=0.0)
+    kept = ", ".join(
+        f"{AGENTIC_VARIANTS.get(name, name)} {pct(scores['probes'])}"
+        for name, scores in summary.items()
+        if name != "base"
+    )
+    lines += [
+        table(["", "well-formed call", "right entity", "correct answer", "probes", "training"], rows),
+        "",
+        made_by("agentic.json") + f" Whole run: {data.get('total_seconds', 0) / 60:.0f} min.",
+        "",
+        "**What the numbers say.** Learned the trajectory (a correct answer on at least half the held-out questions): "
+        + (", ".join(AGENTIC_VARIANTS.get(name, name) for name in learned) or "none")
+        + f". General-knowledge probes, {pct(base_probes)} before: {kept}. "
+        + (
+            "No SDFT variant learned to call the tool with the right argument on this model at this budget"
+            if best_sdft == 0
+            else f"The best SDFT variant called the tool with the right argument on {pct(best_sdft)} of the questions"
+        )
+        + "; the trajectories below show what each variant learned.",
+        "",
+        "## What the trajectories look like",
+        "",
+    ]
+    records = [("base", data["before"])] + [(name, record["after"]) for name, record in data["variants"].items()]
+    for name, record in records:
+        samples = record["agentic"].get("samples") or []
+        if samples:
+            text = samples[0]["trajectory"].replace("\n", " ").strip()
+            lines.append(f"- {AGENTIC_VARIANTS.get(name, name)}: `{text[:220]}`")
+    summary = step["summary"]
+    lines += [
+        "",
+        "## Step time: a multi-turn round against a single-turn round",
+        "",
+        f"{step['setup']}. Both rounds hold {summary['single']['completion_tokens']} completion tokens per rollout, "
+        "generated by the real model forced to fixed text: the multi-turn round generates a call "
+        f"and an answer ({summary['multi']['generated_tokens']} tokens, two `generate` calls) around "
+        f"{summary['multi']['tool_tokens']} tool-result tokens it prefills; the single-turn round generates all "
+        f"{summary['single']['generated_tokens']}. Median step over {len(step['runs']) // 2} runs each, alternating.",
+        "",
+        table(
+            ["round", "step", "of which generation", "generated tokens"],
+            [
+                [
+                    case,
+                    f"{summary[case]['step_seconds']:.2f} s",
+                    f"{summary[case]['generation_seconds']:.2f} s",
+                    summary[case]["generated_tokens"],
+                ]
+                for case in ("single", "multi")
+            ],
+        ),
+        "",
+        f"Multi-turn / single-turn step time: {ratio(summary['multi_over_single'])}. " + made_by("agentic_step.json"),
+    ]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------- driver
 
 PAGES = {
@@ -1038,6 +1147,7 @@ PAGES = {
     "docs/results/memory.md": memory_page,
     "docs/results/async.md": async_page,
     "docs/results/continual.md": continual_page,
+    "docs/results/agentic.md": agentic_page,
 }
 
 

@@ -503,3 +503,27 @@ def test_a_finished_trajectory_is_never_rerun(tool_model_dir, tmp_path, scripted
     result = loop.run(None, prompts, 1, 0, [{"counting": counting}] * 2)
     assert calls.count("Long") == 1  # run once; its result did not fit, so the trajectory ended there
     assert result.stats.calls == len(calls)
+
+
+def test_two_processes_with_different_numbers_of_tool_calls(tool_model_dir, tmp_path):
+    """Rank 0's rollouts call the tool twice, rank 1's never: the backend (collective on every call) is called the
+    same number of times on both ranks, training ends, DDP keeps the weights equal, the tool metrics count both."""
+    import os
+    import socket
+    import sys
+
+    from test_chunked_loss import run_job
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    job = os.path.join(os.path.dirname(__file__), "jobs", "ddp_tools.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    outputs = [tmp_path / f"rank-{rank}.json" for rank in (0, 1)]
+    run_job([*command, job, tool_model_dir, str(tmp_path)], tmp_path, outputs)
+    ranks = [json.loads(output.read_text()) for output in outputs]
+    assert ranks[0]["world"] == 2 and len(ranks[0]["losses"]) == 2
+    assert len(ranks[0]["calls"]) == len(ranks[1]["calls"]) == 6  # 3 backend calls per round on both ranks
+    assert ranks[1]["calls"][1:3] == [2, 2]  # rank 1 has nothing to continue: it pads to rank 0's count
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["call_frequency"] == [1.0, 1.0]  # (rank 0: 2 rollouts x 2 calls; rank 1: none) / 4 rollouts

@@ -81,10 +81,11 @@ def test_server_multi_turn(tool_model_dir, tmp_path, tool_server, teacher_on_ser
         vllm_server_port=tool_server,
         vllm_server_timeout=30,
         use_teacher_server=teacher_on_server,
+        teacher_model_kind="live" if teacher_on_server else "base",  # the server holds the current student
         distillation_topk=5,
     )
     trainer = SDFTTrainer(tool_model_dir, args=args, train_dataset=Dataset.from_list(tool_rows()), tools=[lookup])
-    batch = trainer.build_batch(tool_rows()[:2])
+    batch = trainer.build_batch([tool_rows()[0]] * 2)  # the server takes each prompt num_generations times
     tools = (batch["completion_mask"] == 1) & (batch["tool_mask"] == 0)
     assert tools.any()  # the served model called the tool and the results are in the trajectory
     trainer.train()
