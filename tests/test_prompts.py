@@ -82,3 +82,15 @@ def test_chat_prompt_must_end_with_user():
 def test_bad_context_type():
     with pytest.raises(ValueError, match="string or a list of chat messages"):
         context_to_text(42)
+
+
+def test_demonstration_trajectory_keeps_tool_calls_and_results():
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"name": "Zorbo"}}}
+    context = [
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "name": "lookup", "content": "red"},
+        {"role": "assistant", "content": "Zorbo is red."},
+    ]
+    assert context_to_text(context) == (
+        'Tool call: {"name": "lookup", "arguments": {"name": "Zorbo"}}\nTool result (lookup): red\nZorbo is red.'
+    )

@@ -1,5 +1,6 @@
 """Teacher prompts: the student prompt plus privileged context, for text and chat prompts. Pure functions."""
 
+import json
 import string
 from typing import Any
 
@@ -60,12 +61,28 @@ def message_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def tool_call_json(call: dict) -> str:
+    """A tool call of a message (`{"type": "function", "function": {...}}` or flat) as `{"name", "arguments"}` JSON."""
+    function = call.get("function", call) if isinstance(call, dict) else {}
+    return json.dumps({"name": function.get("name"), "arguments": function.get("arguments")})
+
+
+def message_context(message: dict) -> str:
+    """A context message's text; a demonstration's tool calls and tool results are kept, not dropped."""
+    text = message_text(message.get("content"))
+    calls = [tool_call_json(call) for call in message.get("tool_calls") or []]
+    if message.get("role") == "tool" and text:
+        text = f"Tool result ({message.get('name', 'tool')}): {text}"
+    return "\n".join(part for part in [text, *(f"Tool call: {call}" for call in calls)] if part)
+
+
 def context_to_text(privileged_context: Any) -> str:
-    """Privileged context as text: a string as is, chat messages as their texts joined by newlines."""
+    """Privileged context as text: a string as is, chat messages as their texts joined by newlines (a demonstration
+    trajectory's tool calls as `Tool call: {"name", "arguments"}` lines and its tool results as `Tool result`)."""
     if isinstance(privileged_context, str):
         return privileged_context
     if is_chat(privileged_context):
-        texts = (message_text(message.get("content")) for message in privileged_context)
+        texts = (message_context(message) for message in privileged_context)
         return "\n".join(text for text in texts if text)
     raise ValueError(
         f"`privileged_context` must be a string or a list of chat messages, got {type(privileged_context).__name__}."

@@ -23,8 +23,9 @@ def corpus() -> list[str]:
     return lines * 4
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer (about 400 tokens) with a ChatML-style chat template."""
+def build_tokenizer(vocab_size: int = 400, extra_lines: list[str] | None = None, chat_template: str | None = None):
+    """A byte-level BPE tokenizer (about `vocab_size` tokens) trained on the toy corpus (plus `extra_lines`), with a
+    ChatML-style chat template (`CHAT_TEMPLATE` unless given)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,9 +34,9 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator(corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus() + (extra_lines or []), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -44,7 +45,7 @@ def build_tokenizer():
         padding_side="left",
         truncation_side="left",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template or CHAT_TEMPLATE
     return fast
 
 
@@ -178,30 +179,12 @@ def tool_trajectory(name: str, color: str) -> list[dict]:
 def build_tool_tokenizer():
     """The test tokenizer trained on the toy corpus plus tool-call text, with `TOOL_CHAT_TEMPLATE` and TRL's parser of
     `<tool_call>` JSON (`qwen3_template`)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     from trl.chat_template_utils import qwen3_template
 
-    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
     extra = [
         tool_call_text(name) + f"\n<tool_response>\n{color}\n</tool_response>" for name, color in zip(NAMES, COLORS)
     ]
-    tok.train_from_iterator(corpus() + extra * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        padding_side="left",
-        truncation_side="left",
-    )
-    fast.chat_template = TOOL_CHAT_TEMPLATE
+    fast = build_tokenizer(500, extra * 4, TOOL_CHAT_TEMPLATE)
     fast.response_template = qwen3_template
     return fast
 
