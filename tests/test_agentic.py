@@ -359,7 +359,9 @@ class NoReset:
         ("async", "async_rollouts"),
         ("undocumented", "'undocumented'"),
         ("no-reset", "no `reset` method"),
-        ("several-environments", "not supported"),
+        ("bad-environment-dict", "must be callable"),
+        ("no-environment-column", "`environment` column"),
+        ("unknown-environment", "not among the environments"),
         ("not-callable", "must hold callables"),
     ],
 )
@@ -381,8 +383,13 @@ def test_what_a_tool_run_cannot_do_is_refused_at_construction(tool_model_dir, tm
         kwargs = {"tools": [undocumented]}
     elif case == "no-reset":
         kwargs = {"environment_factory": NoReset}
-    elif case == "several-environments":
+    elif case == "bad-environment-dict":
+        kwargs = {"environment_factory": {"a": "not a factory"}}
+    elif case == "no-environment-column":
         kwargs = {"environment_factory": {"a": Counter}}
+    elif case == "unknown-environment":
+        kwargs = {"environment_factory": {"a": Counter}}
+        rows = [{**row, "environment": "b"} for row in rows]
     elif case == "not-callable":
         kwargs = {"tools": ["lookup"]}
     with pytest.raises(ValueError, match=expected) as error:
@@ -527,3 +534,45 @@ def test_two_processes_with_different_numbers_of_tool_calls(tool_model_dir, tmp_
     assert ranks[1]["calls"][1:3] == [2, 2]  # rank 1 has nothing to continue: it pads to rank 0's count
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["call_frequency"] == [1.0, 1.0]  # (rank 0: 2 rollouts x 2 calls; rank 1: none) / 4 rollouts
+
+
+class Weather:
+    """A second environment, whose tool is not `lookup`."""
+
+    def reset(self, **row):
+        assert "environment" not in row and "prompt" in row  # the control column is not passed on
+        return None
+
+    def weather(self, city: str) -> str:
+        """The weather in a city.
+
+        Args:
+            city: The city.
+        """
+        return "sunny"
+
+
+def test_several_environments_each_row_its_own(tool_model_dir, tmp_path, scripted):
+    """`environment_factory` as a dict (TRL GRPO's multi-environment form): the `environment` column routes each row;
+    its prompt shows only its environment's tools, and only they can be called."""
+    from trl_sdft.testing import TOOL_CHAT_TEMPLATE
+
+    scripted(CALL, ANSWER)  # every rollout calls `lookup`
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    shows_tools = "{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+    tokenizer.chat_template = shows_tools + TOOL_CHAT_TEMPLATE
+    rows = [{**row, "environment": "facts" if i % 2 == 0 else "weather"} for i, row in enumerate(tool_rows())]
+    trainer = SDFTTrainer(
+        AutoModelForCausalLM.from_pretrained(tool_model_dir),
+        args=config(tmp_path, rollout_backend="scripted", max_completion_length=200),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        environment_factory={"facts": Counter, "weather": Weather},
+    )
+    batch = trainer.build_batch([rows[0], rows[0], rows[1], rows[1]])
+    prompts = [tokenizer.decode(ids) for ids in batch["prompt_ids"]]
+    assert all("tools: lookup<" in p for p in prompts[:2]) and all("tools: weather<" in p for p in prompts[2:])
+    results = [tokenizer.decode(ids[tool_positions(batch)[i]]) for i, ids in enumerate(batch["completion_ids"])]
+    assert all("Zorbo call 1" in r for r in results[:2])  # the facts environment's own `lookup`
+    assert all("not found" in r for r in results[2:])  # the weather rows have no `lookup`
+    assert trainer._metrics["train"]["tools/failure_frequency"] == [0.5]

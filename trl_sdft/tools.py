@@ -49,54 +49,83 @@ def environment_methods(environment: Any) -> list[Callable]:
 
 
 class Toolbox:
-    """The run's tools: the standalone `tools` plus, per rollout, the methods of its own environment."""
+    """The run's tools: the standalone `tools` plus, per rollout, the methods of its own environment.
 
-    def __init__(self, tools: list[Callable] | None = None, environment_factory: Callable | None = None):
+    `environment_factory` is one callable, or (TRL GRPO's multi-environment form) a dict of them by name: each row's
+    `environment` column then picks its environment, and its prompt shows that environment's tools only."""
+
+    def __init__(self, tools: list[Callable] | None = None, environment_factory: Callable | dict | None = None):
         tools = list(tools or [])
         for tool in tools:
             if not callable(tool):
                 raise ValueError(f"`tools` must hold callables; got {tool!r} ({type(tool).__name__}).")
-        if isinstance(environment_factory, dict):
-            raise ValueError(
-                "`environment_factory` as a dict of several environments is not supported by SDFTTrainer yet: pass "
-                "one callable that returns an environment."
-            )
-        if environment_factory is not None and not callable(environment_factory):
-            raise ValueError(f"`environment_factory` must be callable; got {type(environment_factory).__name__}.")
-        self.tools = tools
-        self.environment_factory = environment_factory
-        self._pool: list[Any] = []
-        methods: list[Callable] = []
-        if environment_factory is not None:  # one instance, probed for its methods, seeds the pool
-            probe = environment_factory()
+        self.multi = isinstance(environment_factory, dict)
+        factories = environment_factory if self.multi else {None: environment_factory}
+        factories = {name: factory for name, factory in factories.items() if factory is not None}
+        for name, factory in factories.items():
+            if not callable(factory):
+                where = "`environment_factory`" + ("" if name is None else f"[{name!r}]")
+                raise ValueError(f"{where} must be callable; got {type(factory).__name__}.")
+        if self.multi and not factories:
+            raise ValueError("`environment_factory` is an empty dict: give at least one environment factory.")
+        self.tools, self.factories = tools, factories
+        self._pools: dict[Any, list[Any]] = {}
+        self._schemas = {None: [tool_schema(tool) for tool in tools]}
+        for name, factory in factories.items():  # one instance of each, probed for its methods, seeds its pool
+            probe = factory()
             if not callable(getattr(probe, "reset", None)):
                 raise ValueError(
                     f"The environment `environment_factory` returned ({type(probe).__name__}) has no `reset` method: "
                     "define `reset(self, **row)`, which starts an episode and may return text appended to the prompt."
                 )
-            self._pool.append(probe)
+            self._pools[name] = [probe]
             methods = environment_methods(probe)
-        names = [tool_name(tool) for tool in tools + methods]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"Two tools share the name {repeated[0]!r}: tool names must be unique.")
-        if not names:
-            raise ValueError("`environment_factory`'s environment has no public method to use as a tool.")
-        self.schemas = [tool_schema(tool) for tool in tools] + [
-            tool_schema(method, "`environment_factory`") for method in methods
-        ]
+            names = [tool_name(tool) for tool in tools + methods]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"Two tools share the name {repeated[0]!r}: tool names must be unique.")
+            if not names:
+                raise ValueError("`environment_factory`'s environment has no public method to use as a tool.")
+            self._schemas[name] = self._schemas[None] + [
+                tool_schema(method, "`environment_factory`") for method in methods
+            ]
+        # Every tool any rollout may call (parsing types arguments by name; prompt lengths are checked against it).
+        self.schemas = list(
+            {schema["function"]["name"]: schema for group in self._schemas.values() for schema in group}.values()
+        )
+
+    def schemas_for(self, environment: Any) -> list[dict]:
+        """The tools a row of `environment` (its `environment` value; None with one factory) is shown."""
+        return self._schemas[environment if self.multi else None]
+
+    def environment_of(self, row: dict) -> Any:
+        """The row's environment name (the `environment` column in the multi-environment form), checked."""
+        if not self.multi:
+            return None
+        name = row.get("environment")
+        if name not in self.factories:
+            raise ValueError(
+                f"A row has `environment={name!r}`, which is not among the environments of `environment_factory`: "
+                f"{', '.join(map(repr, self.factories))}."
+            )
+        return name
 
     def start(self, rows: list[dict]) -> tuple[list[dict], list[dict[str, Callable]]]:
         """One episode per row: the rows (prompts with the observations their environments' `reset` returned) and
         each rollout's tools by name. Environments are pooled and reset, not rebuilt."""
-        if self.environment_factory is None:
+        if not self.factories:
             tools = {tool_name(tool): tool for tool in self.tools}
             return rows, [tools] * len(rows)
-        while len(self._pool) < len(rows):
-            self._pool.append(self.environment_factory())
-        started, toolsets = [], []
-        for row, environment in zip(rows, self._pool, strict=False):
-            observation = environment.reset(**row)
+        started, toolsets, handed = [], [], {}
+        for row in rows:
+            name = self.environment_of(row)
+            pool, index = self._pools[name], handed.get(name, 0)
+            if index == len(pool):
+                pool.append(self.factories[name]())
+            handed[name] = index + 1
+            environment = pool[index]
+            kwargs = {key: value for key, value in row.items() if key != "environment"} if self.multi else row
+            observation = environment.reset(**kwargs)
             if observation is not None:
                 row = {**row, "prompt": with_observation(row["prompt"], observation)}
             started.append(row)

@@ -40,6 +40,7 @@ from .models import check_finite_weights, load_model, prepare_peft, prepare_proc
 from .prompts import resolve_teacher_prompt_template
 from .rollouts import RolloutContext, build_rollout, eos_token_ids, sampling_config
 from .rollouts.agentic import prepare_tools, tool_loop
+from .rollouts.agentic import round_prompts as tool_round_prompts
 from .rollouts.async_rounds import AsyncRounds
 from .teachers import TeacherContext, TeacherUpdateCallback, build_teacher
 from .utils import has_accelerator, reuse_freed_cpu_memory, unwrap
@@ -327,7 +328,7 @@ class SDFTTrainer(_BaseTrainer):
     def _round_prompts(self, rows: list[dict[str, Any]]) -> batching.RoundPrompts:
         template, limits = self.teacher_prompt_template, (self.max_prompt_length, self.max_teacher_prompt_length)
         spec = (template, limits, self.chat_template_kwargs, self.args.generate_from_teacher)
-        prompts, generation_prompts = batching.round_prompts(self.processing_class, rows, *spec)
+        prompts, generation_prompts = tool_round_prompts(self.toolbox, self.processing_class, rows, *spec)
         self._hook("on_generation_prompts_selected", generation_prompts=generation_prompts, generation_prompt_text=None)
         return prompts
 

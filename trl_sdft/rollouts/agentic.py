@@ -164,6 +164,20 @@ def prepare_tools(
                 f"Tools need chat prompts (lists of messages), but the {name} dataset's prompts are text: write each "
                 'prompt as [{"role": "user", "content": ...}] so that tool calls and results can be turns.'
             )
+    for name, dataset in datasets if toolbox.multi else []:  # each row names its environment
+        if dataset is None or not len(dataset):
+            continue
+        if "environment" not in dataset.column_names:
+            raise ValueError(
+                f"`environment_factory` is a dict of environments, so each row of the {name} dataset needs an "
+                f"`environment` column naming one of them ({', '.join(map(repr, toolbox.factories))})."
+            )
+        for index, value in enumerate(dataset["environment"]):
+            if value not in toolbox.factories:
+                raise ValueError(
+                    f"Row {index} of the {name} dataset: `environment={value!r}` is not among the environments of "
+                    f"`environment_factory` ({', '.join(map(repr, toolbox.factories))})."
+                )
     if async_rollouts:
         raise ValueError(
             "`async_rollouts` cannot be combined with tools: a round generated in the background would have to run "
@@ -183,3 +197,27 @@ def tool_loop(backend, toolbox, processing_class, tokenizer, settings, chat_temp
     loop = ToolCallingLoop(backend, processing_class, tokenizer, settings, chat_template_kwargs)
     loop.connect(toolbox.schemas, accelerator, end_ids)
     return loop
+
+
+def round_prompts(toolbox, processing_class, rows: list[dict], template, limits, chat_template_kwargs, from_teacher):
+    """`batch.round_prompts`, each row shown its own environment's tools (`environment_factory` as a dict): rows are
+    tokenized in one group per environment and put back in order. Otherwise exactly `batch.round_prompts`."""
+    from ..batch import RoundPrompts
+    from ..batch import round_prompts as tokenize
+
+    spec = (template, limits)
+    if toolbox is None or not toolbox.multi:
+        return tokenize(processing_class, rows, *spec, chat_template_kwargs, from_teacher)
+    groups: dict[Any, list[int]] = {}
+    for index, row in enumerate(rows):
+        groups.setdefault(toolbox.environment_of(row), []).append(index)
+    student, teacher, generation, shown = ([None] * len(rows) for _ in range(4))
+    for name, indices in groups.items():
+        kwargs = {**chat_template_kwargs, "tools": toolbox.schemas_for(name)}
+        prompts, generation_prompts = tokenize(
+            processing_class, [rows[i] for i in indices], *spec, kwargs, from_teacher
+        )
+        for position, index in enumerate(indices):
+            student[index], teacher[index] = prompts.student[position], prompts.teacher[position]
+            generation[index], shown[index] = prompts.generation[position], generation_prompts[position]
+    return RoundPrompts(student, teacher, generation), shown
