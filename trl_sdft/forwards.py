@@ -5,9 +5,11 @@ chunked paths). Padded, or packed into rows without padding (`packing.py`)."""
 from dataclasses import dataclass
 
 import torch
+from torch.nn.functional import linear
 
 from . import packing
 from .chunked_loss import HiddenStates
+from .sharding import is_dtensor, readable_head
 from .utils import unwrap
 
 
@@ -27,9 +29,11 @@ def completion_view(model, input_ids, attention_mask, length: int, settings: For
     are computed there), at the `length` positions that predict the completion."""
     if settings.padding_free:
         hidden = packing.completion_hidden_states(model, input_ids, attention_mask, length, settings.pack_capacity)
+        head = unwrap(model).get_output_embeddings()
         if not hidden_path:  # the LM head on the completion positions only (a plain head: see `packing_problem`)
-            return unwrap(model).get_output_embeddings()(hidden).float() / settings.temperature
-        return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
+            logits = head(hidden) if not is_dtensor(head.weight) else linear(hidden, readable_head(head.weight))
+            return logits.float() / settings.temperature
+        return HiddenStates(hidden, readable_head(head.weight))
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if "position_ids" in settings.forward_params:
         # Left padding must not shift positions (matters for models with absolute positions).
@@ -39,7 +43,7 @@ def completion_view(model, input_ids, attention_mask, length: int, settings: For
     if not hidden_path:
         return model(**kwargs).logits[:, -length - 1 : -1] / settings.temperature
     hidden = model(**kwargs, output_hidden_states=True).hidden_states[-1][:, -length - 1 : -1]
-    return HiddenStates(hidden, unwrap(model).get_output_embeddings().weight)
+    return HiddenStates(hidden, readable_head(unwrap(model).get_output_embeddings().weight))
 
 
 def sequence(inputs: dict, teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:

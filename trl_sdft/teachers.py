@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from trl.trainer.utils import create_model_from_path, get_config_model_id, use_adapter
 
+from . import sharding
 from .checkpoints import TEACHER_STATE_FILE
 from .utils import unwrap
 
@@ -119,21 +120,38 @@ class Teacher:
         pass
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The live tensors a checkpoint holds (ZeRO-3 placeholders and FSDP2 shards included; `save` gathers them),
+        each tied weight once; None for teachers that keep no state."""
         return None
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "the teacher state") -> None:
+        """Strictly: the same names and shapes as `state_dict()` (tied copies may be absent or present), finite
+        values; else a `ValueError` naming `source`. Collective under the sharded engines."""
+        own = self.state_dict()
+        if own is None:
+            return
+        check_teacher_state(state, own, self.tied_names(), source)
+        for name, tensor in own.items():
+            sharding.load_full(tensor, state[name])
 
-    def save(self, checkpoint_dir: str) -> None:
+    def tied_names(self) -> set[str]:
+        """Names of weights tied to one in `state_dict()` (a checkpoint may hold them or not)."""
+        return set()
+
+    def save(self, checkpoint_dir: str, write: bool = True) -> None:
+        """Write the teacher state into `checkpoint_dir` from weights gathered on every process (call it on every
+        process: gathering is a collective); `write` is whether this process writes the file (the main one)."""
         state = self.state_dict()
-        if state is not None:
-            tensors, seen = {}, set()
-            for name, value in state.items():
-                if value.data_ptr() in seen:  # tied weights: one copy is enough, loading restores both
-                    continue
-                seen.add(value.data_ptr())
-                tensors[name] = value.detach().cpu().contiguous()
-            save_file(tensors, os.path.join(checkpoint_dir, TEACHER_STATE_FILE))
+        if state is None:
+            return
+        tensors = {}
+        for name, value in sharding.full_tensors(state.items()):
+            if write:
+                tensors[name] = value.contiguous()
+        if write:
+            path = os.path.join(checkpoint_dir, TEACHER_STATE_FILE)
+            save_file(tensors, path + ".partial", metadata={"format": "pt"})
+            os.replace(path + ".partial", path)
 
     def load(self, checkpoint_dir: str) -> bool:
         """Restore the saved teacher; returns False where the checkpoint holds none (fine for stateless teachers)."""
@@ -142,8 +160,53 @@ class Teacher:
             return True
         if not os.path.exists(path):
             return False
-        self.load_state_dict(load_file(path))
+        self.load_state_dict(load_file(path), path)
         return True
+
+
+def check_teacher_state(state: dict, own: dict, tied: set[str], source: str) -> None:
+    """`state` (a file's tensors) against `own` (the teacher's): the same names up to tied copies, the same shapes,
+    finite values; else a `ValueError` that names `source` and what differs."""
+    missing = [name for name in own if name not in state]
+    unexpected = [name for name in state if name not in own and name not in tied]
+    shapes = [
+        f"{name} {tuple(state[name].shape)} vs {tuple(sharding.full_shape(own[name]))}"
+        for name in own
+        if name in state and tuple(state[name].shape) != tuple(sharding.full_shape(own[name]))
+    ]
+    nonfinite = [name for name in own if name in state and not torch.isfinite(state[name]).all()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing ({', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unknown weight(s) ({', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape(s) differ, file vs model ({'; '.join(shapes[:3])})")
+    if problems:
+        raise ValueError(
+            f"{source} does not match this run's EMA teacher: {'; '.join(problems)}. It was saved from another model "
+            "or another adapter setup: resume with the model and `peft_config` it was trained with, or start without "
+            "`resume_from_checkpoint`."
+        )
+    if nonfinite:
+        raise ValueError(
+            f"{source} holds NaN or inf in {len(nonfinite)} teacher weight(s) ({', '.join(nonfinite[:3])}): resume "
+            "from an earlier checkpoint."
+        )
+
+
+def _named_state(model) -> dict[str, torch.Tensor]:
+    """`model`'s parameters (each tied weight once, under its first name) and persistent buffers."""
+    state = dict(model.named_parameters())
+    for module_name, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                state[f"{module_name}.{name}" if module_name else name] = buffer
+    return state
+
+
+def _tied_names(model) -> set[str]:
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
 
 
 # ---------------------------------------------------------------------------------------------------- the kinds
@@ -180,16 +243,18 @@ class EMACopyTeacher(_ModelCopy):
 
     @torch.no_grad()
     def update(self, student) -> None:
-        from trl.trainer.callbacks import SyncRefModelCallback
-
-        # TRL's reference-model sync: teacher <- (1 - rate) * teacher + rate * student, gathering ZeRO-3 shards.
-        SyncRefModelCallback.sync_target_model(unwrap(student), unwrap(self.model), self.settings.update_rate)
+        # teacher <- (1 - rate) * teacher + rate * student, weight by weight (ZeRO-3: gathered a few at a time; FSDP2:
+        # on the shards).
+        teacher, current = unwrap(self.model), unwrap(student)
+        sharding.reshard(teacher)
+        sharding.lerp_(list(teacher.parameters()), list(current.parameters()), self.settings.update_rate)
 
     def state_dict(self):
-        return unwrap(self.model).state_dict()
+        sharding.reshard(unwrap(self.model))
+        return _named_state(unwrap(self.model))
 
-    def load_state_dict(self, state):
-        unwrap(self.model).load_state_dict(state, strict=False)
+    def tied_names(self):
+        return _tied_names(unwrap(self.model))
 
 
 class _AdapterSwitch(Teacher):
@@ -231,10 +296,10 @@ class EMAAdapterTeacher(_AdapterSwitch):
         student.add_adapter(TEACHER_ADAPTER, config)
         # The EMA starts at the student's adapter, as a plain EMA teacher starts at the student's weights.
         pairs = self._pairs(student)
-        with torch.no_grad():
-            for teacher_param, student_param in pairs:
-                teacher_param.copy_(student_param)
-                teacher_param.requires_grad_(False)
+        teacher, current = (list(params) for params in zip(*pairs, strict=True))
+        sharding.lerp_(teacher, current, 1.0)  # a copy (lerp at 1 is exact), also of sharded weights
+        for teacher_param in teacher:
+            teacher_param.requires_grad_(False)
         student.set_adapter(self.student_adapter)
         for teacher_param, _ in pairs:
             teacher_param.requires_grad_(False)
@@ -254,19 +319,10 @@ class EMAAdapterTeacher(_AdapterSwitch):
     @torch.no_grad()
     def update(self, student) -> None:
         teacher, current = zip(*self._pairs(student), strict=True)
-        torch._foreach_lerp_(list(teacher), list(current), self.settings.update_rate)
+        sharding.lerp_(list(teacher), list(current), self.settings.update_rate)
 
     def state_dict(self):
         return {name: p for name, p in self.student.named_parameters() if f".{TEACHER_ADAPTER}." in name}
-
-    def load_state_dict(self, state):
-        params = dict(self.student.named_parameters())
-        missing = [name for name in state if name not in params]
-        if missing:
-            raise ValueError(f"The checkpoint's EMA teacher adapter does not match this model: {missing[:3]} ...")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
 
 
 class ServerTeacher(Teacher):

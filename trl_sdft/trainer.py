@@ -27,7 +27,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
 
 from . import batch as batching
-from . import forwards, guards, importance, losses, packing, settings
+from . import forwards, guards, importance, losses, packing, settings, sharding
 from .callbacks import dispatch
 from .chat_tools import load_chat_template
 from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resume
@@ -349,7 +349,8 @@ class SDFTTrainer(_BaseTrainer):
         teacher = self.teacher.score(model, inputs, mask, self.state.global_step, self.completion_view)
         # The rollout policy's log-probs (reused rollouts) and the engine's (vLLM): what importance weights need.
         rollout_logps = (inputs.get("old_per_token_logps"), inputs.get("sampling_per_token_logps"))
-        result = self.loss_fn(self.loss_settings, student, teacher, inputs["completion_ids"], mask, *rollout_logps)
+        spec = (student, teacher, inputs["completion_ids"], mask, *rollout_logps)
+        result = sharding.with_gathered_heads(self.loss_fn, self.loss_settings, *spec)  # ZeRO-3: the heads gathered
         for name, value in result.metrics.items():
             self._log_metric(mode, name, value)
         scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
@@ -404,12 +405,14 @@ class SDFTTrainer(_BaseTrainer):
     # ----------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
         """The teacher state first: the parent writes `trainer_state.json` last (what makes a checkpoint complete,
-        `checkpoints.py`) and only then rotates older checkpoints away."""
+        `checkpoints.py`) and only then rotates older checkpoints away. Every process takes part (the sharded engines
+        gather the teacher's weights); the main one writes."""
+        checkpoint_dir = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             os.makedirs(checkpoint_dir, exist_ok=True)
-            self.teacher.save(checkpoint_dir)
+        self.teacher.save(checkpoint_dir, write=self.args.should_save)
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):

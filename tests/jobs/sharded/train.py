@@ -1,0 +1,116 @@
+"""Two-process sharded training (ZeRO-3 or FSDP2, CPU, gloo) with a moving teacher: run by tests/test_sharded.py.
+
+Usage: accelerate launch --config_file {zero3,fsdp2}.yaml train.py MODEL_DIR OUTPUT_DIR {ema,lora} PHASE
+PHASE `train` trains 2 steps at the library's defaults (loss path, padding-free forwards) and saves checkpoint-2;
+`resume` resumes from it and trains step 3. Rank 0 writes PHASE.json: the teacher's fingerprint (per weight, the sum
+and the sum of squares of the full, gathered tensor) when training starts and ends, and the losses.
+"""
+
+import faulthandler
+import json
+import os
+import sys
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from trl_sdft import SDFTConfig, SDFTTrainer
+from trl_sdft.launch import close_process_group
+from trl_sdft.testing import facts_rows
+
+
+def full(param):
+    """The whole tensor of a parameter, gathered with the engine's own API (a collective under both engines)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.data.detach().double().clone()
+    if hasattr(param, "full_tensor"):
+        return param.full_tensor().detach().double()
+    return param.detach().double()
+
+
+def fingerprint(trainer) -> dict[str, list[float]]:
+    teacher = trainer.teacher
+    if hasattr(teacher, "model"):  # a full copy
+        named = list(teacher.model.named_parameters())
+    else:  # the `teacher` LoRA adapter inside the student
+        named = [(n, p) for n, p in trainer.model.named_parameters() if ".teacher." in n]
+    assert named, "no teacher weights found"
+    out = {}
+    for name, param in named:
+        value = full(param)
+        out[name.removeprefix("module.")] = [float(value.sum()), float((value * value).sum()), value.numel()]
+    return out
+
+
+class Fingerprints(TrainerCallback):
+    def __init__(self):
+        self.trainer, self.seen = None, {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen["begin"] = fingerprint(self.trainer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seen["end"] = fingerprint(self.trainer)
+
+
+def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
+    faulthandler.dump_traceback_later(400, exit=True)  # a hang: every rank prints its stacks and ends
+    peft_config = None
+    if teacher == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = SDFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=2 if phase == "train" else 3,
+        learning_rate=5e-2,
+        logging_steps=1,
+        save_steps=2,
+        save_strategy="steps",
+        report_to="none",
+        bf16=False,
+        use_cpu=False,
+        seed=0,
+        teacher_model_kind="ema",
+        teacher_update_rate=0.5,
+        disable_tqdm=True,
+        **json.loads(os.environ.get("SHARDED_TEST_CONFIG", "{}")),
+    )
+    callback = Fingerprints()
+    trainer = SDFTTrainer(
+        model_dir,
+        args=args,
+        train_dataset=Dataset.from_list(facts_rows(8)),
+        peft_config=peft_config,
+        callbacks=[callback],
+    )
+    callback.trainer = trainer
+    trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2") if phase == "resume" else None)
+    if trainer.accelerator.is_main_process:
+        record = {
+            **callback.seen,
+            "world": trainer.accelerator.num_processes,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "loss_chunk_size": trainer.loss_chunk_size,
+            "padding_free": trainer.padding_free,
+            "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        }
+    student = {name: float(full(p).sum()) for name, p in trainer.model.named_parameters()}  # every rank gathers
+    if trainer.accelerator.is_main_process:
+        record["student"] = student
+        with open(os.path.join(output_dir, f"{phase}.json"), "w") as f:
+            json.dump(record, f)
+    close_process_group()
+    faulthandler.dump_traceback_later(60, exit=True)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(*sys.argv[1:5])
