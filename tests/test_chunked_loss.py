@@ -274,7 +274,7 @@ def test_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path, path):
     assert start["lm_head.weight"] != ranks[0]["checksums"]["lm_head.weight"]  # the lm_head was trained
 
 
-def run_job(command, tmp_path, outputs, timeout=300):
+def run_job(command, tmp_path, outputs, timeout=300, cwd=None, env=None):
     """Run a multi-process job in its own process group; fail with its stderr (Python stacks of every rank included:
     the job arms faulthandler) unless it exits 0.
 
@@ -295,7 +295,8 @@ def run_job(command, tmp_path, outputs, timeout=300):
             stdout=sink,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            cwd=cwd,
         )
         try:
             code = process.wait(timeout=timeout)

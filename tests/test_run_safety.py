@@ -39,11 +39,11 @@ def test_a_save_cut_short_keeps_the_last_complete_checkpoint(tokenizer, tiny_con
     trainer = make(tokenizer, tiny_config, tmp_path, save_total_limit=1, **EMA_SAVES)
     real_save, calls = teachers.Teacher.save, []
 
-    def killed_on_second_save(self, checkpoint_dir):
+    def killed_on_second_save(self, checkpoint_dir, write=True):
         calls.append(checkpoint_dir)
         if len(calls) == 2:
             raise KeyboardInterrupt("killed while checkpoint-2 was written")
-        real_save(self, checkpoint_dir)
+        real_save(self, checkpoint_dir, write)
 
     monkeypatch.setattr(teachers.Teacher, "save", killed_on_second_save)
     with pytest.raises(KeyboardInterrupt):
@@ -368,4 +368,42 @@ def test_a_model_with_nan_weights_is_refused_before_training(tokenizer, tiny_con
             args=tiny_config(tmp_path),
             train_dataset=Dataset.from_list(facts_rows()),
             processing_class=tokenizer,
+        )
+
+
+@pytest.mark.parametrize("damage", ["latest", "ranks", "fsdp"])
+def test_checkpoints_with_cut_short_engine_state_are_incomplete(tmp_path, damage):
+    """DeepSpeed's `global_stepN/` and FSDP's sharded state dicts are part of a complete checkpoint."""
+    import json
+
+    import torch
+
+    from trl_sdft.checkpoints import checkpoint_problem
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    if damage == "fsdp":
+        (checkpoint / "pytorch_model_fsdp_0").mkdir()
+        (checkpoint / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"x")
+        assert "without its .metadata" in checkpoint_problem(str(checkpoint))
+        (checkpoint / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"x")
+        assert checkpoint_problem(str(checkpoint)) is None
+        return
+    (checkpoint / "latest").write_text("global_step2")
+    assert "does not hold" in checkpoint_problem(str(checkpoint))
+    state = checkpoint / "global_step2"
+    state.mkdir()
+    for rank in (0, 1):
+        torch.save({}, state / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+        if damage == "latest" or rank == 0:
+            torch.save({}, state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    if damage == "ranks":
+        assert "2 model-state and 1 optimizer-state files" in checkpoint_problem(str(checkpoint))
+    else:
+        assert checkpoint_problem(str(checkpoint)) is None
+        path = state / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        path.write_bytes(path.read_bytes()[:10])
+        assert "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated" in checkpoint_problem(
+            str(checkpoint)
         )

@@ -115,3 +115,23 @@ def test_cpu_process_count_is_asked_for_before_it_is_guessed(monkeypatch, capsys
     monkeypatch.delenv("TRL_SDFT_CPU_PROCESSES", raising=False)
     assert launch.relaunch_cpu_processes(["--help"]) is None
     assert "TRL_SDFT_CPU_PROCESSES=N" in capsys.readouterr().err
+
+
+def test_a_cpu_launch_that_drops_a_sharded_engine_says_so(tmp_path):
+    """`accelerate launch --cpu` with a DeepSpeed or FSDP config starts plain processes: one line says so."""
+    from trl_sdft.launch import dropped_engine
+
+    config = tmp_path / "zero3.yaml"
+    config.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n")
+    parent = ["python", "/venv/bin/accelerate", "launch", "--cpu", "--config_file", str(config), "scripts/sdft.py"]
+    cpu = {"ACCELERATE_USE_CPU": "True"}
+    warning = dropped_engine(cpu, parent)
+    assert warning and f"DEEPSPEED in {config}" in warning and "without --cpu" in warning
+    assert "--use_fsdp" in dropped_engine(
+        cpu, ["accelerate", "launch", "--cpu", "--use_fsdp", "--config_file", "/none"]
+    )
+    assert dropped_engine({}, parent) is None  # no --cpu
+    assert dropped_engine({**cpu, "ACCELERATE_USE_DEEPSPEED": "true"}, parent) is None  # the engine came through
+    config.write_text("distributed_type: MULTI_CPU\n")
+    assert dropped_engine(cpu, parent) is None
+    assert dropped_engine(cpu, ["python", "-m", "torch.distributed.run", "--config_file", str(config)]) is None

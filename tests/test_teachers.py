@@ -344,3 +344,69 @@ def test_update_callback_moves_a_moving_teacher_every_sync_steps():
         callback.on_step_end(None, state, None, model=f"student@{step}")
         still.on_step_end(None, state, None, model=f"student@{step}")  # a live teacher never updates: no error
     assert teacher.updates == ["student@3", "student@6"]
+
+
+def _ema_checkpoint(tokenizer, tmp_path, trained, model=None):
+    common = dict(teacher_model_kind="ema", max_steps=1, save_strategy="steps", save_steps=1)
+    trained(model if model is not None else build_model(tokenizer), tokenizer, tmp_path, **common)
+    return tmp_path / "checkpoint-1", common
+
+
+def test_resume_refuses_an_ema_teacher_saved_from_another_model(tokenizer, tmp_path, trained, tiny_config):
+    """A teacher file whose shapes do not fit the model is a clear error naming it, not a silent restart."""
+    checkpoint, common = _ema_checkpoint(tokenizer, tmp_path, trained)
+    trainer = SDFTTrainer(
+        model=build_model(tokenizer, hidden_size=64, heads=2),
+        args=tiny_config(tmp_path, **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(ValueError, match="does not match this run's EMA teacher: .*shape") as caught:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert str(checkpoint / "sdft_teacher.safetensors") in str(caught.value)
+
+
+@pytest.mark.parametrize("damage", ["missing", "unknown", "nan"])
+def test_resume_refuses_a_damaged_ema_teacher_file(tokenizer, tmp_path, trained, tiny_config, damage):
+    from safetensors.torch import load_file, save_file
+
+    checkpoint, common = _ema_checkpoint(tokenizer, tmp_path, trained)
+    path = checkpoint / "sdft_teacher.safetensors"
+    state = load_file(path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    if damage == "missing":
+        del state[name]
+    elif damage == "unknown":
+        state["model.layers.9.mlp.up_proj.weight"] = state[name].clone()
+    else:
+        state[name][0, 0] = float("nan")
+    save_file(state, path)
+    trainer = SDFTTrainer(
+        model=build_model(tokenizer),
+        args=tiny_config(tmp_path, **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+    )
+    message = {"missing": "1 weight\\(s\\) missing", "unknown": "1 unknown weight", "nan": "NaN or inf"}[damage]
+    with pytest.raises(ValueError, match=message):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_ema_teacher_with_tied_weights_saves_one_copy_and_loads_either_form(tokenizer, tmp_path, trained, tiny_config):
+    from safetensors.torch import load_file, save_file
+
+    checkpoint, common = _ema_checkpoint(tokenizer, tmp_path, trained, build_model(tokenizer, tie=True))
+    path = checkpoint / "sdft_teacher.safetensors"
+    state = load_file(path)
+    assert "model.embed_tokens.weight" in state and "lm_head.weight" not in state  # tied: once
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}, path)  # both names: fine too
+    trainer = SDFTTrainer(
+        model=build_model(tokenizer, tie=True, seed=1),
+        args=tiny_config(tmp_path, **common),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+    )
+    assert trainer.teacher.load(str(checkpoint))
+    teacher = trainer.teacher.model
+    assert torch.equal(teacher.model.embed_tokens.weight, state["model.embed_tokens.weight"])
+    assert teacher.lm_head.weight is teacher.model.embed_tokens.weight

@@ -57,6 +57,35 @@ def weight_file_problem(path: str) -> str | None:
     return None
 
 
+def engine_state_problem(path: str) -> str | None:
+    """What is missing from the sharded state a checkpoint holds, or None: DeepSpeed's (`latest` names a
+    `global_stepN/` directory with one model-state and one optimizer-state file per process) and FSDP's sharded state
+    dicts (`pytorch_model_fsdp_*/`, `optimizer_*/`: torch.distributed.checkpoint writes `.metadata` after every shard)."""
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest, errors="replace") as f:
+            tag = f.read().strip()
+        state_dir = os.path.join(path, tag)
+        if not tag or os.sep in tag or not os.path.isdir(state_dir):
+            return f"names DeepSpeed state {tag!r} in `latest`, which it does not hold (a save cut short)"
+        names = os.listdir(state_dir)
+        models = [name for name in names if name.endswith("_model_states.pt")]
+        optimizers = [name for name in names if name.endswith("_optim_states.pt")]
+        if not models or (optimizers and len(optimizers) != len(models)):
+            found = f"{len(models)} model-state and {len(optimizers)} optimizer-state files"
+            return f"holds incomplete DeepSpeed state in {tag}/ ({found}: a save cut short)"
+        for name in sorted(models + optimizers):
+            problem = weight_file_problem(os.path.join(state_dir, name))
+            if problem:
+                return f"holds DeepSpeed state {tag}/{problem}"
+    for name in sorted(os.listdir(path)):
+        sharded = os.path.join(path, name)
+        if name.startswith(("pytorch_model_fsdp_", "optimizer_")) and os.path.isdir(sharded):
+            if not os.path.isfile(os.path.join(sharded, ".metadata")):
+                return f"holds FSDP sharded state {name}/ without its .metadata (a save cut short)"
+    return None
+
+
 def checkpoint_problem(path: str, needs_teacher_state: bool = False) -> str | None:
     """Why `path` is not a complete checkpoint to resume from, or None when it is one."""
     if not os.path.exists(path):
@@ -76,6 +105,9 @@ def checkpoint_problem(path: str, needs_teacher_state: bool = False) -> str | No
         problem = weight_file_problem(os.path.join(path, name))
         if problem:
             return problem
+    problem = engine_state_problem(path)
+    if problem:
+        return problem
     if needs_teacher_state and not os.path.isfile(os.path.join(path, TEACHER_STATE_FILE)):
         return (
             f"holds no EMA teacher state ({TEACHER_STATE_FILE}): it was not written by trl-sdft with an EMA teacher, "

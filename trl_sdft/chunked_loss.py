@@ -300,12 +300,15 @@ def _hidden_states_problem(model, forward_params: set[str]) -> str | None:
     return None
 
 
-def packing_problem(model, forward_params: set[str]) -> str | None:
+def packing_problem(model, forward_params: set[str], fsdp_logits: bool = False) -> str | None:
     """Why padding-free forwards (`packing.py`) cannot serve `model`; None if they can. Packed, the logits come from
     the LM head applied to the completion positions' hidden states, so the head must be plain, as for the chunked
-    loss."""
+    loss. `fsdp_logits`: the run is sharded by FSDP and on the logits path, where a student head applied after the
+    forward crashes FSDP2's backward (a segfault on CPU, torch 2.13); the chunked loss has no such problem."""
     if "position_ids" not in forward_params:
         return "the model's forward takes no `position_ids`"
+    if fsdp_logits:
+        return "under FSDP the logits path computes the logits inside the forward (`loss_chunk_size=0`)"
     return _hidden_states_problem(unwrap(model), forward_params)
 
 

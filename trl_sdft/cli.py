@@ -18,7 +18,7 @@ from .config import SDFTConfig
 from .data import validate_dataset
 from .data_files import load_local_dataset
 from .demo.default_model import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
-from .launch import close_process_group, relaunch_cpu_processes
+from .launch import close_process_group, dropped_engine, relaunch_cpu_processes
 from .models import check_model_path, first_line
 from .output_dir import claim_output_dir
 from .rollouts import VLLMServerError
@@ -357,6 +357,9 @@ def main(argv=None):
         from .continual.cli import main as continual_main
 
         return continual_main(argv[1:])
+    warning = dropped_engine()
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     try:
         relaunched = relaunch_cpu_processes(argv)
     except ValueError as err:

@@ -6,6 +6,7 @@ Invalid combinations fail in `__post_init__`, before a model is loaded, with the
 import json
 import logging
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -418,6 +419,11 @@ class SDFTConfig(_BaseConfig):
             # transformers trains in bf16 on a CPU only with `use_cpu`; with no accelerator that changes nothing else.
             self.use_cpu = True
             logger.info("No accelerator: `use_cpu=True` set, which transformers needs to train in bf16 on a CPU.")
+        several = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # set by torchrun and accelerate launch
+        if self.ddp_backend is None and several and (self.use_cpu or not has_accelerator()):
+            # CPU processes talk over gloo. accelerate picks it for its own CPU launches, but under DeepSpeed or FSDP
+            # (which start as if on GPUs) nothing would, and DeepSpeed's CPU default fails on a batch-size check.
+            self.ddp_backend = "gloo"
         if self.use_liger_kernel and self.liger_kernel_config is None:
             import torch
 

@@ -35,6 +35,15 @@ def nonfinite_problem(flags: torch.Tensor, nonfinite_loss: float | None, grad_no
     return " and ".join(what) or "loss on another process"
 
 
+def loss_problem(loss: torch.Tensor, gather, device) -> str | None:
+    """What is non-finite about this step's loss on any process (`gather`: the accelerator's, a collective), or None.
+    Checked before backward where the engine updates the weights inside it (DeepSpeed)."""
+    flag = torch.tensor([float(not torch.isfinite(loss.detach()).all())], device=device)
+    if not gather(flag).any():
+        return None
+    return f"loss {loss.item()}" if flag.item() else "loss on another process"
+
+
 def message(step: int, problem: str, deepspeed: bool, last_checkpoint: str | None) -> str:
     if deepspeed:  # DeepSpeed's engine steps inside backward, before the check
         kept = "DeepSpeed applied the update already: resume from the last complete checkpoint"

@@ -8,24 +8,65 @@ import sys
 PROCESSES_VARIABLE = "TRL_SDFT_CPU_PROCESSES"
 
 
+def _parent_command_line() -> list[str]:
+    """The command line of the process that started us (Linux `/proc`; empty where it cannot be read)."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def _option(arguments: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` in `arguments`, or None."""
+    for index, part in enumerate(arguments):
+        if part.startswith(f"{name}="):
+            return part.split("=", 1)[1]
+        if part == name and index + 1 < len(arguments):
+            return arguments[index + 1]
+    return None
+
+
 def _processes_from_parent_command_line() -> int | None:
     """`--num_processes` of the `accelerate launch` that started us, read from its command line (Linux `/proc`).
     accelerate's CPU launcher passes the number to no environment variable, so this is the one place it is found
     when the user did not set `TRL_SDFT_CPU_PROCESSES`."""
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            parent = [part.decode() for part in f.read().split(b"\0") if part]
-    except OSError:
+    value = _option(_parent_command_line(), "--num_processes")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def dropped_engine(env=None, parent: list[str] | None = None) -> str | None:
+    """One line when `accelerate launch --cpu` was asked for DeepSpeed or FSDP (in its config file or by flag): the
+    flag starts plain processes, which would each train a whole, unsharded copy of the model without a word."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_CPU", "").lower() not in ("true", "1"):
         return None
-    for index, part in enumerate(parent):
-        value = None
-        if part.startswith("--num_processes="):
-            value = part.split("=", 1)[1]
-        elif part == "--num_processes" and index + 1 < len(parent):
-            value = parent[index + 1]
-        if value is not None:
-            return int(value) if value.isdigit() else None
-    return None
+    if any(env.get(name, "").lower() in ("true", "1") for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")):
+        return None  # the engine came through
+    parent = _parent_command_line() if parent is None else parent
+    if not any(part.endswith("accelerate") or "accelerate.commands" in part for part in parent[:3]):
+        return None
+    asked = [flag for flag in ("--use_deepspeed", "--use_fsdp") if flag in parent]
+    path = _option(parent, "--config_file")
+    if path is None:
+        from accelerate.commands.config.config_args import default_config_file as path
+    engine = None
+    try:
+        import yaml
+
+        with open(path) as f:
+            engine = (yaml.safe_load(f) or {}).get("distributed_type")
+    except (OSError, ValueError, AttributeError, ImportError):
+        pass
+    if engine in ("DEEPSPEED", "FSDP"):
+        asked.append(f"{engine} in {path}")
+    if not asked:
+        return None
+    return (
+        f"trl-sdft: warning: `accelerate launch --cpu` drops what was asked for ({', '.join(asked)}): its processes "
+        "train whole, unsharded copies of the model. To shard on CPUs, launch without --cpu and with `use_cpu: false` "
+        "in the accelerate config (docs/guides/distributed.md)."
+    )
 
 
 def requested_cpu_processes(env=None) -> int | None:

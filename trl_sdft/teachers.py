@@ -153,6 +153,11 @@ class Teacher:
             save_file(tensors, path + ".partial", metadata={"format": "pt"})
             os.replace(path + ".partial", path)
 
+    def frozen_weights(self, write: bool = True) -> dict[str, torch.Tensor] | None:
+        """Whole weights of the teacher that live in the student model, frozen, under the student's state-dict names
+        (the EMA adapter), for the Trainer's model save; None for the others. A collective under the engines."""
+        return None
+
     def load(self, checkpoint_dir: str) -> bool:
         """Restore the saved teacher; returns False where the checkpoint holds none (fine for stateless teachers)."""
         path = os.path.join(checkpoint_dir, TEACHER_STATE_FILE)
@@ -323,6 +328,10 @@ class EMAAdapterTeacher(_AdapterSwitch):
 
     def state_dict(self):
         return {name: p for name, p in self.student.named_parameters() if f".{TEACHER_ADAPTER}." in name}
+
+    def frozen_weights(self, write=True):
+        gathered = sharding.full_tensors(self.state_dict().items())
+        return {name: value for name, value in gathered if write}
 
 
 class ServerTeacher(Teacher):

@@ -21,7 +21,6 @@ from accelerate.utils import set_seed
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models import unwrap_model_for_generation
 from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
@@ -42,6 +41,7 @@ from .rollouts import RolloutContext, build_rollout, eos_token_ids, sampling_con
 from .rollouts.agentic import prepare_tools, tool_loop
 from .rollouts.agentic import round_prompts as tool_round_prompts
 from .rollouts.async_rounds import AsyncRounds
+from .saving import TeacherSaving
 from .teachers import TeacherContext, TeacherUpdateCallback, build_teacher
 from .utils import has_accelerator, reuse_freed_cpu_memory, unwrap
 
@@ -62,7 +62,7 @@ def _warn(message: str) -> None:
     logger.warning(message, main_process_only=True)
 
 
-class SDFTTrainer(_BaseTrainer):
+class SDFTTrainer(TeacherSaving, _BaseTrainer):
     """Self-Distillation Fine-Tuning: the student learns, on its own samples, what it does with the context in view.
 
     A drop-in for `trl.experimental.sdft.SDFTTrainer` with the same constructor.
@@ -168,7 +168,7 @@ class SDFTTrainer(_BaseTrainer):
         self.loss_settings = settings.loss_settings(args, chunk_size)
         self.importance_settings = self.loss_settings.importance
         self.loss_fn = loss_function(self.loss_settings)
-        problem = packing_problem(self.model, self._forward_params)
+        problem = packing_problem(self.model, self._forward_params, self.is_fsdp_enabled and not chunk_size)
         self.padding_free = args.padding_free and problem is None
         if args.padding_free and problem:
             logger.info(f"Padded forwards: {problem}.")
@@ -337,7 +337,13 @@ class SDFTTrainer(_BaseTrainer):
             raise ValueError("SDFTTrainer.compute_loss does not return model outputs.")
         # One autocast region: the student's LM-head weight is cast once for its head and the loss (`head_weight`).
         with self.accelerator.autocast():
-            return self._distillation_loss(model, inputs)
+            loss = self._distillation_loss(model, inputs)
+        if self.is_deepspeed_enabled and self.model.training:  # DeepSpeed steps inside backward: check the loss now
+            problem = guards.loss_problem(loss, self.accelerator.gather, self.accelerator.device)
+            if problem:
+                last = last_complete_checkpoint(self.args.output_dir)
+                raise guards.NonFiniteTrainingError(guards.message(self.state.global_step + 1, problem, False, last))
+        return loss
 
     def _distillation_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
@@ -403,25 +409,8 @@ class SDFTTrainer(_BaseTrainer):
         self._metrics[mode].clear()
 
     # ----------------------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, model, trial):
-        """The teacher state first: the parent writes `trainer_state.json` last (what makes a checkpoint complete,
-        `checkpoints.py`) and only then rotates older checkpoints away. Every process takes part (the sharded engines
-        gather the teacher's weights); the main one writes."""
-        checkpoint_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-        if self.args.should_save:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-        self.teacher.save(checkpoint_dir, write=self.args.should_save)
-        super()._save_checkpoint(model, trial)
-
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        resume_from_checkpoint = prepare_resume(
-            resume_from_checkpoint,
-            self.args.output_dir,
-            self.teacher,
-            _warn,
-        )
+        resume_from_checkpoint = prepare_resume(resume_from_checkpoint, self.args.output_dir, self.teacher, _warn)
         if resume_from_checkpoint:
             self._step = checkpoint_step(resume_from_checkpoint) * self.args.gradient_accumulation_steps
             self._buffered_inputs = None

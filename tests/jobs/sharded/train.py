@@ -2,8 +2,9 @@
 
 Usage: accelerate launch --config_file {zero3,fsdp2}.yaml train.py MODEL_DIR OUTPUT_DIR {ema,lora} PHASE
 PHASE `train` trains 2 steps at the library's defaults (loss path, padding-free forwards) and saves checkpoint-2;
-`resume` resumes from it and trains step 3. Rank 0 writes PHASE.json: the teacher's fingerprint (per weight, the sum
-and the sum of squares of the full, gathered tensor) when training starts and ends, and the losses.
+`resume` resumes from it and trains step 3; `nan` trains with a loss made NaN at step 2. Rank 0 writes PHASE.json: the
+teacher's fingerprint (per weight, the sum and the sum of squares of the full, gathered tensor) when training starts
+and ends, the student's (the sum of each weight) at the end, the losses, and the error a `nan` run stopped with.
 """
 
 import faulthandler
@@ -57,6 +58,12 @@ class Fingerprints(TrainerCallback):
         self.seen["end"] = fingerprint(self.trainer)
 
 
+class NaNAtStep2(SDFTTrainer):
+    def _distillation_loss(self, model, inputs):  # what the loss function returned, before any check sees it
+        loss = super()._distillation_loss(model, inputs)
+        return loss * float("nan") if self.state.global_step == 1 else loss
+
+
 def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
     faulthandler.dump_traceback_later(400, exit=True)  # a hang: every rank prints its stacks and ends
     peft_config = None
@@ -64,7 +71,7 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    args = SDFTConfig(
+    settings = dict(
         output_dir=output_dir,
         per_device_train_batch_size=2,
         num_generations=2,
@@ -81,10 +88,10 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
         teacher_model_kind="ema",
         teacher_update_rate=0.5,
         disable_tqdm=True,
-        **json.loads(os.environ.get("SHARDED_TEST_CONFIG", "{}")),
     )
+    args = SDFTConfig(**{**settings, **json.loads(os.environ.get("SHARDED_TEST_CONFIG", "{}"))})
     callback = Fingerprints()
-    trainer = SDFTTrainer(
+    trainer = (NaNAtStep2 if phase == "nan" else SDFTTrainer)(
         model_dir,
         args=args,
         train_dataset=Dataset.from_list(facts_rows(8)),
@@ -92,7 +99,13 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
         callbacks=[callback],
     )
     callback.trainer = trainer
-    trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2") if phase == "resume" else None)
+    error = None
+    try:
+        trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2") if phase == "resume" else None)
+    except ValueError as err:  # NonFiniteTrainingError
+        if phase != "nan":
+            raise
+        error = str(err)
     if trainer.accelerator.is_main_process:
         record = {
             **callback.seen,
@@ -101,6 +114,7 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
             "loss_chunk_size": trainer.loss_chunk_size,
             "padding_free": trainer.padding_free,
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+            "error": error,
         }
     student = {name: float(full(p).sum()) for name, p in trainer.model.named_parameters()}  # every rank gathers
     if trainer.accelerator.is_main_process:

@@ -1,0 +1,111 @@
+"""Sharded training on CPU: DeepSpeed ZeRO-3 and FSDP2, two processes over gloo, launched with `accelerate launch` as a
+user would (tests/jobs/sharded/: the job, the accelerate configs, FSDP's CPU patch).
+
+Each run trains at the library's defaults (the chunked loss from hidden states, padding-free forwards, no
+`ddp_backend`) with a moving teacher, checkpoints, resumes, and checks the resumed teacher against the saved one. The
+first use of DeepSpeed compiles a communication op (about 2.5 minutes, cached in torch's extensions directory).
+"""
+
+import json
+import math
+import os
+import socket
+import sys
+from importlib.util import find_spec
+
+import pytest
+from test_chunked_loss import run_job
+
+JOBS = os.path.join(os.path.dirname(__file__), "jobs", "sharded")
+ENGINES = [
+    pytest.param("zero3", marks=pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")),
+    "fsdp2",
+]
+TIMEOUT = 600  # a hang guard: a run takes 20-60 s, the first DeepSpeed run 3-4 min (it compiles)
+
+
+def launch(engine: str, model_dir: str, output_dir, teacher: str, phase: str, config: dict | None = None) -> dict:
+    """Run the job once under `engine` and return what rank 0 recorded."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"{engine}.yaml"]
+    command += ["--main_process_port", str(port), "train.py", model_dir, str(output_dir), teacher, phase]
+    env = {"SHARDED_TEST_CONFIG": json.dumps(config or {})}
+    if engine == "fsdp2":
+        env.update(PYTHONPATH=os.path.join(JOBS, "fsdp_cpu"), ACCELERATE_TORCH_DEVICE="cpu")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = output_dir / f"{phase}.json"
+    run_job(command, output_dir, [record], timeout=TIMEOUT, cwd=JOBS, env=env)
+    return json.loads(record.read_text())
+
+
+def initial_sums(model_dir: str) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return {name: float(p.detach().double().sum()) for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("teacher", ["ema", "lora"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sharded_training_saves_and_resumes_the_teacher_whole(engine, teacher, tiny_model_dir, tmp_path):
+    from safetensors import safe_open
+
+    from trl_sdft.checkpoints import TEACHER_STATE_FILE, checkpoint_problem
+    from trl_sdft.chunked_loss import DEFAULT_LOSS_CHUNK_SIZE
+
+    trained = launch(engine, tiny_model_dir, tmp_path, teacher, "train")
+    assert trained["world"] == 2
+    assert trained["distributed_type"] == ("DistributedType.DEEPSPEED" if engine == "zero3" else "DistributedType.FSDP")
+    # The defaults: the loss from hidden states (the LM head read outside the forward) and packed forwards.
+    assert trained["loss_chunk_size"] == DEFAULT_LOSS_CHUNK_SIZE and trained["padding_free"]
+    assert len(trained["losses"]) == 2 and all(math.isfinite(loss) for loss in trained["losses"])
+    assert trained["end"] != trained["begin"]  # the teacher moved
+
+    checkpoint = tmp_path / "checkpoint-2"
+    assert checkpoint_problem(str(checkpoint), needs_teacher_state=True) is None
+    with safe_open(checkpoint / TEACHER_STATE_FILE, "pt") as f:  # every teacher weight, whole
+        saved = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    assert set(saved) == set(trained["end"])
+    assert all(math.prod(shape) == trained["end"][name][2] for name, shape in saved.items())
+
+    resumed = launch(engine, tiny_model_dir, tmp_path, teacher, "resume")
+    assert resumed["begin"] == trained["end"]  # the resumed teacher is the saved one, exactly
+    assert resumed["losses"][:2] == trained["losses"] and len(resumed["losses"]) == 3
+    if teacher == "ema":  # the student trained, its LM head included (its gradient comes from outside the forward)
+        start = initial_sums(tiny_model_dir)
+        assert trained["student"]["lm_head.weight"] != pytest.approx(start["lm_head.weight"], abs=1e-6)
+    elif engine == "zero3":  # the `teacher/` adapter (PEFT saves every adapter) holds the teacher, not the student
+        from safetensors.torch import load_file
+
+        written = load_file(checkpoint / "teacher" / "adapter_model.safetensors")
+        ema = {
+            name.replace(".teacher.", "."): value for name, value in load_file(checkpoint / TEACHER_STATE_FILE).items()
+        }
+        assert set(written) == set(ema)
+        assert all(float((written[name] - ema[name]).abs().max()) == 0 for name in written)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sharded_chunked_loss_trains_like_the_logits_path(engine, tiny_model_dir, tmp_path):
+    """The same two steps on the default loss path and on the logits path (which reads no weight outside a forward)
+    end with the same student weights: the gathered heads give the same loss and gradients."""
+    chunked = launch(engine, tiny_model_dir, tmp_path / "chunked", "ema", "train", {"save_strategy": "no"})
+    logits = launch(
+        engine, tiny_model_dir, tmp_path / "logits", "ema", "train", {"save_strategy": "no", "loss_chunk_size": 0}
+    )
+    assert chunked["loss_chunk_size"] > 0 and logits["loss_chunk_size"] == 0
+    assert chunked["losses"] == pytest.approx(logits["losses"], rel=1e-4)
+    assert set(chunked["student"]) == set(logits["student"])
+    for name, value in chunked["student"].items():
+        assert value == pytest.approx(logits["student"][name], rel=1e-4, abs=1e-5), name
+
+
+@pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_zero3_stops_a_nonfinite_loss_before_the_engine_steps(tiny_model_dir, tmp_path):
+    """DeepSpeed applies the update inside backward: a NaN loss is caught before backward, so no weight takes it."""
+    stopped = launch("zero3", tiny_model_dir, tmp_path, "ema", "nan", {"save_strategy": "no"})
+    assert stopped["error"] and "non-finite loss" in stopped["error"]
+    assert "stopped before the update" in stopped["error"]
+    assert all(math.isfinite(value) for value in stopped["student"].values())
