@@ -109,3 +109,55 @@ def test_zero3_stops_a_nonfinite_loss_before_the_engine_steps(tiny_model_dir, tm
     assert stopped["error"] and "non-finite loss" in stopped["error"]
     assert "stopped before the update" in stopped["error"]
     assert all(math.isfinite(value) for value in stopped["student"].values())
+
+
+@pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_cli_under_zero3_with_the_shipped_config(tiny_model_dir, tmp_path):
+    """`accelerate launch --config_file configs/accelerate/zero3.yaml --num_processes 2 scripts/sdft.py ...` as a CPU
+    user types it (the config's bf16 mixed precision followed, gloo chosen), then resumed with
+    `--resume_from_checkpoint true`: complete checkpoints, the teacher whole, the final model saved whole."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+
+    from trl_sdft.checkpoints import checkpoint_problem
+    from trl_sdft.testing import facts_rows
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = tmp_path / "rows.jsonl"
+    Dataset.from_list(facts_rows(8)).to_json(data)
+    out = tmp_path / "out"
+    config = os.path.join(root, "configs", "accelerate", "zero3.yaml")
+    for steps, resume in (("2", []), ("3", ["--resume_from_checkpoint", "true"])):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2"]
+        command += [
+            "--main_process_port",
+            str(port),
+            os.path.join(root, "scripts", "sdft.py"),
+            "--dataset_path",
+            str(data),
+        ]
+        command += ["--model_name_or_path", tiny_model_dir, "--output_dir", str(out), "--max_steps", steps]
+        command += ["--per_device_train_batch_size", "2", "--num_generations", "2", "--max_completion_length", "6"]
+        command += [
+            "--teacher_model_kind",
+            "ema",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--report_to",
+            "none",
+        ]
+        command += ["--logging_steps", "1", *resume]
+        run_job(command, tmp_path, [out / "model.safetensors"], timeout=TIMEOUT, cwd=root)
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and len([e for e in state["log_history"] if "loss" in e]) == 3
+    for step in (2, 3):
+        assert checkpoint_problem(str(out / f"checkpoint-{step}"), needs_teacher_state=True) is None
+    start = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    for path in (out / "model.safetensors", out / "checkpoint-3" / "sdft_teacher.safetensors"):
+        saved = load_file(path)
+        assert {name: tuple(t.shape) for name, t in saved.items()} == {n: tuple(t.shape) for n, t in start.items()}

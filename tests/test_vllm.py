@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from importlib.util import find_spec
 
 import pytest
 import requests
@@ -421,3 +422,17 @@ def test_server_dying_mid_training_stops_the_run_and_keeps_the_checkpoint(vllm_m
     assert not (tmp_path / "out" / "checkpoint-3").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
     assert torch.isfinite(next(reloaded.parameters())).all()
+
+
+@pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_two_zero3_processes_share_the_server(vllm_model_dir, tmp_path, server):
+    """Two training processes under DeepSpeed ZeRO-3 with rollouts from the server: each sync pushes the weights
+    gathered from the shards, after which vLLM scores like the trainer model (before it: the previous step's)."""
+    from test_sharded import launch
+
+    config = dict(use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=server["port"])
+    record = launch("zero3", vllm_model_dir, tmp_path, "ema", "vllm", {**config, "save_strategy": "no"})
+    assert record["world"] == 2 and record["distributed_type"] == "DistributedType.DEEPSPEED"
+    assert len(record["losses"]) == 2
+    assert record["stale_gap"] > 1e-3  # the last update is not on the server yet: the check can fail
+    assert record["server_gap"] < 1e-4

@@ -47,6 +47,7 @@ with tolerate_vllm_version():
     from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import ensure_master_addr_port  # noqa: E402
 
+from .. import sharding  # noqa: E402
 from ..losses import ServerTeacherScores  # noqa: E402
 from ..utils import tokenizer_of, unwrap  # noqa: E402
 from . import PendingRound, RolloutContext, Rollouts, VLLMServerError, VLLMSettings, cut_at_eos  # noqa: E402
@@ -710,12 +711,16 @@ class VLLMRollout:
         if sequence is None:
             sequence = tokenizer_of(self.generation.processing_class)(PROBE_TEXT)["input_ids"]
         payload = [None]
+        # The trainer's side on every process: a sharded model's forward is a collective (ZeRO-3 before its engine
+        # exists: the weights gathered for this one forward).
+        model = unwrap(self.model)
+        ids = torch.tensor([sequence], device=self.accelerator.device)
+        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)  # its hooks gather in the forward
+        with sharding.gathered(model.parameters() if engine is None else []):
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        mine = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
         if self.accelerator.is_main_process or not self._server():
             served = torch.tensor(self.generation.prompt_logprobs([sequence])[0])
-            model = unwrap(self.model)
-            ids = torch.tensor([sequence], device=self.accelerator.device)
-            logits = model(input_ids=ids).logits[0, :-1].float()
-            mine = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
             payload = [(served - mine).abs().tolist()]
         if self._server():
             broadcast_object_list(payload, from_process=0)

@@ -2,7 +2,8 @@
 
 Usage: accelerate launch --config_file {zero3,fsdp2}.yaml train.py MODEL_DIR OUTPUT_DIR {ema,lora} PHASE
 PHASE `train` trains 2 steps at the library's defaults (loss path, padding-free forwards) and saves checkpoint-2;
-`resume` resumes from it and trains step 3; `nan` trains with a loss made NaN at step 2. Rank 0 writes PHASE.json: the
+`resume` resumes from it and trains step 3; `nan` trains with a loss made NaN at step 2; `vllm` trains 2 steps with a
+vLLM server (SHARDED_TEST_CONFIG names it), then syncs and records vLLM's largest log-prob gap to the trainer model. Rank 0 writes PHASE.json: the
 teacher's fingerprint (per weight, the sum and the sum of squares of the full, gathered tensor) when training starts
 and ends, the student's (the sum of each weight) at the end, the losses, and the error a `nan` run stopped with.
 """
@@ -76,7 +77,7 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
         per_device_train_batch_size=2,
         num_generations=2,
         max_completion_length=6,
-        max_steps=2 if phase == "train" else 3,
+        max_steps=3 if phase == "resume" else 2,
         learning_rate=5e-2,
         logging_steps=1,
         save_steps=2,
@@ -116,6 +117,12 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
             "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
             "error": error,
         }
+    if phase == "vllm":  # the weights pushed again, then vLLM's log-probs against the trainer model's
+        stale = max(trainer.rollout.logprob_differences())  # the server holds the weights before the last update
+        trainer.rollout.sync(step=-2)
+        synced = max(trainer.rollout.logprob_differences())
+        if trainer.accelerator.is_main_process:
+            record.update(stale_gap=stale, server_gap=synced)
     student = {name: float(full(p).sum()) for name, p in trainer.model.named_parameters()}  # every rank gathers
     if trainer.accelerator.is_main_process:
         record["student"] = student
