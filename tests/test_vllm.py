@@ -436,3 +436,21 @@ def test_two_zero3_processes_share_the_server(vllm_model_dir, tmp_path, server):
     assert len(record["losses"]) == 2
     assert record["stale_gap"] > 1e-3  # the last update is not on the server yet: the check can fail
     assert record["server_gap"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param("zero3", marks=pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")),
+        "fsdp2",
+    ],
+)
+def test_two_sharded_processes_with_colocated_engines(vllm_model_dir, tmp_path, engine):
+    """ZeRO-3 / FSDP2, one colocated vLLM engine per process: the syncs push whole weights (gathered from the
+    shards; under FSDP2 the first sync comes before the model is sharded), after which vLLM scores like the trainer."""
+    from test_sharded import launch
+
+    config = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, save_strategy="no")
+    record = launch(engine, vllm_model_dir, tmp_path, "ema", "vllm", config)
+    assert record["world"] == 2 and len(record["losses"]) == 2
+    assert record["stale_gap"] > 1e-3 and record["server_gap"] < 1e-4

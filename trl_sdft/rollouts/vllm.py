@@ -360,6 +360,21 @@ class SDFTVLLMGeneration(VLLMGeneration):
             )
 
     # ----------------------------------------------------------------------------------------------- weight sync
+    def _iter_named_params(self):
+        """TRL's weights for vLLM, one at a time. Under FSDP2 it reads every weight as a shard (`full_tensor`): the
+        units are resharded first (the root stays unsharded after a forward), and the first sync, at trainer init,
+        which comes before the Trainer shards the model, reads plain weights."""
+        if self._dist.fsdp_version is not None:
+            sharding.reshard(self.model)
+        if self._dist.fsdp_version is None or any(sharding.is_dtensor(p) for p in self.model.parameters()):
+            yield from super()._iter_named_params()
+            return
+        version, self._dist.fsdp_version = self._dist.fsdp_version, None
+        try:
+            yield from super()._iter_named_params()
+        finally:
+            self._dist.fsdp_version = version
+
     def sync_weights(self):
         start = time.perf_counter()
         if self.sync_method == "nccl":

@@ -128,6 +128,7 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
         record["student"] = student
         with open(os.path.join(output_dir, f"{phase}.json"), "w") as f:
             json.dump(record, f)
+    del trainer, callback  # a colocated vLLM engine shuts down (its own process groups too) before ours are destroyed
     close_process_group()
     faulthandler.dump_traceback_later(60, exit=True)
 
