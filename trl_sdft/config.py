@@ -422,6 +422,14 @@ class SDFTConfig(_BaseConfig):
             self.use_cpu = True
             logger.info("No accelerator: `use_cpu=True` set, which transformers needs to train in bf16 on a CPU.")
         several = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # set by torchrun and accelerate launch
+        engine = any(
+            os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("DEEPSPEED", "FSDP")
+        )
+        if several and not engine and not self.use_cpu and not has_accelerator():
+            # Several processes (torchrun) and no accelerator: accelerate treats CPU processes as one distributed run
+            # only with `use_cpu`; without it each process would train alone, on its own copy, without a word.
+            self.use_cpu = True
+            logger.info("Several processes and no accelerator: `use_cpu=True` set, so that they train as one (gloo).")
         if self.ddp_backend is None and several and (self.use_cpu or not has_accelerator()):
             # CPU processes talk over gloo. accelerate picks it for its own CPU launches, but under DeepSpeed or FSDP
             # (which start as if on GPUs) nothing would, and DeepSpeed's CPU default fails on a batch-size check.

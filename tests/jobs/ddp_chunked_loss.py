@@ -30,8 +30,7 @@ def main(model_dir: str, output_dir: str, path: str) -> None:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
-        seed=0,
+        seed=0,  # no `use_cpu`: two torchrun processes on a CPU train as one by default
         distillation_mode="full_logits",
         distillation_alpha=0.0,
         **extra,

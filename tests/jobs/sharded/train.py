@@ -3,7 +3,8 @@
 Usage: accelerate launch --config_file {zero3,fsdp2}.yaml train.py MODEL_DIR OUTPUT_DIR {ema,lora} PHASE
 PHASE `train` trains 2 steps at the library's defaults (loss path, padding-free forwards) and saves checkpoint-2;
 `resume` resumes from it and trains step 3; `nan` trains with a loss made NaN at step 2; `vllm` trains 2 steps with a
-vLLM server (SHARDED_TEST_CONFIG names it), then syncs and records vLLM's largest log-prob gap to the trainer model. Rank 0 writes PHASE.json: the
+vLLM server (SHARDED_TEST_CONFIG names it), then syncs and records vLLM's largest log-prob gap to the trainer model; `bench` trains 6 steps
+(benchmarks/sharded_step.py). Under plain `torchrun` (no engine) it trains with DDP. Rank 0 writes PHASE.json: the
 teacher's fingerprint (per weight, the sum and the sum of squares of the full, gathered tensor) when training starts
 and ends, the student's (the sum of each weight) at the end, the losses, and the error a `nan` run stopped with.
 """
@@ -11,7 +12,9 @@ and ends, the student's (the sum of each weight) at the end, the losses, and the
 import faulthandler
 import json
 import os
+import resource
 import sys
+import time
 
 import torch
 from datasets import Dataset
@@ -50,10 +53,16 @@ def fingerprint(trainer) -> dict[str, list[float]]:
 
 class Fingerprints(TrainerCallback):
     def __init__(self):
-        self.trainer, self.seen = None, {}
+        self.trainer, self.seen, self.step_seconds, self.started = None, {}, [], None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.seen["begin"] = fingerprint(self.trainer)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step_seconds.append(time.perf_counter() - self.started)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.seen["end"] = fingerprint(self.trainer)
@@ -77,7 +86,7 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
         per_device_train_batch_size=2,
         num_generations=2,
         max_completion_length=6,
-        max_steps=3 if phase == "resume" else 2,
+        max_steps={"resume": 3, "bench": 6}.get(phase, 2),
         learning_rate=5e-2,
         logging_steps=1,
         save_steps=2,
@@ -107,8 +116,11 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
         if phase != "nan":
             raise
         error = str(err)
+    peak = trainer.accelerator.gather_for_metrics([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024])
     if trainer.accelerator.is_main_process:
         record = {
+            "step_seconds": callback.step_seconds,
+            "peak_rss_mib_per_rank": peak,
             **callback.seen,
             "world": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type),
