@@ -396,14 +396,19 @@ def test_checkpoints_with_cut_short_engine_state_are_incomplete(tmp_path, damage
     state.mkdir()
     for rank in (0, 1):
         torch.save({}, state / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
-        if damage == "latest" or rank == 0:
-            torch.save({}, state / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        if damage == "latest" or rank == 1:
+            torch.save({}, state / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     if damage == "ranks":
         assert "2 model-state and 1 optimizer-state files" in checkpoint_problem(str(checkpoint))
+        for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"):
+            os.remove(state / name)
+        torch.save({}, state / "mp_rank_00_model_states.pt")  # ZeRO-1/2: one model file, optimizer files per rank
+        torch.save({}, state / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        assert checkpoint_problem(str(checkpoint)) is None
     else:
         assert checkpoint_problem(str(checkpoint)) is None
-        path = state / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        path = state / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
         path.write_bytes(path.read_bytes()[:10])
-        assert "global_step2/zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated" in checkpoint_problem(
+        assert "global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated" in checkpoint_problem(
             str(checkpoint)
         )

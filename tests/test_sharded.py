@@ -93,9 +93,9 @@ def test_sharded_losses_from_hidden_states_train_like_the_logits_path(engine, pa
     """The same two steps on a loss path that reads the LM heads outside the forward (the default chunked loss;
     Liger's fused JSD) and on the logits path (which reads no weight outside a forward) end with the same student
     weights: the gathered heads give the same loss and gradients."""
-    common = (
-        {"save_strategy": "no"} if path == "chunked" else {"save_strategy": "no", "distillation_mode": "full_logits"}
-    )
+    common = {"save_strategy": "no"}
+    if path == "liger":  # full_logits (Liger's mode), rollouts from the teacher prompt
+        common.update(distillation_mode="full_logits", generate_from_teacher=True)
     fused = launch(
         engine, tiny_model_dir, tmp_path / path, "ema", "train", {**common, "use_liger_kernel": path == "liger"}
     )
@@ -170,3 +170,26 @@ def test_cli_under_zero3_with_the_shipped_config(tiny_model_dir, tmp_path):
     for path in (out / "model.safetensors", out / "checkpoint-3" / "sdft_teacher.safetensors"):
         saved = load_file(path)
         assert {name: tuple(t.shape) for name, t in saved.items()} == {n: tuple(t.shape) for n, t in start.items()}
+
+
+@pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")
+@pytest.mark.parametrize("teacher", ["ema", "lora"])
+def test_zero3_teacher_moves_the_same_when_deepspeed_keeps_weights_whole(teacher, tiny_model_dir, tmp_path):
+    """Small weights stay whole under ZeRO-3 (below `stage3_param_persistence_threshold`, the default for norms and
+    LoRA matrices) and are restored from their partitions after every step: the EMA must move the partitions, or each
+    step's update is lost. The teacher after two steps is the same as with every weight partitioned."""
+    partitioned = launch("zero3", tiny_model_dir, tmp_path / "partitioned", teacher, "train", {"save_strategy": "no"})
+    whole = launch("zero3_persistent", tiny_model_dir, tmp_path / "whole", teacher, "train", {"save_strategy": "no"})
+    assert whole["losses"] == pytest.approx(partitioned["losses"], rel=1e-5)
+    assert whole["end"] != whole["begin"]
+    for name, (total, squares, _) in partitioned["end"].items():
+        assert whole["end"][name][:2] == pytest.approx([total, squares], rel=1e-5, abs=1e-7), name
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sharded_run_with_every_token_skipped_takes_the_full_path(engine, tiny_model_dir, tmp_path):
+    """A batch whose tokens are all skipped gives a zero loss; with several processes every process still runs the
+    teacher's forward and the loss (collectives under the engines), so none waits for another."""
+    config = {"save_strategy": "no", "num_loss_tokens_to_skip": 6}  # = max_completion_length
+    record = launch(engine, tiny_model_dir, tmp_path, "ema", "train", config)
+    assert record["losses"] == [0.0, 0.0]

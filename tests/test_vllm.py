@@ -406,24 +406,6 @@ class KillServerAt(TrainerCallback):
             stop(self.process, signal.SIGKILL)
 
 
-def test_server_dying_mid_training_stops_the_run_and_keeps_the_checkpoint(vllm_model_dir, tmp_path, server):
-    """Last test of the module: it kills the server."""
-    args = server_config(tmp_path, server, max_steps=4, save_strategy="steps", save_steps=1)
-    trainer = SDFTTrainer(
-        vllm_model_dir,
-        args=args,
-        train_dataset=Dataset.from_list(facts_rows()),
-        callbacks=[KillServerAt(server["process"], 2)],
-    )
-    with pytest.raises(VLLMServerError, match="failed while .* checkpoints already written are intact"):
-        trainer.train()
-    checkpoint = tmp_path / "out" / "checkpoint-2"
-    assert (checkpoint / "trainer_state.json").exists()
-    assert not (tmp_path / "out" / "checkpoint-3").exists()
-    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
-    assert torch.isfinite(next(reloaded.parameters())).all()
-
-
 @pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")
 def test_two_zero3_processes_share_the_server(vllm_model_dir, tmp_path, server):
     """Two training processes under DeepSpeed ZeRO-3 with rollouts from the server: each sync pushes the weights
@@ -454,3 +436,21 @@ def test_two_sharded_processes_with_colocated_engines(vllm_model_dir, tmp_path, 
     record = launch(engine, vllm_model_dir, tmp_path, "ema", "vllm", config)
     assert record["world"] == 2 and len(record["losses"]) == 2
     assert record["stale_gap"] > 1e-3 and record["server_gap"] < 1e-4
+
+
+def test_server_dying_mid_training_stops_the_run_and_keeps_the_checkpoint(vllm_model_dir, tmp_path, server):
+    """Last test of the module: it kills the server."""
+    args = server_config(tmp_path, server, max_steps=4, save_strategy="steps", save_steps=1)
+    trainer = SDFTTrainer(
+        vllm_model_dir,
+        args=args,
+        train_dataset=Dataset.from_list(facts_rows()),
+        callbacks=[KillServerAt(server["process"], 2)],
+    )
+    with pytest.raises(VLLMServerError, match="failed while .* checkpoints already written are intact"):
+        trainer.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").exists()
+    assert not (tmp_path / "out" / "checkpoint-3").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert torch.isfinite(next(reloaded.parameters())).all()

@@ -16,6 +16,7 @@ import zipfile
 TRAINER_STATE_NAME = "trainer_state.json"
 TEACHER_STATE_FILE = "sdft_teacher.safetensors"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_ZERO_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ def weight_file_problem(path: str) -> str | None:
     return None
 
 
+def _ranks_complete(names: list[str]) -> bool:
+    ranks = sorted(int(match.group(1)) for name in names if (match := _ZERO_RANK.search(name)))
+    return ranks == list(range(len(ranks)))
+
+
 def engine_state_problem(path: str) -> str | None:
     """What is missing from the sharded state a checkpoint holds, or None: DeepSpeed's (`latest` names a
     `global_stepN/` directory with one model-state and one optimizer-state file per process) and FSDP's sharded state
@@ -71,7 +77,10 @@ def engine_state_problem(path: str) -> str | None:
         names = os.listdir(state_dir)
         models = [name for name in names if name.endswith("_model_states.pt")]
         optimizers = [name for name in names if name.endswith("_optim_states.pt")]
-        if not models or (optimizers and len(optimizers) != len(models)):
+        # ZeRO-3 writes model states per process (`zero_pp_rank_R_...`), ZeRO-1/2 one file; optimizer states are per
+        # process under every stage (`[bf16_]zero_pp_rank_R_...`): their ranks must run 0, 1, ... without a gap.
+        gaps = [kind for kind, files in (("model", models), ("optimizer", optimizers)) if not _ranks_complete(files)]
+        if not models or gaps:
             found = f"{len(models)} model-state and {len(optimizers)} optimizer-state files"
             return f"holds incomplete DeepSpeed state in {tag}/ ({found}: a save cut short)"
         for name in sorted(models + optimizers):

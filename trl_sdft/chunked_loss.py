@@ -233,6 +233,12 @@ def liger_jsd_loss(
         sequence_loss = jsd(hidden, student_weight, teacher_hidden[row][keep].detach(), teacher_weight.detach(), labels)
         total = total + sequence_loss
         token_sum += sequence_loss.detach() * count
+    if not mask.any():  # a zero that still reaches the head and the hidden states (every process gets gradients)
+        labels = torch.zeros(1, dtype=torch.long, device=student_hidden.device)
+        total = jsd(
+            student_hidden[0, :1], student_weight, teacher_hidden[0, :1].detach(), teacher_weight.detach(), labels
+        )
+        total = total * 0.0
     return total / mask.size(0), token_sum / mask.sum().clamp(min=1)
 
 

@@ -411,11 +411,13 @@ class SDFTConfig(_BaseConfig):
         self._check_ranges()
         # Fails with the reason and the fix if the template is unusable.
         resolve_teacher_prompt_template(self.teacher_prompt_template)
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()  # `accelerate launch`'s choice
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+        # What the accelerate launch asked for; only DeepSpeed refuses a training config that disagrees with it.
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() if deepspeed else ""
         if self.bf16 is None and not self.fp16:
-            # TRL turns an unset bf16 on everywhere, which stops CPU-only machines with an error; here it is what the
-            # accelerate launch asked for (DeepSpeed refuses a config that disagrees), else bf16 mixed precision
-            # wherever the hardware runs bf16 natively (see `native_bf16`), float32 elsewhere.
+            # TRL turns an unset bf16 on everywhere, which stops CPU-only machines with an error; here it is what a
+            # DeepSpeed launch asked for, else bf16 mixed precision wherever the hardware runs bf16 natively (see
+            # `native_bf16`), float32 elsewhere.
             self.bf16 = launched == "bf16" if launched in ("bf16", "fp16", "no") else native_bf16(self.use_cpu)
         if self.bf16 and not self.use_cpu and not has_accelerator():
             # transformers trains in bf16 on a CPU only with `use_cpu`; with no accelerator that changes nothing else.

@@ -5,6 +5,7 @@ parent's `trainer_state.json` (what makes a checkpoint complete, `checkpoints.py
 how to gather it (`teachers.Teacher.save`).
 """
 
+import inspect
 import os
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -23,7 +24,10 @@ class TeacherSaving:
         checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), step_dir)
         if self.args.should_save:
             os.makedirs(checkpoint_dir, exist_ok=True)
-        self.teacher.save(checkpoint_dir, write=self.args.should_save)
+        if "write" in inspect.signature(self.teacher.save).parameters:
+            self.teacher.save(checkpoint_dir, write=self.args.should_save)
+        elif self.args.should_save:  # a registered teacher written before saving took part on every process
+            self.teacher.save(checkpoint_dir)
         super()._save_checkpoint(model, trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

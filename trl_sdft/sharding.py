@@ -73,7 +73,11 @@ def load_full(param, value: torch.Tensor) -> None:
             shard = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
             param.to_local().copy_(shard.to_local())
         elif is_zero3(param):
-            with gathered([param], modify=True):
+            import deepspeed
+
+            # Rank 0's write is kept in every partition on exit; persistent (always whole) weights included, whose
+            # partition is what DeepSpeed restores them from after each step.
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 param.data.copy_(value.to(param.data.device, param.data.dtype))
         else:
             param.copy_(value.to(param.device, param.dtype))
@@ -96,24 +100,43 @@ def reshard(model) -> None:
             module.reshard()
 
 
-ZERO3_GROUP = 32  # weight pairs gathered at once by `lerp_` under ZeRO-3
-
-
 def lerp_(targets: list, sources: list, rate: float) -> None:
-    """`target <- (1 - rate) * target + rate * source` for each pair (at `rate` 1 an exact copy): on the shards where
-    both are sharded alike (FSDP2), on weights gathered a few pairs at a time under ZeRO-3 (every process)."""
-    pairs = list(zip(targets, sources, strict=True))
+    """`target <- (1 - rate) * target + rate * source` for each pair (at `rate` 1 an exact copy), on each process's
+    own part where the pair is sharded alike: FSDP2 shards, ZeRO-3 partitions (no gathering; a weight DeepSpeed keeps
+    whole is moved too), whole weights otherwise."""
     with torch.no_grad():
-        for start in range(0, len(pairs), ZERO3_GROUP):
-            group = pairs[start : start + ZERO3_GROUP]
-            zero3 = [p for pair in group for p in pair if is_zero3(p)]
-            with gathered(zero3, modify=True):
-                for target, source in group:
-                    _lerp_pair(target, source, rate)
+        for target, source in zip(targets, sources, strict=True):
+            _lerp_pair(target, source, rate)
+
+
+def _partitioned_alike(target, source) -> bool:
+    """Two ZeRO-3 weights whose partitions hold the same elements (hpZ's secondary copies excluded)."""
+    return (
+        is_zero3(target)
+        and is_zero3(source)
+        and target.ds_shape == source.ds_shape
+        and target.ds_tensor is not None
+        and source.ds_tensor is not None
+        and target.ds_tensor.numel() == source.ds_tensor.numel()
+        and getattr(target, "ds_secondary_tensor", None) is None
+    )
 
 
 def _lerp_pair(target, source, rate: float) -> None:
-    if is_dtensor(target) or is_dtensor(source):
+    if _partitioned_alike(target, source):
+        target.ds_tensor.data.lerp_(source.ds_tensor.data.to(target.ds_tensor.dtype), rate)
+        if _available(target):  # whole right now (persistent, or in use): the whole copy moves too
+            whole = full_tensor(source) if not _available(source) else source.data
+            target.data.lerp_(whole.to(target.dtype), rate)
+    elif is_zero3(target) or is_zero3(source):
+        import deepspeed
+
+        with (
+            gathered([source]),
+            deepspeed.zero.GatheredParameters([target] if is_zero3(target) else [], modifier_rank=0),
+        ):
+            target.data.lerp_(source.data.to(target.dtype), rate)
+    elif is_dtensor(target) or is_dtensor(source):
         local_target = target.to_local() if is_dtensor(target) else target
         if is_dtensor(target) and is_dtensor(source) and source.placements == target.placements:
             local_source = source.to_local()

@@ -13,7 +13,9 @@
 `f"{kind}@server"` when the teacher is scored on the server), which picks the class and makes the model copy (placed
 like the student under DeepSpeed/FSDP). `register_teacher` adds a kind; `teacher_kinds()` lists the plain ones.
 
-The EMA state is written into every checkpoint and read back on resume, so a resumed run keeps its teacher.
+The EMA state is written into every checkpoint and read back on resume, so a resumed run keeps its teacher: saved
+from weights gathered on every process and loaded strictly, one weight at a time, under DeepSpeed ZeRO-3 and FSDP2
+too (`sharding.py`).
 """
 
 import copy
@@ -130,9 +132,9 @@ class Teacher:
         own = self.state_dict()
         if own is None:
             return
-        check_teacher_state(state, own, self.tied_names(), source)
+        check_teacher_state({name: tuple(value.shape) for name, value in state.items()}, own, self.tied_names(), source)
         for name, tensor in own.items():
-            sharding.load_full(tensor, state[name])
+            _load_checked(tensor, state[name], name, source)
 
     def tied_names(self) -> set[str]:
         """Names of weights tied to one in `state_dict()` (a checkpoint may hold them or not)."""
@@ -159,44 +161,56 @@ class Teacher:
         return None
 
     def load(self, checkpoint_dir: str) -> bool:
-        """Restore the saved teacher; returns False where the checkpoint holds none (fine for stateless teachers)."""
+        """Restore the saved teacher; returns False where the checkpoint holds none (fine for stateless teachers).
+        The file is read one weight at a time (every process reads it: a whole copy per process would not fit where
+        the model is sharded)."""
+        from safetensors import safe_open
+
         path = os.path.join(checkpoint_dir, TEACHER_STATE_FILE)
-        if self.state_dict() is None:
+        own = self.state_dict()
+        if own is None:
             return True
         if not os.path.exists(path):
             return False
-        self.load_state_dict(load_file(path), path)
+        if type(self).load_state_dict is not Teacher.load_state_dict:  # a teacher that loads its own way
+            self.load_state_dict(load_file(path))
+            return True
+        with safe_open(path, "pt") as f:
+            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            check_teacher_state(shapes, own, self.tied_names(), path)
+            for name, tensor in own.items():
+                _load_checked(tensor, f.get_tensor(name), name, path)
         return True
 
 
-def check_teacher_state(state: dict, own: dict, tied: set[str], source: str) -> None:
-    """`state` (a file's tensors) against `own` (the teacher's): the same names up to tied copies, the same shapes,
-    finite values; else a `ValueError` that names `source` and what differs."""
-    missing = [name for name in own if name not in state]
-    unexpected = [name for name in state if name not in own and name not in tied]
-    shapes = [
-        f"{name} {tuple(state[name].shape)} vs {tuple(sharding.full_shape(own[name]))}"
+def _load_checked(tensor, value: torch.Tensor, name: str, source: str) -> None:
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{source} holds NaN or inf in teacher weight {name}: resume from an earlier checkpoint.")
+    sharding.load_full(tensor, value)
+
+
+def check_teacher_state(shapes: dict, own: dict, tied: set[str], source: str) -> None:
+    """A file's weight shapes (`shapes`: name -> shape) against the teacher's (`own`): the same names up to tied
+    copies and the same shapes; else a `ValueError` that names `source` and what differs."""
+    missing = [name for name in own if name not in shapes]
+    unexpected = [name for name in shapes if name not in own and name not in tied]
+    differ = [
+        f"{name} {shapes[name]} vs {tuple(sharding.full_shape(own[name]))}"
         for name in own
-        if name in state and tuple(state[name].shape) != tuple(sharding.full_shape(own[name]))
+        if name in shapes and shapes[name] != tuple(sharding.full_shape(own[name]))
     ]
-    nonfinite = [name for name in own if name in state and not torch.isfinite(state[name]).all()]
     problems = []
     if missing:
         problems.append(f"{len(missing)} weight(s) missing ({', '.join(missing[:3])})")
     if unexpected:
         problems.append(f"{len(unexpected)} unknown weight(s) ({', '.join(unexpected[:3])})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape(s) differ, file vs model ({'; '.join(shapes[:3])})")
+    if differ:
+        problems.append(f"{len(differ)} shape(s) differ, file vs model ({'; '.join(differ[:3])})")
     if problems:
         raise ValueError(
             f"{source} does not match this run's EMA teacher: {'; '.join(problems)}. It was saved from another model "
             "or another adapter setup: resume with the model and `peft_config` it was trained with, or start without "
             "`resume_from_checkpoint`."
-        )
-    if nonfinite:
-        raise ValueError(
-            f"{source} holds NaN or inf in {len(nonfinite)} teacher weight(s) ({', '.join(nonfinite[:3])}): resume "
-            "from an earlier checkpoint."
         )
 
 
@@ -421,7 +435,16 @@ def copy_for_teacher(student, accelerator, settings: TeacherSettings):
     teacher.eval()
     if deepspeed_plugin is not None:
         return prepare_deepspeed(teacher, accelerator)
-    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2:
+        # Sharded like the student, unit by unit (accelerate's own FSDP2 preparation, with the config's wrap policy):
+        # TRL's `prepare_fsdp` shards only the root, so each teacher forward would gather the whole model at once.
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        teacher = fsdp2_prepare_model(accelerator, teacher)
+        teacher.eval()
+        return teacher
+    if fsdp_plugin is not None:
         return prepare_fsdp(teacher, accelerator)
     # On the student's device, and under the same mixed-precision autocast as the student's forward.
     return accelerator.prepare_model(teacher.to(accelerator.device), evaluation_mode=True)

@@ -349,7 +349,9 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         mode = "train" if self.model.training else "eval"
         mask = losses.loss_mask(inputs["completion_mask"], self.args.num_loss_tokens_to_skip, inputs.get("tool_mask"))
         student = self.completion_view(model, inputs)
-        if not mask.any():  # every token skipped: zero loss and zero gradients, not an error
+        # Every token skipped: zero loss and gradients, not an error. With several processes the others run the
+        # teacher's forward and the loss (collectives under ZeRO-3 and FSDP), so the full path runs, weighing nothing.
+        if not mask.any() and self.accelerator.num_processes == 1:
             self._log_metric(mode, "distillation_loss", torch.zeros((), device=mask.device))
             return (student.hidden if isinstance(student, HiddenStates) else student).sum() * 0.0
         teacher = self.teacher.score(model, inputs, mask, self.state.global_step, self.completion_view)
