@@ -2,7 +2,8 @@
 
 Usage: accelerate launch --config_file {zero3,fsdp2}.yaml train.py MODEL_DIR OUTPUT_DIR {ema,lora} PHASE
 PHASE `train` trains 2 steps at the library's defaults (loss path, padding-free forwards) and saves checkpoint-2;
-`resume` resumes from it and trains step 3; `nan` trains with a loss made NaN at step 2; `vllm` trains 2 steps with a
+`resume` resumes from it and trains step 3; `nan` trains with a loss made NaN at step 2; `skip` with
+every token of rank 1's batches masked out; `vllm` trains 2 steps with a
 vLLM server (SHARDED_TEST_CONFIG names it), then syncs and records vLLM's largest log-prob gap to the trainer model; `bench` trains 6 steps
 (benchmarks/sharded_step.py). Under plain `torchrun` (no engine) it trains with DDP. Rank 0 writes PHASE.json: the
 teacher's fingerprint (per weight, the sum and the sum of squares of the full, gathered tensor) when training starts
@@ -74,6 +75,13 @@ class NaNAtStep2(SDFTTrainer):
         return loss * float("nan") if self.state.global_step == 1 else loss
 
 
+class EmptyOnRank1(SDFTTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.accelerator.process_index == 1:  # every token of this process's batch outside the loss
+            inputs = {**inputs, "completion_mask": torch.zeros_like(inputs["completion_mask"])}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
 def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
     faulthandler.dump_traceback_later(400, exit=True)  # a hang: every rank prints its stacks and ends
     peft_config = None
@@ -101,7 +109,7 @@ def main(model_dir: str, output_dir: str, teacher: str, phase: str) -> None:
     )
     args = SDFTConfig(**{**settings, **json.loads(os.environ.get("SHARDED_TEST_CONFIG", "{}"))})
     callback = Fingerprints()
-    trainer = (NaNAtStep2 if phase == "nan" else SDFTTrainer)(
+    trainer = {"nan": NaNAtStep2, "skip": EmptyOnRank1}.get(phase, SDFTTrainer)(
         model_dir,
         args=args,
         train_dataset=Dataset.from_list(facts_rows(8)),
