@@ -33,17 +33,17 @@ def _available(param) -> bool:
 
 
 @contextmanager
-def gathered(params: Iterable, modify: bool = False):
-    """ZeRO-3 parameters among `params` whole for the duration (`deepspeed.zero.GatheredParameters`); others as they
-    are. With `modify`, what rank 0 writes into them is kept and partitioned again on exit (every rank should write
-    the same). Parameters already whole (a tied weight inside its module's forward) are left to their owner."""
+def gathered(params: Iterable):
+    """ZeRO-3 parameters among `params` whole for the duration, to read (`deepspeed.zero.GatheredParameters`); others
+    as they are. Parameters already whole (persistent ones, a tied weight inside its module's forward) are left to
+    their owner. Writes go through `load_full` and `lerp_`, which keep them in the partitions."""
     todo = list({id(p): p for p in params if is_zero3(p) and not _available(p)}.values())
     if not todo:
         yield
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(todo, modifier_rank=0 if modify else None):
+    with deepspeed.zero.GatheredParameters(todo):
         yield
 
 
