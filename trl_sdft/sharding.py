@@ -105,6 +105,10 @@ def lerp_(targets: list, sources: list, rate: float) -> None:
     own part where the pair is sharded alike: FSDP2 shards, ZeRO-3 partitions (no gathering; a weight DeepSpeed keeps
     whole is moved too), whole weights otherwise."""
     with torch.no_grad():
+        plain = not any(is_zero3(t) or is_dtensor(t) for t in (*targets, *sources))
+        if plain and len(targets) == len(sources) and all(t.dtype == s.dtype for t, s in zip(targets, sources)):
+            torch._foreach_lerp_(targets, sources, rate)  # one process, DDP: one fused pass
+            return
         for target, source in zip(targets, sources, strict=True):
             _lerp_pair(target, source, rate)
 

@@ -262,8 +262,8 @@ class EMACopyTeacher(_ModelCopy):
 
     @torch.no_grad()
     def update(self, student) -> None:
-        # teacher <- (1 - rate) * teacher + rate * student, weight by weight (ZeRO-3: gathered a few at a time; FSDP2:
-        # on the shards).
+        # teacher <- (1 - rate) * teacher + rate * student, on each process's own part of every weight (FSDP2 shards,
+        # ZeRO-3 partitions): nothing is gathered.
         teacher, current = unwrap(self.model), unwrap(student)
         sharding.reshard(teacher)
         sharding.lerp_(list(teacher.parameters()), list(current.parameters()), self.settings.update_rate)
