@@ -412,3 +412,159 @@ def test_checkpoints_with_cut_short_engine_state_are_incomplete(tmp_path, damage
         assert "global_step2/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated" in checkpoint_problem(
             str(checkpoint)
         )
+
+
+# ------------------------------------------------------------------- round two: nothing a user starts from is lost
+def finished_run(tmp_path, tiny_model_dir, name="out"):
+    """A finished 2-step CLI run in `tmp_path/name` with checkpoint-1 and checkpoint-2."""
+    flags = cli_flags(tmp_path, tiny_model_dir, "--save_strategy", "steps", "--save_steps", "1")
+    flags[flags.index("--output_dir") + 1] = str(tmp_path / name)
+    assert cli.main(flags) == 0
+    return tmp_path / name
+
+
+def test_overwrite_never_removes_the_model_it_starts_from(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Before: every checkpoint, the starting one included, was removed, then a misleading tokenizer error."""
+    out = finished_run(tmp_path, tiny_model_dir)
+    start = out / "checkpoint-2"
+    before = (start / "model.safetensors").read_bytes()
+    monkeypatch.setattr("trl_sdft.trainer.SDFTTrainer.__init__", lambda *a, **k: pytest.fail("model loaded"))
+    code, captured = run_cli(cli_flags(tmp_path, str(start), "--overwrite_output_dir"), capsys)
+    assert code == 2 and "--model_name_or_path" in captured.err and "'checkpoint-2'" in captured.err
+    assert "would remove" in captured.err and "Traceback" not in captured.err
+    assert (start / "model.safetensors").read_bytes() == before
+    assert (out / "checkpoint-1").is_dir() and (out / "model.safetensors").is_file()  # nothing removed at all
+
+
+def test_overwrite_never_removes_an_input_file(tmp_path):
+    (tmp_path / "model.safetensors").write_text("old")
+    (tmp_path / "checkpoint-4").mkdir()
+    data = tmp_path / "checkpoint-4" / "rows.jsonl"
+    data.write_text("{}")
+    with pytest.raises(ValueError, match=r"--dataset_path .*rows\.jsonl.* inside 'checkpoint-4'"):
+        claim_output_dir(str(tmp_path), overwrite=True, log=None, inputs=[("--dataset_path", str(data))])
+    assert data.is_file() and (tmp_path / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"--model_name_or_path .* inside 'model.safetensors'"):
+        claim_output_dir(
+            str(tmp_path),
+            overwrite=True,
+            log=None,
+            inputs=[("--model_name_or_path", str(tmp_path / "model.safetensors"))],
+        )
+
+
+def test_resume_from_another_dir_does_not_replace_a_finished_run(tmp_path, tiny_model_dir, capsys):
+    """Before: any resume skipped the output-dir check, and the finished run in --output_dir was replaced."""
+    finished_run(tmp_path, tiny_model_dir, "first")
+    out = finished_run(tmp_path, tiny_model_dir, "out")
+    before = (out / "model.safetensors").read_bytes()
+    resume = ["--resume_from_checkpoint", str(tmp_path / "first" / "checkpoint-1")]
+    code, captured = run_cli(cli_flags(tmp_path, tiny_model_dir, *resume), capsys)
+    assert code == 2 and "already holds an earlier run's results" in captured.err
+    assert (out / "model.safetensors").read_bytes() == before
+    # Asked for: the earlier run is replaced (its checkpoints go), the run resumes from the other directory.
+    code, captured = run_cli(cli_flags(tmp_path, tiny_model_dir, *resume, "--overwrite_output_dir"), capsys)
+    assert code == 0, captured.err
+    assert not (out / "checkpoint-1").exists() and (tmp_path / "first" / "checkpoint-1").is_dir()
+
+
+def test_a_users_file_the_run_would_write_is_not_replaced_unasked(tmp_path):
+    """Before: a README.md in an otherwise empty output dir was replaced by the model card without a word."""
+    (tmp_path / "README.md").write_text("my notes")
+    (tmp_path / "notes.txt").write_text("other notes")
+    with pytest.raises(ValueError, match=r"holds README\.md, which this run would write over.*--overwrite_output_dir"):
+        claim_output_dir(str(tmp_path))
+    assert (tmp_path / "README.md").read_text() == "my notes"
+    (tmp_path / "README.md").unlink()
+    claim_output_dir(str(tmp_path)).release()  # a file the run does not write is no obstacle
+
+
+def test_the_lock_file_as_a_symlink_or_directory_is_one_line(tmp_path):
+    """Before: ELOOP / EISDIR tracebacks, and an AttributeError from the half-built lock's cleanup."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / ".trl-sdft.lock").symlink_to(victim)
+    with pytest.raises(ValueError, match=r"lock file \.trl-sdft\.lock is a symlink"):
+        claim_output_dir(str(tmp_path / "a"))
+    (tmp_path / "b" / ".trl-sdft.lock").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"lock file \.trl-sdft\.lock is a directory"):
+        claim_output_dir(str(tmp_path / "b"))
+    assert victim.read_text() == "the user's"
+
+
+def test_overwrite_unlinks_a_symlinked_checkpoint_and_keeps_its_target(tmp_path):
+    """Before: `shutil.rmtree` refused the link with a traceback."""
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    (kept / "checkpoint-1").mkdir(parents=True)
+    (kept / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    out.mkdir()
+    (out / "model.safetensors").write_text("old")
+    (out / "checkpoint-1").symlink_to(kept / "checkpoint-1")
+    claim_output_dir(str(out), overwrite=True, log=None).release()
+    assert not os.path.lexists(out / "checkpoint-1")
+    assert (kept / "checkpoint-1" / "trainer_state.json").read_text() == "{}"
+
+
+def test_overwrite_with_an_undeletable_checkpoint_is_one_line(tmp_path, monkeypatch):
+    """Before: a PermissionError traceback from `shutil.rmtree`. (Root deletes from read-only directories, so the
+    refusal is simulated at `os.unlink`.)"""
+    (tmp_path / "model.safetensors").write_text("old")
+    stuck = tmp_path / "checkpoint-2"
+    stuck.mkdir()
+    (stuck / "trainer_state.json").write_text("{}")
+    unlink = os.unlink
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith("trainer_state.json"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", refuse)
+    with pytest.raises(ValueError, match=r"cannot be removed \(Permission denied\).*permissions"):
+        claim_output_dir(str(tmp_path), overwrite=True, log=None)
+
+
+def test_a_dangling_symlink_output_dir_is_named(tmp_path):
+    """Before: 'cannot be created (File exists)'."""
+    (tmp_path / "out").symlink_to(tmp_path / "gone" / "run")
+    with pytest.raises(ValueError, match=r"is a symlink to .*gone/run.*which does not exist"):
+        claim_output_dir(str(tmp_path / "out"))
+
+
+def test_resuming_a_checkpoint_with_nan_weights_is_refused_at_resume(tokenizer, tiny_config, tmp_path):
+    """Before: the run resumed and sampling crashed at step 3 ('probability tensor contains either inf, nan')."""
+    from safetensors.torch import load_file, save_file
+
+    make(tokenizer, tiny_config, tmp_path, save_strategy="steps", save_steps=1).train()
+    weights = tmp_path / "checkpoint-2" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 1] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    trainer = make(tokenizer, tiny_config, tmp_path, max_steps=3)
+    with pytest.raises(ValueError, match=r"checkpoint-2.* hold NaN or inf \(first in `model.layers.0.mlp.up_proj"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_resuming_another_models_checkpoint_is_named_as_such(tmp_path, tiny_model_dir, tokenizer, capsys, monkeypatch):
+    """Before: a 'size mismatch' RuntimeError traceback from load_state_dict."""
+    out = finished_run(tmp_path, tiny_model_dir)
+    wide = tmp_path / "wide"
+    build_model(tokenizer, hidden_size=64, heads=2).save_pretrained(wide)
+    tokenizer.save_pretrained(wide)
+    monkeypatch.setattr("trl_sdft.trainer.SDFTTrainer.__init__", lambda *a, **k: pytest.fail("model loaded"))
+    resume = ["--resume_from_checkpoint", str(out / "checkpoint-2"), "--max_steps", "3"]
+    code, captured = run_cli(cli_flags(tmp_path, str(wide), *resume), capsys)
+    assert code == 2 and "was saved from another model (hidden_size 32 there, 64 here" in captured.err
+
+
+def test_the_library_names_another_models_checkpoint_too(tokenizer, tiny_config, tmp_path):
+    make(tokenizer, tiny_config, tmp_path, **EMA_SAVES).train()
+    trainer = SDFTTrainer(
+        model=build_model(tokenizer, hidden_size=64, heads=2),
+        args=tiny_config(tmp_path, max_steps=3, teacher_model_kind="ema"),
+        train_dataset=Dataset.from_list(facts_rows()),
+        processing_class=tokenizer,
+    )
+    with pytest.raises(ValueError, match=r"checkpoint-2.* was saved from another model \(hidden_size 32 there"):
+        trainer.train(resume_from_checkpoint=True)

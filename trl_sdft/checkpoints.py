@@ -165,14 +165,53 @@ def resolve_resume_from_checkpoint(resume, output_dir: str, needs_teacher_state:
     return path
 
 
-def prepare_resume(resume, output_dir: str, teacher, warn) -> str | None:
+# What makes two models' weights incompatible: a checkpoint whose config differs in one of these is another model's.
+SHAPE_KEYS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+
+
+def model_mismatch(path: str, config: dict | None) -> str | None:
+    """How checkpoint `path` (its `config.json`) differs from the model `config` in shape, or None (also when either
+    says nothing: an adapter-only checkpoint has no config.json)."""
+    config_path = os.path.join(path, "config.json")
+    if not config or not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None  # the weights' own check reports a damaged checkpoint
+    saved = saved.get("text_config", saved) if "hidden_size" not in saved else saved
+    config = config.get("text_config", config) if "hidden_size" not in config else config
+    differ = [key for key in SHAPE_KEYS if key in saved and key in config and saved[key] != config[key]]
+    if not differ:
+        return None
+    shown = ", ".join(f"{key} {saved[key]!r} there, {config[key]!r} here" for key in differ[:3])
+    return f"was saved from another model ({shown})"
+
+
+def prepare_resume(resume, output_dir: str, teacher, warn, model_config: dict | None = None) -> str | None:
     """The checkpoint to resume from (see `resolve_resume_from_checkpoint`), with the teacher's state loaded into
     `teacher`; `warn` is told when an EMA teacher's state is dropped (the run's teacher keeps none) and when later
-    checkpoints of an earlier run remain beyond the one resumed."""
+    checkpoints of an earlier run remain beyond the one resumed. A checkpoint of a model other than `model_config`'s
+    is refused as such."""
     needs_teacher_state = teacher.state_dict() is not None
     path = resolve_resume_from_checkpoint(resume, output_dir, needs_teacher_state)
     if path is None:
         return None
+    mismatch = model_mismatch(path, model_config)
+    if mismatch:
+        raise ValueError(
+            f"--resume_from_checkpoint {path!r} {mismatch}: resume with the model it was trained from, or start "
+            "without --resume_from_checkpoint."
+        )
     if os.path.isfile(os.path.join(path, TEACHER_STATE_FILE)) and not needs_teacher_state:
         warn(
             f"{path} holds an EMA teacher's state, but this run's teacher is `teacher_model_kind={teacher.kind!r}`: "

@@ -20,7 +20,7 @@ from .data_files import load_local_dataset
 from .demo.default_model import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
 from .launch import close_process_group, dropped_engine, relaunch_cpu_processes
 from .models import check_model_path, first_line
-from .output_dir import claim_output_dir
+from .output_dir import claim_output_dir, is_inside
 from .rollouts import VLLMServerError
 from .yaml_config import check_yaml_config, load_yaml_config, split_config_flag
 
@@ -220,8 +220,12 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
             f"--output_dir {output_dir!r} is the directory of the model being trained (--model_name_or_path): saving "
             "would replace the model it starts from. Choose another --output_dir."
         )
+    check_resume_fits(resume, model_path)
     lock = claim_output_dir(  # noqa: F841 (held until the run returns)
-        training_args.output_dir, script_args.overwrite_output_dir, resuming=resume is not None
+        training_args.output_dir,
+        script_args.overwrite_output_dir,
+        resuming=resume is not None and is_inside(resume, output_dir),  # from elsewhere: the directory's rule holds
+        inputs=run_inputs(script_args, training_args, model_path, resume),
     )
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     try:
@@ -260,6 +264,41 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
         trainer.create_model_card(model_name=name, dataset_name=script_args.dataset_name or script_args.dataset_path)
         print_summary(callbacks[0].results if callbacks else None, time.time() - started, training_args.output_dir)
     return trainer
+
+
+def run_inputs(script_args, training_args, model_path: str, resume: str | None) -> list[tuple[str, str]]:
+    """(flag, path) of every local file or directory the run reads: `--overwrite_output_dir` must not remove them."""
+    template = training_args.chat_template_path
+    return [
+        ("--model_name_or_path", model_path),
+        ("--dataset_path", script_args.dataset_path),
+        ("--eval_questions", script_args.eval_questions),
+        ("--eval_probes", script_args.eval_probes),
+        ("--chat_template_path", template if template and os.path.exists(template) else None),
+        ("--resume_from_checkpoint", resume),
+    ]
+
+
+def check_resume_fits(resume: str | None, model_path: str) -> None:
+    """Before the model loads: a checkpoint of another model (its config.json against the model's) is named as such."""
+    import json
+
+    from .checkpoints import model_mismatch
+
+    config_path = os.path.join(model_path, "config.json")
+    if resume is None or not os.path.isfile(config_path):
+        return
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return  # the model's own load reports it
+    mismatch = model_mismatch(resume, config if isinstance(config, dict) else None)
+    if mismatch:
+        raise ValueError(
+            f"--resume_from_checkpoint {resume!r} {mismatch} (--model_name_or_path {model_path!r}): resume with the "
+            "model it was trained from, or start without --resume_from_checkpoint."
+        )
 
 
 def use_allocator_setting(training_args: SDFTConfig) -> None:

@@ -52,16 +52,18 @@ def warn_if_adapter_present(model, peft_config, warn) -> None:
         )
 
 
-def check_finite_weights(model) -> None:
+def check_finite_weights(model, source: str | None = None) -> None:
     """Weights holding NaN or inf (a diverged or damaged checkpoint) are refused before training: they would crash
-    sampling at the first step or train into more NaN. One pass over the parameters, on their device."""
+    sampling at the first step or train into more NaN. One pass over the parameters, on their device. `source` names
+    where they were loaded from (a checkpoint resumed)."""
     import torch
 
     for name, param in model.named_parameters():
         if param.is_floating_point() and param.device.type != "meta" and not torch.isfinite(param).all():
+            where = f"The weights of {source}" if source else "The model's weights"
             raise ValueError(
-                f"The model's weights hold NaN or inf (first in `{name}`): training cannot start from them. Load an "
-                "earlier checkpoint or the original model."
+                f"{where} hold NaN or inf (first in `{name}`): training cannot start from them. Load an earlier "
+                "checkpoint or the original model."
             )
 
 

@@ -2,8 +2,11 @@
 two runs at once.
 
 `claim_output_dir` runs before any model is loaded. A directory that already holds a model or checkpoints is
-refused unless the run resumes from one of them or `--overwrite_output_dir` is given (then the stale checkpoints are
-removed, so that a later `--resume_from_checkpoint true` cannot pick one of the old run's). An advisory lock
+refused unless the run resumes from one of its own checkpoints or `--overwrite_output_dir` is given (then the stale
+checkpoints are removed, so that a later `--resume_from_checkpoint true` cannot pick one of the old run's; a symlinked
+checkpoint loses its link, never its target). Nothing the run reads (its model, data, templates, the checkpoint it
+resumes from) may sit in what would be removed, and a file the run writes (`README.md`, `results.json`, tokenizer
+files) that is already there and was not written by an earlier run is never replaced without the flag. An advisory lock
 (`fcntl.flock` on `.trl-sdft.lock`, released by the kernel when the process ends, however it ends) keeps a second
 run out while the first one writes. The lock is the CLI's: the library never takes it.
 """
@@ -13,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 
 from .checkpoints import checkpoint_dirs
 
@@ -29,6 +33,29 @@ MODEL_FILES = (
 )
 # What an earlier training run leaves behind: its final model (full or adapter) and its trainer state.
 RESULT_FILES = (*MODEL_FILES, "trainer_state.json")
+# What a run writes beside its model: a file of these names that is there already is the user's until the flag.
+WRITTEN_FILES = (
+    "README.md",  # the model card
+    "results.json",  # the knowledge evaluation
+    "training_args.bin",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
+def foreign_files(path: str) -> list[str]:
+    """Files in `path` that a run would write over (`WRITTEN_FILES`) while no earlier run's results are there: the
+    user's own (a `README.md` in a directory made for the run, say)."""
+    if not os.path.isdir(path) or earlier_results(path):
+        return []
+    return [name for name in WRITTEN_FILES if os.path.lexists(os.path.join(path, name))]
 
 
 def earlier_results(path: str) -> list[str]:
@@ -55,8 +82,21 @@ class OutputDirLock:
     def __init__(self, path: str, flag: str = "--output_dir"):
         import fcntl
 
+        self._fd = None
         self.path = os.path.join(path, LOCK_FILE)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        if os.path.islink(self.path):
+            raise ValueError(
+                f"{flag} {path!r}: its lock file {LOCK_FILE} is a symlink (to {os.readlink(self.path)!r}), which a run "
+                "never follows: remove the link."
+            )
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as err:
+            kind = "a directory" if os.path.isdir(self.path) else "not a file this user can open for writing"
+            raise ValueError(
+                f"{flag} {path!r}: its lock file {LOCK_FILE} is {kind} ({err.strerror or err}): remove it (a run "
+                "creates its own), or choose another directory."
+            ) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -75,7 +115,7 @@ class OutputDirLock:
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
-        if self._fd is not None:
+        if getattr(self, "_fd", None) is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 
@@ -93,11 +133,67 @@ def is_main_process() -> bool:
     return rank.strip() == "0"
 
 
+def is_inside(path: str, directory: str) -> bool:
+    """`path` is `directory` or below it, by its own name or after resolving symlinks."""
+    for a, b in (
+        (os.path.abspath(path), os.path.abspath(directory)),
+        (os.path.realpath(path), os.path.realpath(directory)),
+    ):
+        if a == b or a.startswith(b.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _check_inputs_kept(path: str, removed: list[str], inputs, flag: str) -> None:
+    """Refuse before anything is removed when an input of the run (flag, path) lies in what `--overwrite_output_dir`
+    would remove."""
+    for input_flag, input_path in inputs:
+        if not input_path or not os.path.lexists(input_path):
+            continue
+        for target in removed:
+            if is_inside(input_path, target):
+                raise ValueError(
+                    f"{input_flag} {input_path!r} is inside {os.path.basename(target)!r} of {flag} {path!r}, which "
+                    "--overwrite_output_dir would remove with the earlier run: copy it out of that directory first, "
+                    f"or choose another {flag}."
+                )
+
+
+def _remove(target: str, path: str, flag: str) -> None:
+    """Remove a stale checkpoint or model file: a symlink loses the link only (its target may be anything)."""
+    if os.path.islink(target) or not os.path.isdir(target):
+        os.unlink(target)
+        return
+    problems = []
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(target, onexc=lambda function, name, err: problems.append((name, err)))
+    else:
+        shutil.rmtree(target, onerror=lambda function, name, info: problems.append((name, info[1])))
+    if problems:
+        name, err = problems[0]
+        raise ValueError(
+            f"--overwrite_output_dir: {name!r} in {flag} {path!r} cannot be removed "
+            f"({getattr(err, 'strerror', None) or err}): fix its permissions, or choose another {flag}."
+        )
+
+
 def claim_output_dir(
-    path: str, overwrite: bool = False, resuming: bool = False, flag: str = "--output_dir", log=print
+    path: str,
+    overwrite: bool = False,
+    resuming: bool = False,
+    flag: str = "--output_dir",
+    log=print,
+    inputs: tuple = (),
 ) -> OutputDirLock | None:
     """Make sure `path` may be written by this run, create it, and lock it (main process only; returns the lock, to
-    be kept for the run). Raises a `ValueError` that says what is there and how to go on."""
+    be kept for the run). `resuming`: the run resumes from one of `path`'s own checkpoints; `inputs`: (flag, path) of
+    what the run reads, which `--overwrite_output_dir` must not remove. Raises a `ValueError` that says what is there
+    and how to go on."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(
+            f"{flag} {path!r} is a symlink to {os.readlink(path)!r}, which does not exist: create the target "
+            "directory, or choose another path."
+        )
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {path!r} is a file, not a directory: choose a directory path.")
     if not is_main_process():
@@ -111,25 +207,48 @@ def claim_output_dir(
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path!r} is not writable by this user: choose a writable path.")
     lock = OutputDirLock(path, flag)
-    found = earlier_results(path)
-    if found and not resuming:
-        if not overwrite:
-            lock.release()
-            shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
-            raise ValueError(
-                f"{flag} {path!r} already holds an earlier run's results ({shown}). Resume it with "
-                "`--resume_from_checkpoint true`, replace it with `--overwrite_output_dir`, or choose another "
-                f"{flag}."
-            )
-        stale = checkpoint_dirs(path)
-        for checkpoint in stale:
-            shutil.rmtree(checkpoint)
-        weights = [name for name in os.listdir(path) if _is_model_file(name)]
-        for name in weights:  # a loader could pick an old file beside the new ones (an adapter, an unsharded copy)
-            os.remove(os.path.join(path, name))
-        if log:
-            log(
-                f"--overwrite_output_dir: replacing the earlier run in {path}: removed {len(stale)} checkpoint(s) and "
-                f"{len(weights)} model file(s)"
-            )
+    try:
+        _check_earlier_run(path, overwrite, resuming, flag, log, inputs)
+    except BaseException:
+        lock.release()
+        raise
     return lock
+
+
+def _check_earlier_run(path: str, overwrite: bool, resuming: bool, flag: str, log, inputs) -> None:
+    if resuming:
+        return
+    found = earlier_results(path)
+    foreign = foreign_files(path)
+    if (found or foreign) and not overwrite:
+        if foreign:
+            raise ValueError(
+                f"{flag} {path!r} holds {', '.join(foreign)}, which this run would write over (not an earlier run's): "
+                f"move it, pass --overwrite_output_dir to replace it, or choose another {flag}."
+            )
+        shown = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
+        raise ValueError(
+            f"{flag} {path!r} already holds an earlier run's results ({shown}). Resume it with "
+            "`--resume_from_checkpoint true`, replace it with `--overwrite_output_dir`, or choose another "
+            f"{flag}."
+        )
+    if not found:
+        return
+    stale = [os.path.join(path, name) for name in sorted(os.listdir(path)) if _is_stale_checkpoint(path, name)]
+    weights = [os.path.join(path, name) for name in os.listdir(path) if _is_model_file(name)]
+    _check_inputs_kept(path, stale + weights, inputs, flag)
+    for target in (
+        stale + weights
+    ):  # a loader could pick an old file beside the new ones (an adapter, an unsharded copy)
+        _remove(target, path, flag)
+    if log:
+        log(
+            f"--overwrite_output_dir: replacing the earlier run in {path}: removed {len(stale)} checkpoint(s) and "
+            f"{len(weights)} model file(s)"
+        )
+
+
+def _is_stale_checkpoint(path: str, name: str) -> bool:
+    """A `checkpoint-N` entry: a directory, or a symlink (to a directory or dangling)."""
+    full = os.path.join(path, name)
+    return re.fullmatch(r"checkpoint-\d+", name) is not None and (os.path.isdir(full) or os.path.islink(full))

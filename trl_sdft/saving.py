@@ -40,6 +40,22 @@ class TeacherSaving:
         finally:
             self._frozen_weights = None
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """The checkpoint's weights are checked as the starting model's are: NaN or inf stops the run here, naming the
+        checkpoint, instead of at the first sampling step; weights that do not fit are another model's."""
+        from .models import check_finite_weights, first_line
+
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except RuntimeError as err:
+            if "size mismatch" not in str(err) and "loading state_dict" not in str(err):
+                raise
+            raise ValueError(
+                f"--resume_from_checkpoint {resume_from_checkpoint!r}: its weights do not fit this model "
+                f"({first_line(err)}): resume with the model it was trained from."
+            ) from None
+        check_finite_weights(model or self.model, f"--resume_from_checkpoint {resume_from_checkpoint!r}")
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         if state_dict is not None and self._frozen_weights:
             state_dict = {**self._frozen_weights, **state_dict}

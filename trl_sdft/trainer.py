@@ -38,7 +38,7 @@ from .metrics import round_metrics
 from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class, warn_if_adapter_present
 from .prompts import resolve_teacher_prompt_template
 from .rollouts import RolloutContext, build_rollout, eos_token_ids, sampling_config
-from .rollouts.agentic import prepare_tools, tool_loop
+from .rollouts.agentic import check_tools, prepare_tools, tool_loop
 from .rollouts.agentic import round_prompts as tool_round_prompts
 from .rollouts.async_rounds import AsyncRounds
 from .saving import TeacherSaving
@@ -97,6 +97,8 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         self.teacher_prompt_template = resolve_teacher_prompt_template(args.teacher_prompt_template)
         self.chat_template_kwargs = dict(args.chat_template_kwargs or {})
         chat_template = load_chat_template(args.chat_template_path) if args.chat_template_path else None
+        datasets = [("train", train_dataset), *named_eval_sets(eval_dataset)]
+        toolbox = check_tools(tools, environment_factory, datasets, args.async_rollouts)  # before the model loads
 
         set_seed(args.seed)  # PEFT initialises adapter weights randomly
         model = load_model(model, settings.model_settings(args))
@@ -106,9 +108,8 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         processing_class, self._tokenizer = prepare_processing_class(
             model, processing_class, args.trust_remote_code, chat_template
         )
-        datasets = [("train", train_dataset), *named_eval_sets(eval_dataset)]
-        spec = (processing_class, self._tokenizer, datasets, self.chat_template_kwargs, args.async_rollouts)
-        self.toolbox = prepare_tools(tools, environment_factory, *spec)  # the prompts then show the tools
+        # The prompts then show the tools.
+        self.toolbox = prepare_tools(toolbox, processing_class, self._tokenizer, self.chat_template_kwargs)
         self.eos_token_ids = eos_token_ids(model, self._tokenizer)
         text_config, pad_id = model.config.get_text_config(), self._tokenizer.pad_token_id
         text_config.pad_token_id = pad_id
@@ -412,7 +413,10 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        resume_from_checkpoint = prepare_resume(resume_from_checkpoint, self.args.output_dir, self.teacher, _warn)
+        config = self.model.config.to_dict()
+        resume_from_checkpoint = prepare_resume(
+            resume_from_checkpoint, self.args.output_dir, self.teacher, _warn, config
+        )
         if resume_from_checkpoint:
             self._step = checkpoint_step(resume_from_checkpoint) * self.args.gradient_accumulation_steps
             self._buffered_inputs = None
