@@ -210,3 +210,175 @@ def test_task_files_are_documented_as_code():
 
     assert "task files you trust" in " ".join(tasks.__doc__.split())
     assert "task files you trust" in " ".join(continual_cli.parser().format_help().split())
+
+
+# ------------------------------------------------------------------------ round two: every input checked where read
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("Be concise and answer in English.\n", r"template\.jinja.* holds no chat template"),
+        ("{% for m in messages %}{{ m.content }}{% endfor\n", r"template\.jinja.*not valid Jinja at line 1"),
+        ("{{ raise_exception('no user turns') }}", r"template\.jinja.*rendering a one-message conversation fails"),
+    ],
+)
+def test_a_chat_template_file_is_parsed_and_rendered_at_load(tmp_path, text, match):
+    """Before: any readable file was taken as Jinja; one without a template rendered every prompt to the same text
+    (loss 0, exit 0), a malformed one failed after the model loaded."""
+    from trl_sdft.chat_tools import load_chat_template
+
+    one_line_error(lambda: load_chat_template(write(tmp_path / "template.jinja", text)), match)
+
+
+def test_the_bundled_and_test_templates_pass_the_check(tmp_path):
+    from trl_sdft.chat_tools import check_chat_template, load_chat_template
+    from trl_sdft.testing import CHAT_TEMPLATE, TOOL_CHAT_TEMPLATE
+
+    assert "tool_call" in load_chat_template("smollm2-tools")
+    for template in (CHAT_TEMPLATE, TOOL_CHAT_TEMPLATE):
+        check_chat_template(template, "test")
+
+
+@pytest.mark.parametrize(
+    "name, data, match",
+    [
+        ("template.jinja", "{{ m }}\n{# café #}", r"`chat_template_path` '.*template\.jinja': line 2, column 7"),
+        ("rows.csv", "prompt,privileged_context\nq,c\nMél,c\n", r"rows\.csv.*line 3, column 2 is not UTF-8"),
+        ("rows.json", '[\n{"prompt": "q", "privileged_context": "c"},\n{"prompt": "Mél"}]', r"rows\.json.*line 3"),
+        ("units.jsonl", '{"split": "train"}\n{"prompt": "Mél"}\n', r"units\.jsonl.*line 2"),
+        ("grid.yaml", "# café\n- {method: sft}\n", r"grid\.yaml.*line 1, column 6"),
+    ],
+)
+def test_a_latin1_file_is_named_with_its_line(tmp_path, name, data, match):
+    """Before: a bare "'utf-8' codec can't decode byte 0xe9 in position 92" naming no file."""
+    from trl_sdft.chat_tools import load_chat_template
+    from trl_sdft.continual.grid import load_grid
+    from trl_sdft.continual.tasks import load_task
+
+    path = tmp_path / name
+    path.write_bytes(data.encode("latin-1"))
+    load = {
+        "template.jinja": load_chat_template,
+        "rows.csv": lambda p: cli.load_local_dataset(p, "train"),
+        "rows.json": lambda p: cli.load_local_dataset(p, "train"),
+        "units.jsonl": load_task,
+        "grid.yaml": load_grid,
+    }[name]
+    one_line_error(lambda: load(str(path)), match)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"generation_kwargs": {"top_kk": 5}}, r"`generation_kwargs` has 'top_kk' \(did you mean 'top_k'\?\)"),
+        ({"generation_kwargs": '{"repetition_penalti": 1.2}'}, r"'repetition_penalti'.*GenerationConfig"),
+        ({"gradient_accumulation_steps": 0}, r"`gradient_accumulation_steps=0` must be >= 1"),
+        ({"teacher_prompt_template": "{prompt:d} {privileged_context}"}, r"`teacher_prompt_template` cannot be filled"),
+        ({"teacher_prompt_template": "{prompt!z} {privileged_context}"}, r"`teacher_prompt_template`"),
+    ],
+)
+def test_config_values_are_named_by_the_option_given(tmp_path, overrides, match):
+    """Before: a misspelled generation key was ignored, `gradient_accumulation_steps=0` was reported as
+    `steps_per_generation=0`, and `{prompt:d}` failed at the first step without naming the option."""
+    from trl_sdft import SDFTConfig
+
+    one_line_error(lambda: SDFTConfig(str(tmp_path), use_cpu=True, report_to="none", **overrides), match)
+
+
+def test_generation_keys_of_either_backend_are_accepted(tmp_path):
+    from trl_sdft import SDFTConfig
+
+    config = SDFTConfig(str(tmp_path), use_cpu=True, generation_kwargs={"min_new_tokens": 2, "repetition_penalty": 1.1})
+    assert config.generation_kwargs == {"min_new_tokens": 2, "repetition_penalty": 1.1}
+
+
+TOOL = '''
+def lookup(name: str) -> str:
+    """Look up a name.
+
+    Args:
+        name: The name.
+    """
+    return name
+'''
+
+
+def test_two_tools_with_one_name_are_refused():
+    """Before: both schemas were shown and every call went to the last one."""
+    from trl_sdft.tools import Toolbox
+
+    first, second = {}, {}
+    exec(TOOL, first)
+    exec(TOOL.replace("return name", "return name.upper()"), second)
+    one_line_error(
+        lambda: Toolbox([first["lookup"], second["lookup"]]), r"Two tools of `tools` share the name 'lookup'"
+    )
+
+
+def test_an_environment_that_cannot_be_built_is_named():
+    from trl_sdft.tools import Toolbox
+
+    class Env:
+        def __init__(self):
+            raise RuntimeError("API key not set")
+
+    one_line_error(lambda: Toolbox(None, Env), r"`environment_factory` raised RuntimeError .*API key not set")
+
+
+def test_tools_are_checked_before_the_model_loads(tmp_path, tokenizer, tiny_config, monkeypatch):
+    """Before: a tool without a docstring, or tools with text prompts, were refused after the model had loaded."""
+    from trl_sdft import SDFTTrainer
+
+    monkeypatch.setattr("trl_sdft.trainer.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    namespace = {}
+    exec("def lookup(name):\n    return name\n", namespace)
+    rows = Dataset.from_list([CHAT_ROW] * 4)
+    args = tiny_config(tmp_path)
+    build = lambda tools, data: SDFTTrainer("unused", args, data, processing_class=tokenizer, tools=tools)  # noqa: E731
+    one_line_error(lambda: build([namespace["lookup"]], rows), r"Tool 'lookup' .*cannot be described")
+    exec(TOOL, namespace)
+    one_line_error(lambda: build([namespace["lookup"]], Dataset.from_list([ROW] * 4)), r"Tools need chat prompts")
+
+
+def test_distill_trainer_values_are_typed(tmp_path):
+    """Before: `"max_steps": "two"` passed SFTConfig and failed with a TypeError traceback in training."""
+    from trl import SFTConfig
+
+    from trl_sdft.offline.checks import check_trainer_values
+
+    one_line_error(
+        lambda: check_trainer_values("d.json", {"max_steps": "two"}, SFTConfig), r"d\.json: `trainer\.max_steps`"
+    )
+    check_trainer_values("d.json", {"max_steps": 2, "logging_steps": 0.5, "learning_rate": 1, "bf16": None}, SFTConfig)
+
+
+def test_continual_names_a_missing_model_before_anything_loads(tmp_path, capsys):
+    from trl_sdft.continual.cli import main
+
+    code = main(["--model", str(tmp_path / "no-such-model"), "--method", "sft", "--output_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--model" in err and "no-such-model" in err and "does not exist" in err
+
+
+def test_a_huge_privileged_context_is_cut_before_it_is_tokenized(tokenizer):
+    """Before: a 50 MB context was tokenized whole (a 12 GB peak) to keep its first few hundred tokens."""
+    from trl_sdft.batch import fit_teacher_prompts
+
+    seen = []
+    calls = tokenizer.__class__.__call__
+
+    def recording(self, *args, text=None, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text or []))
+        return calls(self, *args, text=text, **kwargs)
+
+    huge = "The sky is green on Tuesdays. " * 40_000  # 1.2 MB
+    small = "Zorb is blue."
+    contexts = [huge + "END", small]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer.__class__, "__call__", recording)
+        fitted = fit_teacher_prompts(tokenizer, ["What color?", "Zorb?"], contexts, "{prompt} {privileged_context}", 64)
+    assert max(seen) < 100_000  # never the whole context
+    whole = fit_teacher_prompts(
+        tokenizer, ["What color?"], ["The sky is green on Tuesdays. " * 200], "{prompt} {privileged_context}", 64
+    )
+    assert fitted.ids[0] == whole.ids[0] and len(fitted.ids[0]) <= 64  # the same tokens as from the whole text
+    assert fitted.context_cut == [0]

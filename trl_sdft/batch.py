@@ -63,6 +63,7 @@ def fit_teacher_prompts(
     privileged context is cut (the least the teacher can lose), not the start of the prompt, which holds the question.
     Only where even an empty context does not fit (the question alone is longer than the limit) is the prompt cut from
     the left, as student prompts are."""
+    contexts = within_reach(tokenizer_of(processing_class), contexts, limit)
     built = teacher_prompts(prompts, contexts, template)
     ids = tokenize_prompts(processing_class, built, None, chat_template_kwargs)
     cut, left_cut = [], []
@@ -86,6 +87,27 @@ def fit_teacher_prompts(
                 break
             keep = max(0, keep - max(1, len(fitted) - limit))
     return FittedPrompts(built, ids, cut, left_cut)
+
+
+CUT_MARGIN = 64  # tokens beyond the limit a pre-cut context keeps, so the cut's edge never decides what is kept
+
+
+def within_reach(tokenizer, contexts: list[Any], limit: int | None) -> list[Any]:
+    """The contexts, each cut (as text) to what `limit` tokens could at most hold, before anything is tokenized: a
+    50 MB context is not tokenized whole to keep its first few hundred tokens. No token is longer than the
+    vocabulary's longest entry, so a text of `(limit + CUT_MARGIN) x longest` characters already holds more than
+    `limit` tokens, and the tokens that are kept are those of the whole text."""
+    if limit is None:
+        return contexts
+    texts = [
+        context if isinstance(context, str) else context_to_text(context) if is_chat(context) else None
+        for context in contexts
+    ]
+    rough = (limit + CUT_MARGIN) * 16  # below this no context can need the cut: skip reading the vocabulary
+    if not any(text is not None and len(text) > rough for text in texts):
+        return contexts
+    reach = (limit + CUT_MARGIN) * max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return [text[:reach] if text is not None and len(text) > reach else c for c, text in zip(contexts, texts)]
 
 
 class FittedPrompts(NamedTuple):

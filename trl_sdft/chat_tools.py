@@ -25,27 +25,65 @@ def preset_path(name: str) -> str:
 
 def load_chat_template(path: str) -> str:
     """The Jinja text `chat_template_path` names: a preset (`PRESETS`), a `.jinja` file, or a tokenizer directory
-    (its `chat_template`)."""
+    (its `chat_template`); checked (`check_chat_template`) before any model loads."""
     if path in PRESETS:
-        path = preset_path(path)
+        return _read_preset(path)
     if os.path.isdir(path):
         from transformers import AutoTokenizer
 
         template = AutoTokenizer.from_pretrained(path).chat_template
         if not template:
             raise ValueError(f"`chat_template_path={path!r}`: the tokenizer in that directory has no chat template.")
-        return template
-    if not os.path.isfile(path):
+    elif not os.path.isfile(path):
         raise ValueError(
             f"`chat_template_path={path!r}` is neither a bundled template ({', '.join(PRESETS)}), a Jinja file nor a "
             "tokenizer directory."
         )
-    with open(path, encoding="utf-8") as file:
+    else:
+        from .text_files import read_text
+
+        template = read_text(path, "`chat_template_path`")
+    check_chat_template(template, f"`chat_template_path={path!r}`")
+    return template
+
+
+def _read_preset(name: str) -> str:
+    with open(preset_path(name), encoding="utf-8") as file:
         return file.read()
 
 
+def check_chat_template(template: str, where: str) -> None:
+    """Refuse a template that is not Jinja (a syntax error, by line) or not a chat template: one that renders two
+    different user messages without their text would render every prompt alike (and train on nothing)."""
+    from jinja2 import TemplateError, TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        compiled = _compile_jinja_template(template)
+    except TemplateSyntaxError as err:
+        raise ValueError(f"{where}: not valid Jinja at line {err.lineno} ({err.message}). Fix the template.") from None
+    markers = ("trl-sdft check: first message", "trl-sdft check: second message")
+    try:
+        rendered = [
+            compiled.render(
+                messages=[{"role": "user", "content": marker}], add_generation_prompt=True, bos_token="", eos_token=""
+            )
+            for marker in markers
+        ]
+    except (TemplateError, TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(
+            f"{where}: rendering a one-message conversation fails ({type(err).__name__}: {err}). Fix the template."
+        ) from None
+    if not all(marker in text for marker, text in zip(markers, rendered)):
+        raise ValueError(
+            f"{where} holds no chat template: it renders a user message without the message's text, so every prompt "
+            "would look the same to the model. A chat template is Jinja over `messages`, e.g. "
+            "`{% for message in messages %}{{ message.role }}: {{ message.content }}\\n{% endfor %}`."
+        )
+
+
 def is_preset(template: str | None) -> bool:
-    return template is not None and any(template == load_chat_template(name) for name in PRESETS)
+    return template is not None and any(template == _read_preset(name) for name in PRESETS)
 
 
 def prepare_tool_tokenizer(processing_class, tokenizer) -> None:

@@ -409,6 +409,7 @@ class SDFTConfig(_BaseConfig):
         self._check_choices()
         self._check_vllm_dtype()
         self._check_ranges()
+        self._check_generation_kwargs()
         # Fails with the reason and the fix if the template is unusable.
         resolve_teacher_prompt_template(self.teacher_prompt_template)
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
@@ -538,6 +539,8 @@ class SDFTConfig(_BaseConfig):
 
     def _check_ranges(self):
         settings.loss_settings(self)  # the loss options: alpha, top-k, clipping, and their combinations
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"`gradient_accumulation_steps={self.gradient_accumulation_steps}` must be >= 1.")
         if not 0.0 < self.teacher_update_rate <= 1.0:
             raise ValueError(
                 f"`teacher_update_rate={self.teacher_update_rate}` must be in (0, 1]: 1.0 copies the student, small "
@@ -576,6 +579,38 @@ class SDFTConfig(_BaseConfig):
                 f"`num_loss_tokens_to_skip={self.num_loss_tokens_to_skip}` with `max_completion_length="
                 f"{self.max_completion_length}`: every completion token would be skipped and nothing trained. Lower "
                 "`num_loss_tokens_to_skip` or raise `max_completion_length`."
+            )
+
+    def _check_generation_kwargs(self):
+        """A misspelled key would be ignored (GenerationConfig keeps unknown attributes) or fail at the first rollout
+        (vLLM's SamplingParams): keys are checked against what they configure, before any model loads."""
+        if not self.generation_kwargs:
+            return
+        if self.use_vllm:
+            try:
+                from vllm.sampling_params import SamplingParams
+            except ImportError:
+                return  # `check_installed_packages` says vLLM is missing
+            known, owner = (
+                {name for name in SamplingParams.__struct_fields__ if not name.startswith("_")},
+                "vLLM's SamplingParams",
+            )
+        else:
+            from transformers import GenerationConfig
+
+            known, owner = (
+                set(GenerationConfig().to_dict()) - {"transformers_version"},
+                "transformers' GenerationConfig",
+            )
+        unknown = [key for key in self.generation_kwargs if key not in known]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(str(unknown[0]), sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"`generation_kwargs` has {', '.join(map(repr, unknown))}{hint}, which {owner} does not take (it is "
+                "what rollouts are generated with here): fix or remove the key."
             )
 
     def _resolve_generation_batch(self):

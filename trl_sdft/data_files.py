@@ -77,6 +77,8 @@ def _load_error(path: str, extension: str, err: Exception) -> str:
     cause = err
     while isinstance(cause, DatasetsError) and (cause.__cause__ or cause.__context__) is not None:
         cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"--dataset_path {path!r}: {_utf8_problem(path)}. Save the file as UTF-8."
     detail = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     if "corresponds to no data" in detail:  # a CSV header and no row, say
         return f"--dataset_path {path!r} has no rows. {ROW_HINT}"
@@ -96,6 +98,13 @@ def _json_problem(path: str) -> str | None:
         return str(err)
 
 
+def _utf8_problem(path: str) -> str:
+    from .text_files import utf8_problem
+
+    with open(path, "rb") as f:
+        return utf8_problem(f.read()) or "is not UTF-8 text"
+
+
 class _BadJSON(Exception):
     """A file that does not parse, with what to fix."""
 
@@ -105,7 +114,7 @@ def _array_rows(path: str):
         try:
             rows = json.load(f)
         except UnicodeDecodeError:
-            raise _BadJSON("is not UTF-8 text. Save it as UTF-8.") from None
+            raise _BadJSON(f"{_utf8_problem(path)}. Save the file as UTF-8.") from None
         except json.JSONDecodeError as err:
             raise _BadJSON(
                 f"not valid JSON at line {err.lineno}, column {err.colno} ({err.msg}). Fix the file there."

@@ -45,6 +45,13 @@ def resolve_teacher_prompt_template(template: str) -> str:
             f"`teacher_prompt_template` has unknown placeholders {sorted(unknown)}: only {{prompt}} and "
             "{privileged_context} are filled in. Write literal braces as '{{' and '}}'."
         )
+    try:  # a format spec or conversion that text cannot take (`{prompt:d}`, `{prompt!z}`) fails here, not at step 1
+        template.format(prompt="a prompt", privileged_context="a context")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise ValueError(
+            f"`teacher_prompt_template` cannot be filled with text ({type(err).__name__}: {err}): write the "
+            "placeholders plainly, {prompt} and {privileged_context}, without a format spec or conversion."
+        ) from None
     return template
 
 

@@ -41,6 +41,18 @@ def tool_schema(tool: Callable, owner: str = "`tools`") -> dict:
         ) from None
 
 
+def _refuse_repeated_names(tools: list[Callable], where: str) -> None:
+    """Calls find a tool by name: of two tools with one name, the model would be shown both and reach only one."""
+    names = [tool_name(tool) for tool in tools]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        holders = [getattr(tool, "__module__", None) or "?" for tool in tools if tool_name(tool) == repeated[0]]
+        raise ValueError(
+            f"Two tools of {where} share the name {repeated[0]!r} (from {', '.join(holders)}): the model calls tools by "
+            "name, so each name must be unique. Rename one (e.g. with a wrapper function)."
+        )
+
+
 def environment_methods(environment: Any) -> list[Callable]:
     """The public methods of an environment (listed on its class, so that properties are not evaluated), without
     `reset` and `get_reward`."""
@@ -70,9 +82,16 @@ class Toolbox:
             raise ValueError("`environment_factory` is an empty dict: give at least one environment factory.")
         self.tools, self.factories = tools, factories
         self._pools: dict[Any, list[Any]] = {}
+        _refuse_repeated_names(tools, "`tools`")
         self._schemas = {None: [tool_schema(tool) for tool in tools]}
         for name, factory in factories.items():  # one instance of each, probed for its methods, seeds its pool
-            probe = factory()
+            where = "`environment_factory`" + ("" if name is None else f"[{name!r}]")
+            try:
+                probe = factory()
+            except Exception as error:  # the user's constructor: named here, at construction
+                raise ValueError(
+                    f"{where} raised {type(error).__name__} when called to build an environment: {error}"
+                ) from error
             if not callable(getattr(probe, "reset", None)):
                 raise ValueError(
                     f"The environment `environment_factory` returned ({type(probe).__name__}) has no `reset` method: "
@@ -81,9 +100,7 @@ class Toolbox:
             self._pools[name] = [probe]
             methods = environment_methods(probe)
             names = [tool_name(tool) for tool in tools + methods]
-            repeated = sorted({name for name in names if names.count(name) > 1})
-            if repeated:
-                raise ValueError(f"Two tools share the name {repeated[0]!r}: tool names must be unique.")
+            _refuse_repeated_names(tools + methods, f"`tools` and {where}'s methods")
             if not names:
                 raise ValueError("`environment_factory`'s environment has no public method to use as a tool.")
             self._schemas[name] = self._schemas[None] + [

@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+from ..demo.default_model import is_default_alias
+from ..models import check_model_path
 from ..output_dir import OutputDirLock
 from .harness import ContinualConfig, ContinualRunner
 from .tasks import BUNDLED_TASKS
@@ -130,6 +132,8 @@ def main(argv=None) -> int:
     try:  # tasks and an existing output are checked here, before any model is loaded
         if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
             raise ValueError(f"--output_dir {config.output_dir!r} is a file, not a directory: choose a directory path.")
+        if not is_default_alias(config.model):  # the embedded model is fetched when first used
+            check_model_path(config.model, "--model")
         runner = ContinualRunner(config, overwrite=args.overwrite, resume=args.resume)
         os.makedirs(config.output_dir, exist_ok=True)
         lock = OutputDirLock(config.output_dir)  # noqa: F841 (held until the run returns: one run per directory)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..jsonl import JSONLineError, json_lines
+from ..text_files import read_text
 
 # The original SDFT recipe in SDFTConfig fields (see configs/paper.yaml for where each comes from). Batch, lengths,
 # steps and the learning rate are the grid's.
@@ -100,7 +101,10 @@ def load_grid(path: str) -> list[Point]:
     file = Path(path)
     if not file.is_file():
         raise GridError(f"Grid file {path!r} does not exist.")
-    text = file.read_text()
+    try:
+        text = read_text(path, "Grid file")
+    except ValueError as err:
+        raise GridError(str(err)) from None
     if file.suffix in (".jsonl", ".json"):
         try:
             entries = [(f"{path}, line {number}", point) for number, point in json_lines(text.splitlines())]

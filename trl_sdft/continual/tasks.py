@@ -31,6 +31,7 @@ from datasets import Dataset
 from ..demo.knowledge import chat, is_correct, load_probes
 from ..jsonl import JSONLineError, json_lines
 from ..prompts import build_teacher_prompt, context_to_text, is_chat, resolve_teacher_prompt_template
+from ..text_files import read_text
 
 DEFAULT_TEMPLATE = "{prompt}\n\nExample answer: {privileged_context}"
 SCORERS = ("exact", "contains", "regex", "python")
@@ -274,7 +275,11 @@ def load_task(name_or_path: str) -> Task:
         raise TaskError(
             f"Task {name_or_path!r} is neither a bundled task ({', '.join(BUNDLED_TASKS)}) nor a JSONL file."
         )
-    return task_from_rows(_parse_jsonl(path.read_text(), str(path)), path.stem, str(path))
+    try:
+        text = read_text(str(path), "Task file")
+    except ValueError as err:
+        raise TaskError(str(err)) from None
+    return task_from_rows(_parse_jsonl(text, str(path)), path.stem, str(path))
 
 
 def load_tasks(names: list[str]) -> list[Task]:

@@ -146,3 +146,26 @@ def scan_logits(batches, path: str, topk: int, vocab_size: int) -> int:
             )
         first += batch.num_rows
     return first
+
+
+def check_trainer_values(path: str, trainer: dict, config_class) -> None:
+    """Each `trainer` value has its field's plain type (`"max_steps": "two"` would pass the config and fail deep in
+    training): a whole number for an `int` field, a number for a `float` one, true/false for a flag, text for a
+    string. Fields of other types are left to the config."""
+    from dataclasses import fields
+
+    wanted = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string"}
+    types = {f.name: getattr(f.type, "__name__", f.type) for f in fields(config_class)}
+    for key, value in trainer.items():
+        kind = types.get(key)
+        if kind not in wanted or value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = {
+            "bool": isinstance(value, bool),
+            "int": number and isinstance(value, int),
+            "float": number,
+            "str": isinstance(value, str),
+        }[kind]
+        if not ok:
+            raise ValueError(f"{path}: `trainer.{key}` must be {wanted[kind]}, not {value!r}.")

@@ -17,7 +17,7 @@ from ..launch import close_process_group
 from ..models import check_model_path
 from ..output_dir import OutputDirLock, is_main_process
 from ..utils import ensure_pad_token
-from .checks import check_distinct_paths, check_output_dir, check_writable, first_line
+from .checks import check_distinct_paths, check_output_dir, check_trainer_values, check_writable, first_line
 from .extract import (
     ExtractionSettings,
     check_filtered,
@@ -304,6 +304,7 @@ def run_distillation(config_file: str, output_dir: str, log=print, overwrite: bo
         "remove_unused_columns": False,
         "dataset_kwargs": {"skip_prepare_dataset": True},
     }
+    check_trainer_values(config_file, config.trainer, SFTConfig)
     try:
         args = SFTConfig(**trainer_args)
     except (TypeError, ValueError) as err:

@@ -140,18 +140,10 @@ class ToolCallingLoop:
         return self.backend.generate(model, padded, 1, step)
 
 
-def prepare_tools(
-    tools,
-    environment_factory,
-    processing_class,
-    tokenizer,
-    datasets: list[tuple[str, Any]],
-    chat_template_kwargs: dict,
-    async_rollouts: bool,
-):
-    """At construction, before any model runs: the run's `Toolbox`, or None without tools; the tools' schemas go into
-    `chat_template_kwargs` (the prompts show them). Refuses what a tool run cannot do: text prompts, a chat template
-    without tool calls (`chat_tools.prepare_tool_tokenizer`), asynchronous rounds."""
+def check_tools(tools, environment_factory, datasets: list[tuple[str, Any]], async_rollouts: bool):
+    """At construction, before any model loads: the run's `Toolbox` (tools described, names unique, environments
+    built once), or None without tools. Refuses what a tool run cannot do: text prompts, rows naming no known
+    environment, asynchronous rounds."""
     from ..prompts import is_chat
     from ..tools import Toolbox
 
@@ -183,6 +175,14 @@ def prepare_tools(
             "`async_rollouts` cannot be combined with tools: a round generated in the background would have to run "
             "the tools off the training loop, which SDFTTrainer does not do. Set `async_rollouts=False`."
         )
+    return toolbox
+
+
+def prepare_tools(toolbox, processing_class, tokenizer, chat_template_kwargs: dict):
+    """Once the tokenizer is there: refuse a chat template without tool calls (`chat_tools.prepare_tool_tokenizer`)
+    and put the tools' schemas into `chat_template_kwargs` (the prompts show them). Returns `toolbox`."""
+    if toolbox is None:
+        return None
     from ..chat_tools import prepare_tool_tokenizer
 
     prepare_tool_tokenizer(processing_class, tokenizer)
