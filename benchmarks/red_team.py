@@ -14,8 +14,8 @@ Each case runs the real command line (`scripts/sdft.py`, `scripts/extract_logits
                   change (a resumed run's final model) are listed by the case. The CLIs' `.trl-sdft.lock` is ignored.
 
 and, for what fits none of these: `unclear-error` (exit 2, no traceback, but no single error line ending stderr: a
-message over several lines, or none), `setup-error` (the case's own preparation failed, e.g. the shared extraction),
-`skipped`. Every case declares the outcome it expects; both are reported.
+message over several lines, or none; or a line that does not name the file or flag the case says it must),
+`setup-error` (the case's own preparation failed, e.g. the shared extraction), `skipped`. Every case declares the outcome it expects; both are reported.
 
     .venv/bin/python benchmarks/red_team.py [--only SUBSTRING ...] [--list] [--output benchmarks/results/red_team.json]
 
@@ -261,6 +261,9 @@ def classify(result: Result, lost: list[str], plan: "Plan", timeout: float) -> t
         if always:
             return "silent-wrong", f"{always} (and exit 2: {lines[0] if lines else last_line(result.stderr)})"
         if len(lines) == 1 and last_line(result.stderr) == lines[0]:
+            missing = [name for name in plan.names if name not in lines[0]]
+            if missing:
+                return "unclear-error", f"{lines[0]} (does not name {', '.join(map(repr, missing))})"
             return "clear-error", lines[0]
         if not lines:
             return "unclear-error", f"exit 2 without an error line: {last_line(result.stderr)[:200]}"
@@ -423,6 +426,7 @@ class Plan:
     concurrent: list[list[str]] = field(default_factory=list)  # started at the same moment as `argv`
     permissions: bool = False  # file permissions must hold (as root: without the capabilities that bypass them)
     note: str = ""  # shown for `handled`
+    names: tuple[str, ...] = ()  # what a clear error must name (a file, a flag): else it is `unclear-error`
 
 
 @dataclass
@@ -1599,6 +1603,321 @@ def _(c: Ctx) -> Plan:
     return Plan([PYTHON, SDFT, "vllm-serve", "--help"], check=check, note="help printed, no server")
 
 
+# ================================================================================================ round two
+# Cases aimed at what the first round added (the output-dir rule and its lock, --overwrite_output_dir, resume, chat
+# templates, tools, encodings): the second hardening round (issue 30).
+TOOL_MODULE = '''
+def lookup(name: str) -> str:
+    """Look up a name.
+
+    Args:
+        name: The name.
+    """
+    return name.upper()
+'''
+
+
+def _chat_facts(c: Ctx) -> str:
+    from trl_sdft.testing import facts_rows
+
+    c.jsonl("chat.jsonl", facts_rows(chat=True))
+    return "chat.jsonl"
+
+
+def _other_model(c: Ctx, name: str = "wide") -> Path:
+    """A model of another shape (hidden size 64) with the same tokenizer: a checkpoint of the tiny model does not fit."""
+    from trl_sdft.testing import build_model
+
+    path = c.path(name)
+    build_model(c.assets.tokenizer(), hidden_size=64, heads=2).save_pretrained(path)
+    c.assets.tokenizer().save_pretrained(path)
+    return path
+
+
+def _peak_rss(argv: list[str]) -> list[str]:
+    """`argv` (a Python script) run so that its peak RSS (KiB) is printed to stderr at exit."""
+    code = (
+        "import atexit, resource, runpy, sys; atexit.register(lambda: print('peak_rss_kib', "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)); sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    return [PYTHON, "-c", code, *argv[1:]]
+
+
+@case("sdft-start-model-in-output-checkpoint-overwrite", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.run_copy()
+    argv = c.sdft("--overwrite_output_dir", model="out/checkpoint-2")
+    return Plan(
+        argv, check=accepted("trained from a checkpoint --overwrite_output_dir removes"), names=("checkpoint-2",)
+    )
+
+
+@case("sdft-dataset-in-output-checkpoint-overwrite", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    out = c.run_copy()
+    shutil.copy(c.assets.facts(), out / "checkpoint-1" / "facts.jsonl")
+    argv = c.sdft("--overwrite_output_dir", dataset="out/checkpoint-1/facts.jsonl")
+    return Plan(argv, check=accepted("read a dataset that --overwrite_output_dir removes"), names=("facts.jsonl",))
+
+
+@case("sdft-resume-from-other-dir-into-finished-run", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.run_copy(name="first")
+    c.run_copy(name="out")
+    argv = c.sdft(resume_from_checkpoint="first/checkpoint-1")
+    return Plan(argv, check=accepted("replaced a finished run in --output_dir without --overwrite_output_dir"))
+
+
+@case("sdft-resume-from-other-dir-overwrite", "round two", "handled")
+def _(c: Ctx) -> Plan:
+    c.run_copy(name="first")
+    out = c.run_copy(name="out")
+
+    def check(result: Result) -> str | None:
+        if (out / "checkpoint-1").exists():
+            return "the replaced run's checkpoints were kept"
+        return weights_problem(out)
+
+    argv = c.sdft("--overwrite_output_dir", resume_from_checkpoint="first/checkpoint-1")
+    return Plan(argv, check=check, allowed=("out/**",), note="resumed elsewhere, old run replaced on request")
+
+
+@case("sdft-output-holds-users-readme", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("out/README.md", "# my notes about this experiment\n")
+    return Plan(c.sdft(), check=accepted("wrote into a directory holding the user's README.md"), names=("README.md",))
+
+
+@case("sdft-output-holds-users-readme-overwrite", "round two", "handled")
+def _(c: Ctx) -> Plan:
+    c.write("out/README.md", "# my notes about this experiment\n")
+    argv = c.sdft("--overwrite_output_dir")
+    return Plan(argv, check=model_saved(c.path("out")), allowed=("out/README.md",), note="replaced on request")
+
+
+@case("sdft-output-holds-users-notes", "round two", "handled")
+def _(c: Ctx) -> Plan:
+    c.write("out/notes.txt", "what I tried\n")
+    return Plan(c.sdft(), check=model_saved(c.path("out")), note="a file the run does not write is left alone")
+
+
+@case("sdft-lock-file-is-symlink", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("victim.txt", "the user's file\n")
+    c.path("out").mkdir()
+    c.path("out/.trl-sdft.lock").symlink_to("../victim.txt")
+    return Plan(c.sdft(), check=accepted("ran with its lock file a symlink"), names=(".trl-sdft.lock",))
+
+
+@case("sdft-lock-file-is-directory", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.path("out/.trl-sdft.lock").mkdir(parents=True)
+    return Plan(c.sdft(), check=accepted("ran without its lock"), names=(".trl-sdft.lock",))
+
+
+@case("sdft-overwrite-symlinked-checkpoint", "round two", "handled")
+def _(c: Ctx) -> Plan:
+    out = c.run_copy()
+    shutil.move(str(out / "checkpoint-1"), str(c.path("kept-checkpoint")))
+    (out / "checkpoint-1").symlink_to("../kept-checkpoint")
+
+    def check(result: Result) -> str | None:
+        if not (c.path("kept-checkpoint") / "trainer_state.json").is_file():
+            return "the symlinked checkpoint's target was deleted"
+        return "the symlink is still there" if (out / "checkpoint-1").is_symlink() else weights_problem(out)
+
+    argv = c.sdft("--overwrite_output_dir")
+    return Plan(argv, check=check, allowed=("out/**",), note="the link removed, its target kept")
+
+
+@case("sdft-overwrite-undeletable-checkpoint", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    out = c.run_copy()
+    (out / "checkpoint-1").chmod(0o555)
+    argv = c.sdft("--overwrite_output_dir")
+    return Plan(argv, permissions=True, allowed=("out/**",), check=accepted("kept a checkpoint it could not remove"))
+
+
+@case("sdft-output-dangling-symlink", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.path("out").symlink_to("gone/run")
+    return Plan(c.sdft(), names=("symlink",))
+
+
+@case("resume-nan-checkpoint", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    out = c.run_copy()
+    poison_weights(out / "checkpoint-2", "model.layers.0.mlp.up_proj.weight")
+    argv = c.sdft(resume_from_checkpoint="out/checkpoint-2", max_steps=3)
+    return Plan(argv, check=model_saved(out, "resumed from NaN weights"), allowed=("out/*",), names=("checkpoint-2",))
+
+
+@case("resume-with-another-model", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.run_copy()
+    _other_model(c)
+    argv = c.sdft(resume_from_checkpoint="out/checkpoint-2", max_steps=3, model="wide")
+    return Plan(argv, allowed=("out/*",), check=accepted("resumed another model's checkpoint"), names=("checkpoint-2",))
+
+
+@case("resume-ema-with-another-model", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.run_copy("ema")
+    _other_model(c)
+    argv = c.sdft(resume_from_checkpoint="true", max_steps=3, model="wide", teacher_model_kind="ema")
+    return Plan(argv, allowed=("out/*",), check=accepted("resumed another model's EMA checkpoint"))
+
+
+@case("sdft-chat-template-not-a-template", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("template.jinja", "Be concise and answer in English.\n")
+    argv = c.sdft(dataset=_chat_facts(c), chat_template_path="template.jinja")
+    return Plan(
+        argv, check=accepted("a file without a template rendered every prompt alike"), names=("template.jinja",)
+    )
+
+
+@case("sdft-chat-template-malformed-jinja", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("template.jinja", "{% for message in messages %}{{ message.content }}{% endfor\n")
+    argv = c.sdft(dataset=_chat_facts(c), chat_template_path="template.jinja")
+    return Plan(argv, check=accepted("a malformed template accepted"), names=("template.jinja",))
+
+
+@case("sdft-chat-template-latin1", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    text = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{# café #}"
+    c.path("template.jinja").write_bytes(text.encode("latin-1"))
+    argv = c.sdft(dataset=_chat_facts(c), chat_template_path="template.jinja")
+    return Plan(argv, check=accepted("a Latin-1 template read"), names=("template.jinja",))
+
+
+@case("sdft-dataset-latin1-csv", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    text = "prompt,privileged_context\nWhat color is Zorb?,Zorb is blue. Answer: blue\nWho is Mél?,Mél is red.\n"
+    c.path("facts.csv").write_bytes(text.encode("latin-1"))
+    return Plan(c.sdft(dataset="facts.csv"), check=accepted("a Latin-1 CSV read"), names=("facts.csv", "line 3"))
+
+
+@case("sdft-dataset-latin1-json-array", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    text = '[\n{"prompt": "What color is Zorb?", "privileged_context": "Zorb is blue."},\n{"prompt": "Mél?", "privileged_context": "red"}\n]\n'
+    c.path("facts.json").write_bytes(text.encode("latin-1"))
+    return Plan(c.sdft(dataset="facts.json"), check=accepted("a Latin-1 JSON read"), names=("facts.json", "line 3"))
+
+
+@case("continual-task-file-latin1", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    row = {"split": "train", "prompt": "How many grams in a zorg?", "privileged_context": "40", "demonstration": "40"}
+    c.path("units.jsonl").write_bytes(
+        (json.dumps(row) + "\n" + json.dumps({**row, "prompt": "Mél"}, ensure_ascii=False) + "\n").encode("latin-1")
+    )
+    return Plan(
+        c.continual(tasks="units.jsonl"), check=accepted("a Latin-1 task file read"), names=("units.jsonl", "line 2")
+    )
+
+
+@case("sdft-generation-kwargs-misspelled", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("config.yaml", "generation_kwargs:\n  top_kk: 5\n")
+    argv = c.sdft("--config", "config.yaml")
+    return Plan(argv, check=accepted("a misspelled generation setting ignored"), names=("top_kk",))
+
+
+@case("sdft-generation-kwargs-misspelled-flag", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    argv = c.sdft(generation_kwargs='{"repetition_penalti": 1.2}')
+    return Plan(argv, check=accepted("a misspelled generation setting ignored"), names=("repetition_penalti",))
+
+
+@case("sdft-tools-duplicate-name", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("tools_a.py", TOOL_MODULE)
+    c.write("tools_b.py", TOOL_MODULE.replace("name.upper()", "name.lower()"))
+    argv = c.sdft(
+        "--tools", "tools_a:lookup", "tools_b:lookup", dataset=_chat_facts(c), chat_template_path="smollm2-tools"
+    )
+    return Plan(argv, check=accepted("two tools named `lookup`: every call goes to the last"), names=("lookup",))
+
+
+@case("sdft-tools-undescribable", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("tools_a.py", "def lookup(name):\n    return name\n")
+    argv = c.sdft("--tools", "tools_a:lookup", dataset=_chat_facts(c), chat_template_path="smollm2-tools")
+    return Plan(argv, check=accepted("an undescribable tool accepted"), names=("lookup",))
+
+
+@case("sdft-environment-constructor-raises", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("envs.py", "class Env:\n    def __init__(self):\n        raise RuntimeError('API key not set')\n")
+    argv = c.sdft("--environment_factory", "envs:Env", dataset=_chat_facts(c), chat_template_path="smollm2-tools")
+    return Plan(argv, check=accepted("an environment that cannot be built accepted"), names=("environment_factory",))
+
+
+@case("continual-missing-model", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    argv = c.continual()
+    argv[argv.index("--model") + 1] = "./no-such-model"
+    return Plan(argv, check=accepted("ran without a model"), names=("no-such-model",))
+
+
+@case("distill-trainer-not-a-dict", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    return Plan(
+        c.distill(trainer="fast"),
+        check=model_saved(c.path("out"), "a string `trainer` section accepted"),
+        names=("trainer",),
+    )
+
+
+@case("distill-trainer-value-wrong-type", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    trainer = {"max_steps": "two", "per_device_train_batch_size": 4, "save_strategy": "no"}
+    return Plan(c.distill(trainer=trainer), check=accepted("max_steps 'two' accepted"), names=("max_steps",))
+
+
+@case("sdft-gradient-accumulation-zero", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    return Plan(c.sdft(gradient_accumulation_steps=0), names=("gradient_accumulation_steps",))
+
+
+@case("sdft-teacher-template-format-spec", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    argv = c.sdft(teacher_prompt_template="{prompt:d} Context: {privileged_context}")
+    return Plan(argv, check=accepted("a bad format spec accepted"), names=("teacher_prompt_template",))
+
+
+@case("sdft-teacher-template-conversion-in-yaml", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("config.yaml", "teacher_prompt_template: '{prompt!z} Context: {privileged_context}'\n")
+    argv = c.sdft("--config", "config.yaml")
+    return Plan(argv, check=accepted("a bad conversion accepted"), names=("teacher_prompt_template",))
+
+
+@case("sdft-huge-privileged-context", "round two", "handled")
+def _(c: Ctx) -> Plan:
+    from trl_sdft.testing import facts_rows
+
+    rows = facts_rows()
+    for row in rows[:2]:
+        row["privileged_context"] = ("The sky is green on Tuesdays. " * 1_700_000)[:50_000_000] + row[
+            "privileged_context"
+        ]
+    c.jsonl("big.jsonl", rows)
+    limit_kib = 3 * 1024 * 1024
+
+    def check(result: Result) -> str | None:
+        peak = [int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("peak_rss_kib")]
+        if not peak:
+            return "no peak RSS printed"
+        if peak[-1] > limit_kib:
+            return f"peak RSS {peak[-1] / 1024**2:.1f} GiB for a 50 MB context (over {limit_kib / 1024**2:.0f} GiB)"
+        return weights_problem(c.path("out"))
+
+    return Plan(_peak_rss(c.sdft(dataset="big.jsonl")), check=check, note="cut before tokenizing, peak under 3 GiB")
+
+
 # ====================================================================================================== harness
 @dataclass
 class Outcome:
@@ -1678,7 +1997,10 @@ def print_row(name_width: int, name: str, expected: str, outcome: str, seconds, 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--only", action="append", metavar="SUBSTRING", help="cases whose name contains it (repeatable)"
+        "--only",
+        action="append",
+        metavar="SUBSTRING",
+        help="cases whose name contains it, or of that category (repeatable)",
     )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="the JSON file of results (default: %(default)s)")
@@ -1688,7 +2010,7 @@ def main(argv=None) -> int:
         "--dry-run", action="store_true", help="prepare each case and show its command; run only the shared setup"
     )
     args = parser.parse_args(argv)
-    selected = [c for c in CASES if not args.only or any(part in c.name for part in args.only)]
+    selected = [c for c in CASES if not args.only or any(part in c.name or part == c.category for part in args.only)]
     width = max([len(c.name) for c in selected] + [4])
     if args.list:
         for spec in selected:

@@ -45,6 +45,7 @@ MACHINES = {
     "agentic.json": CPU_NO_AMX,
     "agentic_step.json": CPU_NO_AMX,
     "sharded_step.json": CPU,
+    "red_team.json": CPU,
     "continual/retention.json": CPU,
     "continual-seed43/retention.json": CPU,
     "pareto/retention.json": CPU,
@@ -69,6 +70,7 @@ COMMANDS = {
     "agentic.json": "python benchmarks/agentic_task.py --variants sdft sdft-from-teacher sft",
     "agentic_step.json": "python benchmarks/agentic_step.py --rounds 2 --steps 4",
     "sharded_step.json": "python benchmarks/sharded_step.py --rounds 2",
+    "red_team.json": "python benchmarks/red_team.py",
 }
 
 
@@ -1178,6 +1180,69 @@ def sharded_page() -> str:
     return "\n".join(lines)
 
 
+RED_TEAM_OUTCOMES = ("clear-error", "handled", "traceback", "silent-wrong", "data-lost", "unclear-error")
+RED_TEAM_ROUNDS = [  # (round, its "before" file, which cases of red_team.json belong to it)
+    ("one", "red_team_before.json", lambda case: case["category"] != "round two"),
+    ("two", "red_team_round2_before.json", lambda case: case["category"] == "round two"),
+]
+
+
+def outcome_counts(results: list[dict]) -> list:
+    return [sum(r["outcome"] == name for r in results) or "–" for name in RED_TEAM_OUTCOMES]
+
+
+def robustness_page() -> str:
+    lines = header("Robustness: the red-team harness", "`benchmarks/results/red_team*.json`")
+    after = load("red_team.json")
+    rows = []
+    for name, before_file, member in RED_TEAM_ROUNDS:
+        before = load(before_file)["results"]
+        now = [case for case in after["results"] if member(case)]
+        rows.append([f"{name}, before ({len(before)} cases)", *outcome_counts(before)])
+        rows.append([f"{name}, now ({len(now)} cases)", *outcome_counts(now)])
+    lines += [
+        "`benchmarks/red_team.py` gives the four command lines (`scripts/sdft.py`, `extract_logits.py`, "
+        "`distill_sft.py`, `continual.py`) bad input as a user would by mistake, or a hostile file would, each case in "
+        "a fresh process and a fresh directory on a tiny model, and sorts what happened: a *clear error* (exit 2, one "
+        "error line naming the file or flag, no traceback, nothing changed), *handled* (exit 0 and the documented "
+        "right behaviour), a *traceback*, *silent-wrong* (exit 0 but a wrong result, or bad input accepted), "
+        "*data-lost* (a file the user had was changed or deleted) or an *unclear error* (no single line, or one that "
+        "does not name the file or flag at fault). Each case says which outcome is right; every file in its "
+        "directory is hashed before and after.",
+        "",
+        "Round one aimed at everything the command lines read; round two at what round one added (the output-directory "
+        "rule and its lock, `--overwrite_output_dir`, resume, chat templates, tools, encodings, very long contexts). "
+        "*Before* is the code each round started from, *now* the latest run of every case.",
+        "",
+        table(["round", *RED_TEAM_OUTCOMES], rows),
+        "",
+        f"As expected now: {after['as_expected']} of {after['cases']} cases "
+        f"({after['seconds_total'] / 60:.0f} minutes in all).",
+        "",
+        "## Round two, case by case",
+        "",
+    ]
+    before = {case["name"]: case for case in load("red_team_round2_before.json")["results"]}
+    cases = [case for case in after["results"] if case["category"] == "round two"]
+    lines.append(
+        table(
+            ["case", "right outcome", "before", "now", "what the user reads now"],
+            [
+                [
+                    code(case["name"]),
+                    case["expected"],
+                    before.get(case["name"], {}).get("outcome", "–"),
+                    case["outcome"],
+                    text(case["error"][:160] + ("…" if len(case["error"]) > 160 else "")),
+                ]
+                for case in cases
+            ],
+        )
+    )
+    lines += ["", made_by("red_team.json"), ""]
+    return "\n".join(lines)
+
+
 PAGES = {
     "docs/reference/config.md": config_page,
     "docs/reference/cli.md": cli_page,
@@ -1188,6 +1253,7 @@ PAGES = {
     "docs/results/continual.md": continual_page,
     "docs/results/agentic.md": agentic_page,
     "docs/results/sharded.md": sharded_page,
+    "docs/results/robustness.md": robustness_page,
 }
 
 

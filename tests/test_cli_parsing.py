@@ -100,20 +100,20 @@ def test_missing_config_file_is_a_one_line_error(tmp_path, capsys, argv):
 def test_dict_fields_take_json_objects(tmp_path, capsys):
     """TRL's configs take these as JSON strings on the command line; typed `dict` alone, argparse refused every value."""
     flags = {
-        "--generation_kwargs": '{"max_tokens": 4, "stop": ["\\n"]}',
+        "--generation_kwargs": '{"max_new_tokens": 4, "stop_strings": ["\\n"]}',
         "--model_init_kwargs": '{"attn_implementation": "eager"}',
         "--chat_template_kwargs": '{"enable_thinking": false}',
     }
     _, args, _ = cli.parse([*[part for item in flags.items() for part in item], *base_flags(tmp_path)])
-    assert args.generation_kwargs == {"max_tokens": 4, "stop": ["\n"]}
+    assert args.generation_kwargs == {"max_new_tokens": 4, "stop_strings": ["\n"]}
     assert args.model_init_kwargs == {"attn_implementation": "eager"}
     assert args.chat_template_kwargs == {"enable_thinking": False}
     # In a YAML file: a mapping or a JSON string.
     config = write(
-        tmp_path, "generation_kwargs: {max_tokens: 4}\nchat_template_kwargs: '{\"enable_thinking\": true}'\n"
+        tmp_path, "generation_kwargs: {max_new_tokens: 4}\nchat_template_kwargs: '{\"enable_thinking\": true}'\n"
     )
     _, args, _ = cli.parse(["--config", config, *base_flags(tmp_path)])
-    assert args.generation_kwargs == {"max_tokens": 4} and args.chat_template_kwargs == {"enable_thinking": True}
+    assert args.generation_kwargs == {"max_new_tokens": 4} and args.chat_template_kwargs == {"enable_thinking": True}
     for flag, value in [("--generation_kwargs", "{max_tokens: 4}"), ("--chat_template_kwargs", "[1, 2]")]:
         line = one_line_error(capsys, tmp_path, flag, value)
         assert flag.lstrip("-") in line and "JSON object" in line, line

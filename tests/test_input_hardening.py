@@ -246,6 +246,8 @@ def test_the_bundled_and_test_templates_pass_the_check(tmp_path):
         ("rows.json", '[\n{"prompt": "q", "privileged_context": "c"},\n{"prompt": "Mél"}]', r"rows\.json.*line 3"),
         ("units.jsonl", '{"split": "train"}\n{"prompt": "Mél"}\n', r"units\.jsonl.*line 2"),
         ("grid.yaml", "# café\n- {method: sft}\n", r"grid\.yaml.*line 1, column 6"),
+        ("config.yaml", "max_steps: 2\n# café\n", r"--config '.*config\.yaml': line 2, column 6"),
+        ("distill.json", '{"train": "é"}', r"--config_file '.*distill\.json': line 1, column 12"),
     ],
 )
 def test_a_latin1_file_is_named_with_its_line(tmp_path, name, data, match):
@@ -253,6 +255,8 @@ def test_a_latin1_file_is_named_with_its_line(tmp_path, name, data, match):
     from trl_sdft.chat_tools import load_chat_template
     from trl_sdft.continual.grid import load_grid
     from trl_sdft.continual.tasks import load_task
+    from trl_sdft.offline.distill import DistillConfig
+    from trl_sdft.yaml_config import load_yaml_config
 
     path = tmp_path / name
     path.write_bytes(data.encode("latin-1"))
@@ -262,6 +266,8 @@ def test_a_latin1_file_is_named_with_its_line(tmp_path, name, data, match):
         "rows.json": lambda p: cli.load_local_dataset(p, "train"),
         "units.jsonl": load_task,
         "grid.yaml": load_grid,
+        "config.yaml": load_yaml_config,
+        "distill.json": DistillConfig.from_file,
     }[name]
     one_line_error(lambda: load(str(path)), match)
 
@@ -349,6 +355,15 @@ def test_distill_trainer_values_are_typed(tmp_path):
         lambda: check_trainer_values("d.json", {"max_steps": "two"}, SFTConfig), r"d\.json: `trainer\.max_steps`"
     )
     check_trainer_values("d.json", {"max_steps": 2, "logging_steps": 0.5, "learning_rate": 1, "bf16": None}, SFTConfig)
+
+
+def test_distill_keeps_a_users_file_it_would_write_over(tmp_path):
+    from trl_sdft.offline.checks import check_output_dir
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "tokenizer.json").write_text("my own")
+    one_line_error(lambda: check_output_dir(str(tmp_path / "out"), str(tmp_path / "m"), False), r"holds tokenizer\.json")
+    check_output_dir(str(tmp_path / "out"), str(tmp_path / "m"), True)
 
 
 def test_continual_names_a_missing_model_before_anything_loads(tmp_path, capsys):

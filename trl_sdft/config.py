@@ -201,7 +201,9 @@ class SDFTConfig(_BaseConfig):
         default=None,
         metadata={
             "help": "Sets the chat template: a Jinja file, a tokenizer directory (its template), or a bundled template "
-            "by name ('smollm2-tools': SmolLM2's ChatML with tool calls). Tools need a template that renders tool calls."
+            "by name ('smollm2-tools': SmolLM2's ChatML with tool calls). Tools need a template that renders tool calls. "
+            "Checked at load: parsed, and rendered on a one-message conversation (a file that does not show the "
+            "message's text is refused)."
         },
     )
     max_tool_calling_iterations: int | None = field(

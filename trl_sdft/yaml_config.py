@@ -42,6 +42,8 @@ def load_yaml_config(path: str) -> tuple[dict, dict[str, int]]:
     tag builds an object or runs code), and a key given twice is an error rather than the last one winning."""
     import yaml
 
+    from .text_files import read_text
+
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             first = {}
@@ -60,14 +62,11 @@ def load_yaml_config(path: str) -> tuple[dict, dict[str, int]]:
             return super().construct_mapping(node, deep)
 
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_text(path, "--config")
     except FileNotFoundError:
         raise ValueError(f"--config {path!r} does not exist.") from None
     except IsADirectoryError:
         raise ValueError(f"--config {path!r} is a directory, not a YAML file.") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--config {path!r} is not UTF-8 text: is it a YAML file?") from None
     except OSError as err:
         raise ValueError(f"--config {path!r} could not be read ({err.strerror}).") from None
     loader = Loader(text)

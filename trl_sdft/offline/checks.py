@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..output_dir import MODEL_FILES
+from ..output_dir import MODEL_FILES, foreign_files
 
 
 def first_line(err: BaseException) -> str:
@@ -72,6 +72,12 @@ def check_output_dir(output_dir: str, model_path: str, overwrite: bool) -> None:
             raise ValueError(
                 f"--output_dir {output_dir!r} holds a finished model already ({', '.join(found)}): pass --overwrite to "
                 "replace it, or choose another --output_dir."
+            )
+        foreign = foreign_files(output_dir)
+        if foreign:
+            raise ValueError(
+                f"--output_dir {output_dir!r} holds {', '.join(foreign)}, which saving the student would write over "
+                "(not an earlier run's): move it, pass --overwrite to replace it, or choose another --output_dir."
             )
     check_writable(output_dir, "--output_dir", directory=True)
 

@@ -16,6 +16,7 @@ import torch
 from datasets import Dataset
 from trl import SFTTrainer
 
+from ..text_files import read_text
 from .checks import check_number, first_line, scan_logits
 from .extract import SCHEMA, read_settings, vocab_fingerprint
 from .kd import sft_kd_loss
@@ -55,13 +56,12 @@ class DistillConfig:
     @classmethod
     def from_file(cls, path: str) -> "DistillConfig":
         try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
+            raw = json.loads(read_text(path, "--config_file"))
         except FileNotFoundError:
             raise ValueError(f"--config_file {path!r} does not exist.") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"--config_file {path!r} is not valid JSON ({err}).") from None
-        except (OSError, UnicodeDecodeError) as err:
+        except OSError as err:
             raise ValueError(f"--config_file {path!r} cannot be read ({first_line(err)}).") from None
         if not isinstance(raw, dict):
             raise ValueError(
