@@ -119,8 +119,9 @@ def prepare_peft(model, peft_config, args):
 
 
 def prepare_processing_class(model, processing_class, trust_remote_code: bool = False, chat_template=None):
-    """The processor (loaded from the model's path when None) and its tokenizer, which gets a pad token if it has
-    none, and `chat_template` where given (`chat_template_path`)."""
+    """The processor (loaded from the model's path when None: `model` is that path, or a model) and its tokenizer,
+    which gets a pad token if it has none, and `chat_template` where given (`chat_template_path`). Needs no loaded
+    model, so the tokenizer's checks come before the weights are read."""
     from transformers import AutoProcessor, PreTrainedTokenizerBase
     from trl.trainer.utils import get_config_model_id
 
@@ -128,7 +129,7 @@ def prepare_processing_class(model, processing_class, trust_remote_code: bool = 
 
     if processing_class is None:
         processing_class = AutoProcessor.from_pretrained(
-            get_config_model_id(model.config),
+            model if isinstance(model, str) else get_config_model_id(model.config),
             padding_side="left",
             truncation_side="left",
             trust_remote_code=trust_remote_code,

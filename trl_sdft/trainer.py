@@ -99,17 +99,17 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         chat_template = load_chat_template(args.chat_template_path) if args.chat_template_path else None
         datasets = [("train", train_dataset), *named_eval_sets(eval_dataset)]
         toolbox = check_tools(tools, environment_factory, datasets, args.async_rollouts)  # before the model loads
+        processing_class, self._tokenizer = prepare_processing_class(
+            model, processing_class, args.trust_remote_code, chat_template
+        )
+        # The prompts then show the tools (a template that cannot render them is refused before the model loads).
+        self.toolbox = prepare_tools(toolbox, processing_class, self._tokenizer, self.chat_template_kwargs)
 
         set_seed(args.seed)  # PEFT initialises adapter weights randomly
         model = load_model(model, settings.model_settings(args))
         warn_if_adapter_present(model, peft_config, _warn)
         model = prepare_peft(model, peft_config, args)
         check_finite_weights(model)
-        processing_class, self._tokenizer = prepare_processing_class(
-            model, processing_class, args.trust_remote_code, chat_template
-        )
-        # The prompts then show the tools.
-        self.toolbox = prepare_tools(toolbox, processing_class, self._tokenizer, self.chat_template_kwargs)
         self.eos_token_ids = eos_token_ids(model, self._tokenizer)
         text_config, pad_id = model.config.get_text_config(), self._tokenizer.pad_token_id
         text_config.pad_token_id = pad_id
