@@ -1793,6 +1793,13 @@ def _(c: Ctx) -> Plan:
     return Plan(argv, check=accepted("a Latin-1 template read"), names=("template.jinja",))
 
 
+@case("sdft-chat-template-dir-without-tokenizer", "round two", "clear-error")
+def _(c: Ctx) -> Plan:
+    c.write("templates/notes.txt", "my templates will go here\n")
+    argv = c.sdft(dataset=_chat_facts(c), chat_template_path="templates")
+    return Plan(argv, check=accepted("a directory without a tokenizer taken as a template"), names=("templates",))
+
+
 @case("sdft-dataset-latin1-csv", "round two", "clear-error")
 def _(c: Ctx) -> Plan:
     text = "prompt,privileged_context\nWhat color is Zorb?,Zorb is blue. Answer: blue\nWho is Mél?,Mél is red.\n"

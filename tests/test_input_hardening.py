@@ -229,6 +229,14 @@ def test_a_chat_template_file_is_parsed_and_rendered_at_load(tmp_path, text, mat
     one_line_error(lambda: load_chat_template(write(tmp_path / "template.jinja", text)), match)
 
 
+def test_a_template_directory_without_a_tokenizer_is_one_line(tmp_path):
+    """Before: transformers' five-line "Couldn't instantiate the backend tokenizer" error."""
+    from trl_sdft.chat_tools import load_chat_template
+
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    one_line_error(lambda: load_chat_template(str(tmp_path)), r"is a directory, but no tokenizer loads from it")
+
+
 def test_the_bundled_and_test_templates_pass_the_check(tmp_path):
     from trl_sdft.chat_tools import check_chat_template, load_chat_template
     from trl_sdft.testing import CHAT_TEMPLATE, TOOL_CHAT_TEMPLATE
@@ -362,7 +370,9 @@ def test_distill_keeps_a_users_file_it_would_write_over(tmp_path):
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "tokenizer.json").write_text("my own")
-    one_line_error(lambda: check_output_dir(str(tmp_path / "out"), str(tmp_path / "m"), False), r"holds tokenizer\.json")
+    one_line_error(
+        lambda: check_output_dir(str(tmp_path / "out"), str(tmp_path / "m"), False), r"holds tokenizer\.json"
+    )
     check_output_dir(str(tmp_path / "out"), str(tmp_path / "m"), True)
 
 

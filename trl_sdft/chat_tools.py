@@ -31,7 +31,14 @@ def load_chat_template(path: str) -> str:
     if os.path.isdir(path):
         from transformers import AutoTokenizer
 
-        template = AutoTokenizer.from_pretrained(path).chat_template
+        try:
+            template = AutoTokenizer.from_pretrained(path).chat_template
+        except (OSError, ValueError, TypeError) as err:
+            message = " ".join(str(err).split())[:200]
+            raise ValueError(
+                f"`chat_template_path={path!r}` is a directory, but no tokenizer loads from it ({type(err).__name__}: "
+                f"{message}): pass a Jinja file, a tokenizer directory or a bundled template ({', '.join(PRESETS)})."
+            ) from None
         if not template:
             raise ValueError(f"`chat_template_path={path!r}`: the tokenizer in that directory has no chat template.")
     elif not os.path.isfile(path):
