@@ -353,6 +353,21 @@ def test_tools_are_checked_before_the_model_loads(tmp_path, tokenizer, tiny_conf
     one_line_error(lambda: build([namespace["lookup"]], Dataset.from_list([ROW] * 4)), r"Tools need chat prompts")
 
 
+def test_prompt_lengths_are_checked_before_the_model_loads(tmp_path, tiny_model_dir, tiny_config, monkeypatch):
+    """Before: the context check read the loaded model's config, so a completion longer than the context was refused
+    only after every weight had been read; now the config alone is read for it."""
+    from transformers import AutoConfig
+
+    from trl_sdft import SDFTTrainer
+
+    context = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    monkeypatch.setattr("trl_sdft.trainer.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    args = tiny_config(tmp_path, max_completion_length=context)
+    one_line_error(
+        lambda: SDFTTrainer(tiny_model_dir, args, Dataset.from_list([ROW] * 4)), r"leaves no room for a prompt"
+    )
+
+
 def test_distill_trainer_values_are_typed(tmp_path):
     """Before: `"max_steps": "two"` passed SFTConfig and failed with a TypeError traceback in training."""
     from trl import SFTConfig

@@ -76,6 +76,21 @@ class ModelSettings:
     distributed_type: str = ""  # accelerate's `DistributedType` value
 
 
+def context_length(model, settings: ModelSettings) -> int | None:
+    """The model's context (`max_position_embeddings` of its text config), read from its config alone when `model` is
+    a path or hub id, so that prompt lengths are checked before any weight is read."""
+    if not isinstance(model, str):
+        return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    from transformers import AutoConfig
+
+    kwargs = {key: value for key, value in (settings.init_kwargs or {}).items() if key in ("revision", "token")}
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=settings.trust_remote_code, **kwargs)
+    except (OSError, ValueError):
+        return None  # an adapter directory, say: loading the model says what is wrong, the length check comes after
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
 def load_model(model, settings: ModelSettings):
     """`model` itself, or the model at a path / hub id loaded with `settings.init_kwargs`."""
     if not isinstance(model, str):

@@ -26,7 +26,7 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
 
 from . import batch as batching
-from . import forwards, guards, importance, losses, packing, settings, sharding
+from . import forwards, guards, importance, losses, models, packing, settings, sharding
 from .callbacks import dispatch
 from .chat_tools import load_chat_template
 from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resume
@@ -104,6 +104,18 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         )
         # The prompts then show the tools (a template that cannot render them is refused before the model loads).
         self.toolbox = prepare_tools(toolbox, processing_class, self._tokenizer, self.chat_template_kwargs)
+        self.max_prompt_length = args.max_prompt_length
+        self.max_teacher_prompt_length, self.prompt_lengths = batching.fit_datasets_in_context(
+            processing_class,
+            datasets,
+            self.teacher_prompt_template,
+            self.chat_template_kwargs,
+            (args.max_prompt_length, args.max_teacher_prompt_length, args.max_completion_length),
+            models.context_length(
+                model, settings.model_settings(args)
+            ),  # from the config: the weights are not read yet
+            warn=_warn,
+        )
 
         set_seed(args.seed)  # PEFT initialises adapter weights randomly
         model = load_model(model, settings.model_settings(args))
@@ -115,16 +127,6 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         text_config.pad_token_id = pad_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = pad_id
-        self.max_prompt_length = args.max_prompt_length
-        self.max_teacher_prompt_length, self.prompt_lengths = batching.fit_datasets_in_context(
-            processing_class,
-            datasets,
-            self.teacher_prompt_template,
-            self.chat_template_kwargs,
-            (args.max_prompt_length, args.max_teacher_prompt_length, args.max_completion_length),
-            getattr(text_config, "max_position_embeddings", None),
-            warn=_warn,
-        )
         self.rollout_settings = settings.rollout_settings(args)
         self.generation_config = sampling_config(self.rollout_settings, self._tokenizer, self.eos_token_ids)
         base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
