@@ -422,3 +422,25 @@ def test_a_huge_privileged_context_is_cut_before_it_is_tokenized(tokenizer):
     )
     assert fitted.ids[0] == whole.ids[0] and len(fitted.ids[0]) <= 64  # the same tokens as from the whole text
     assert fitted.context_cut == [0]
+
+
+def test_a_huge_text_prompt_is_cut_before_it_is_tokenized(tokenizer):
+    from trl_sdft.batch import fit_teacher_prompts, tokenize_prompts
+
+    seen = []
+    calls = tokenizer.__class__.__call__
+
+    def recording(self, *args, text=None, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text or []))
+        return calls(self, *args, text=text, **kwargs)
+
+    prompt = "The sky is green on Tuesdays. " * 40_000 + "What color is Zorb?"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tokenizer.__class__, "__call__", recording)
+        student = tokenize_prompts(tokenizer, [prompt], 64)
+        teacher = fit_teacher_prompts(tokenizer, [prompt], ["Zorb is blue."], "{prompt} {privileged_context}", 64)
+    assert max(seen) < 100_000
+    short = "The sky is green on Tuesdays. " * 200 + "What color is Zorb?"
+    assert student == tokenize_prompts(tokenizer, [short], 64)  # the last 64 tokens, as from the whole prompt
+    whole = fit_teacher_prompts(tokenizer, [short], ["Zorb is blue."], "{prompt} {privileged_context}", 64)
+    assert teacher.ids == whole.ids and teacher.left_cut == [0]

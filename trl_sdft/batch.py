@@ -28,7 +28,8 @@ def teacher_prompts(prompts: list[Any], contexts: list[Any], template: str) -> l
 def tokenize_prompts(
     processing_class, prompts: list[Any], limit: int | None = None, chat_template_kwargs: dict | None = None
 ) -> list[list[int]]:
-    """Token ids of text or chat prompts (chat: the generation prompt appended), cut from the left to `limit`."""
+    """Token ids of text or chat prompts (chat: the generation prompt appended), cut from the left to `limit` (a huge
+    text prompt is cut as text first, `within_reach`)."""
     if is_chat(prompts[0]):
         ids = processing_class.apply_chat_template(
             conversation=prompts,
@@ -38,7 +39,8 @@ def tokenize_prompts(
             **(chat_template_kwargs or {}),
         )["input_ids"]
     else:
-        ids = processing_class(text=prompts)["input_ids"]
+        texts = within_reach(tokenizer_of(processing_class), prompts, limit, keep="end")
+        ids = processing_class(text=texts)["input_ids"]
     ids = [list(row) for row in ids]
     return ids if limit is None else [row[-limit:] for row in ids]
 
@@ -63,7 +65,9 @@ def fit_teacher_prompts(
     privileged context is cut (the least the teacher can lose), not the start of the prompt, which holds the question.
     Only where even an empty context does not fit (the question alone is longer than the limit) is the prompt cut from
     the left, as student prompts are."""
-    contexts = within_reach(tokenizer_of(processing_class), contexts, limit)
+    tokenizer = tokenizer_of(processing_class)
+    contexts = within_reach(tokenizer, contexts, limit)
+    prompts = [within_reach(tokenizer, [p], limit, keep="end")[0] if isinstance(p, str) else p for p in prompts]
     built = teacher_prompts(prompts, contexts, template)
     ids = tokenize_prompts(processing_class, built, None, chat_template_kwargs)
     cut, left_cut = [], []
@@ -92,22 +96,20 @@ def fit_teacher_prompts(
 CUT_MARGIN = 64  # tokens beyond the limit a pre-cut context keeps, so the cut's edge never decides what is kept
 
 
-def within_reach(tokenizer, contexts: list[Any], limit: int | None) -> list[Any]:
-    """The contexts, each cut (as text) to what `limit` tokens could at most hold, before anything is tokenized: a
-    50 MB context is not tokenized whole to keep its first few hundred tokens. No token is longer than the
-    vocabulary's longest entry, so a text of `(limit + CUT_MARGIN) x longest` characters already holds more than
-    `limit` tokens, and the tokens that are kept are those of the whole text."""
+def within_reach(tokenizer, contexts: list[Any], limit: int | None, keep: str = "start") -> list[Any]:
+    """The contexts (or text prompts), each cut as text to what `limit` tokens could at most hold, before anything is
+    tokenized: a 50 MB context is not tokenized whole to keep its first few hundred tokens. No token is longer than
+    the vocabulary's longest entry, so a text of `(limit + CUT_MARGIN) x longest` characters already holds more than
+    `limit` tokens, and the tokens kept (its start, or with `keep="end"` its end) are those of the whole text."""
     if limit is None:
         return contexts
-    texts = [
-        context if isinstance(context, str) else context_to_text(context) if is_chat(context) else None
-        for context in contexts
-    ]
+    texts = [c if isinstance(c, str) else context_to_text(c) if is_chat(c) else None for c in contexts]
     rough = (limit + CUT_MARGIN) * 16  # below this no context can need the cut: skip reading the vocabulary
     if not any(text is not None and len(text) > rough for text in texts):
         return contexts
     reach = (limit + CUT_MARGIN) * max((len(token) for token in tokenizer.get_vocab()), default=1)
-    return [text[:reach] if text is not None and len(text) > reach else c for c, text in zip(contexts, texts)]
+    cut = (lambda text: text[:reach]) if keep == "start" else (lambda text: text[-reach:])
+    return [cut(text) if text is not None and len(text) > reach else c for c, text in zip(contexts, texts)]
 
 
 class FittedPrompts(NamedTuple):
