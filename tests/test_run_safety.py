@@ -477,6 +477,12 @@ def test_a_users_file_the_run_would_write_is_not_replaced_unasked(tmp_path):
     assert (tmp_path / "README.md").read_text() == "my notes"
     (tmp_path / "README.md").unlink()
     claim_output_dir(str(tmp_path)).release()  # a file the run does not write is no obstacle
+    # The knowledge evaluation's own results.json (written as training begins) is an earlier run's, not the user's.
+    (tmp_path / "results.json").write_text(json.dumps({"baseline": None, "evaluations": []}))
+    claim_output_dir(str(tmp_path)).release()
+    (tmp_path / "results.json").write_text(json.dumps({"accuracy": 0.9}))
+    with pytest.raises(ValueError, match=r"holds results\.json"):
+        claim_output_dir(str(tmp_path))
 
 
 def test_the_lock_file_as_a_symlink_or_directory_is_one_line(tmp_path):
@@ -568,3 +574,14 @@ def test_the_library_names_another_models_checkpoint_too(tokenizer, tiny_config,
     )
     with pytest.raises(ValueError, match=r"checkpoint-2.* was saved from another model \(hidden_size 32 there"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_a_nested_checkpoint_config_of_the_same_model_is_not_another_model(tmp_path):
+    """transformers saves some configs nested (`text_config`) that a model directory holds flat: the same model."""
+    from trl_sdft.checkpoints import model_mismatch
+
+    flat = {"model_type": "qwen2_vl", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 400}
+    nested = {"model_type": "qwen2_vl", "text_config": {**flat, "model_type": "qwen2_vl_text"}}
+    (tmp_path / "config.json").write_text(json.dumps(nested))
+    assert model_mismatch(str(tmp_path), flat) is None
+    assert "hidden_size 32 there, 64 here" in model_mismatch(str(tmp_path), {**flat, "hidden_size": 64})

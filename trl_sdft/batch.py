@@ -66,7 +66,7 @@ def fit_teacher_prompts(
     Only where even an empty context does not fit (the question alone is longer than the limit) is the prompt cut from
     the left, as student prompts are."""
     tokenizer = tokenizer_of(processing_class)
-    contexts = within_reach(tokenizer, contexts, limit)
+    contexts = within_reach(tokenizer, contexts, limit, keep="both")
     prompts = [within_reach(tokenizer, [p], limit, keep="end")[0] if isinstance(p, str) else p for p in prompts]
     built = teacher_prompts(prompts, contexts, template)
     ids = tokenize_prompts(processing_class, built, None, chat_template_kwargs)
@@ -100,7 +100,9 @@ def within_reach(tokenizer, contexts: list[Any], limit: int | None, keep: str = 
     """The contexts (or text prompts), each cut as text to what `limit` tokens could at most hold, before anything is
     tokenized: a 50 MB context is not tokenized whole to keep its first few hundred tokens. No token is longer than
     the vocabulary's longest entry, so a text of `(limit + CUT_MARGIN) x longest` characters already holds more than
-    `limit` tokens, and the tokens kept (its start, or with `keep="end"` its end) are those of the whole text."""
+    `limit` tokens, and the tokens kept are those of the whole text: its start, its end (`keep="end"`), or either
+    (`"both"`: the start and the end joined, for a teacher prompt that keeps the start of its context, or, when the
+    question alone is too long, the end of the whole prompt)."""
     if limit is None:
         return contexts
     texts = [c if isinstance(c, str) else context_to_text(c) if is_chat(c) else None for c in contexts]
@@ -108,8 +110,9 @@ def within_reach(tokenizer, contexts: list[Any], limit: int | None, keep: str = 
     if not any(text is not None and len(text) > rough for text in texts):
         return contexts
     reach = (limit + CUT_MARGIN) * max((len(token) for token in tokenizer.get_vocab()), default=1)
-    cut = (lambda text: text[:reach]) if keep == "start" else (lambda text: text[-reach:])
-    return [cut(text) if text is not None and len(text) > reach else c for c, text in zip(contexts, texts)]
+    cuts = {"start": lambda t: t[:reach], "end": lambda t: t[-reach:], "both": lambda t: t[:reach] + t[-reach:]}
+    size = 2 * reach if keep == "both" else reach
+    return [cuts[keep](text) if text is not None and len(text) > size else c for c, text in zip(contexts, texts)]
 
 
 class FittedPrompts(NamedTuple):

@@ -188,9 +188,13 @@ def model_mismatch(path: str, config: dict | None) -> str | None:
             saved = json.load(f)
     except (OSError, ValueError):
         return None  # the weights' own check reports a damaged checkpoint
-    saved = saved.get("text_config", saved) if "hidden_size" not in saved else saved
-    config = config.get("text_config", config) if "hidden_size" not in config else config
-    differ = [key for key in SHAPE_KEYS if key in saved and key in config and saved[key] != config[key]]
+    if not isinstance(saved, dict):
+        return None
+    nested = [isinstance(side.get("text_config"), dict) and "hidden_size" not in side for side in (saved, config)]
+    saved, config = (side["text_config"] if inner else side for side, inner in zip((saved, config), nested))
+    # One side written nested (a vision-language config), the other flat: their model types name different things.
+    keys = SHAPE_KEYS if nested[0] == nested[1] else SHAPE_KEYS[1:]
+    differ = [key for key in keys if key in saved and key in config and saved[key] != config[key]]
     if not differ:
         return None
     shown = ", ".join(f"{key} {saved[key]!r} there, {config[key]!r} here" for key in differ[:3])

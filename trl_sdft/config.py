@@ -586,8 +586,8 @@ class SDFTConfig(_BaseConfig):
     def _check_generation_kwargs(self):
         """A misspelled key would be ignored (GenerationConfig keeps unknown attributes) or fail at the first rollout
         (vLLM's SamplingParams): keys are checked against what they configure, before any model loads."""
-        if not self.generation_kwargs:
-            return
+        if not self.generation_kwargs or self.rollout_backend not in (None, "transformers", "vllm"):
+            return  # a registered backend reads its own keys
         if self.use_vllm:
             try:
                 from vllm.sampling_params import SamplingParams

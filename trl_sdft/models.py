@@ -83,7 +83,12 @@ def context_length(model, settings: ModelSettings) -> int | None:
         return getattr(model.config.get_text_config(), "max_position_embeddings", None)
     from transformers import AutoConfig
 
-    kwargs = {key: value for key, value in (settings.init_kwargs or {}).items() if key in ("revision", "token")}
+    init_kwargs = settings.init_kwargs or {}
+    if init_kwargs.get("config") is not None and not isinstance(init_kwargs["config"], str):
+        return getattr(init_kwargs["config"].get_text_config(), "max_position_embeddings", None)
+    # What loading passes to the config too: a longer context (`max_position_embeddings`, `rope_scaling`) counts.
+    wanted = ("revision", "token", "max_position_embeddings", "rope_scaling", "rope_parameters")
+    kwargs = {key: value for key, value in init_kwargs.items() if key in wanted}
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=settings.trust_remote_code, **kwargs)
     except (OSError, ValueError):

@@ -55,7 +55,21 @@ def foreign_files(path: str) -> list[str]:
     user's own (a `README.md` in a directory made for the run, say)."""
     if not os.path.isdir(path) or earlier_results(path):
         return []
-    return [name for name in WRITTEN_FILES if os.path.lexists(os.path.join(path, name))]
+    found = [name for name in WRITTEN_FILES if os.path.lexists(os.path.join(path, name))]
+    return [name for name in found if not (name == "results.json" and _our_results(os.path.join(path, name)))]
+
+
+def _our_results(path: str) -> bool:
+    """A `results.json` the knowledge evaluation wrote (it writes one when training begins, before any checkpoint):
+    a run stopped early leaves it, and running again must not be refused for it."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "evaluations" in data
 
 
 def earlier_results(path: str) -> list[str]:

@@ -54,7 +54,8 @@ class TeacherSaving:
                 f"--resume_from_checkpoint {resume_from_checkpoint!r}: its weights do not fit this model "
                 f"({first_line(err)}): resume with the model it was trained from."
             ) from None
-        check_finite_weights(model or self.model, f"--resume_from_checkpoint {resume_from_checkpoint!r}")
+        if not self.is_fsdp_enabled:  # FSDP's shards are per process: a check on one rank alone would hang the others
+            check_finite_weights(model or self.model, f"--resume_from_checkpoint {resume_from_checkpoint!r}")
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         if state_dict is not None and self._frozen_weights:

@@ -98,6 +98,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         self.chat_template_kwargs = dict(args.chat_template_kwargs or {})
         chat_template = load_chat_template(args.chat_template_path) if args.chat_template_path else None
         datasets = [("train", train_dataset), *named_eval_sets(eval_dataset)]
+        set_seed(args.seed)  # PEFT initialises adapter weights randomly; environments are built here
         toolbox = check_tools(tools, environment_factory, datasets, args.async_rollouts)  # before the model loads
         processing_class, self._tokenizer = prepare_processing_class(
             model, processing_class, args.trust_remote_code, chat_template
@@ -117,7 +118,6 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             warn=_warn,
         )
 
-        set_seed(args.seed)  # PEFT initialises adapter weights randomly
         model = load_model(model, settings.model_settings(args))
         warn_if_adapter_present(model, peft_config, _warn)
         model = prepare_peft(model, peft_config, args)
