@@ -353,8 +353,11 @@ def _ema_checkpoint(tokenizer, tmp_path, trained, model=None):
 
 
 def test_resume_refuses_an_ema_teacher_saved_from_another_model(tokenizer, tmp_path, trained, tiny_config):
-    """A teacher file whose shapes do not fit the model is a clear error naming it, not a silent restart."""
+    """A teacher file whose shapes do not fit the model is a clear error naming it, not a silent restart. (With its
+    config.json the checkpoint is refused earlier, as another model's: without it, the teacher file's check is the
+    one that speaks.)"""
     checkpoint, common = _ema_checkpoint(tokenizer, tmp_path, trained)
+    (checkpoint / "config.json").unlink()
     trainer = SDFTTrainer(
         model=build_model(tokenizer, hidden_size=64, heads=2),
         args=tiny_config(tmp_path, **common),
