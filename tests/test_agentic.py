@@ -576,3 +576,81 @@ def test_several_environments_each_row_its_own(tool_model_dir, tmp_path, scripte
     assert all("Zorbo call 1" in r for r in results[:2])  # the facts environment's own `lookup`
     assert all("not found" in r for r in results[2:])  # the weather rows have no `lookup`
     assert trainer._metrics["train"]["tools/failure_frequency"] == [0.5]
+
+
+def test_results_json_cannot_write_become_text_or_errors_never_a_crash():
+    """Before: `json.dumps` ran outside the error boundary, so a dict holding a numpy int64, a date, a set or tuple keys
+    stopped training (and, with two processes, left the other one waiting)."""
+    import datetime
+
+    import numpy as np
+
+    def typed() -> dict:
+        return {"count": np.int64(5), "day": datetime.date(2026, 12, 7), "tags": {"b", "a"}, "pair": (1, 2)}
+
+    def tuple_keys() -> dict:
+        return {(1, 2): "x"}
+
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("no text")
+
+    def unprintable() -> list:
+        return [Unprintable()]
+
+    tools = {"typed": typed, "tuple_keys": tuple_keys, "unprintable": unprintable}
+    calls = [{"type": "function", "function": {"name": name, "arguments": {}}} for name in tools]
+    results = call_tools(calls, tools)
+    assert json.loads(results[0].message["content"]) == {
+        "count": 5,
+        "day": "2026-12-07",
+        "tags": ["a", "b"],
+        "pair": [1, 2],
+    }
+    assert results[1].message["content"] == "{(1, 2): 'x'}" and not results[1].failed
+    assert results[2].failed and "RuntimeError: no text" in results[2].message["content"]
+
+
+class CodeAsText:
+    def reset(self, **row):
+        return None
+
+    def lookup(self, name: str) -> str:
+        """Look up a code.
+
+        Args:
+            name: The code.
+        """
+        return f"text {name!r}"
+
+
+class CodeAsNumber:
+    def reset(self, **row):
+        return None
+
+    def lookup(self, name: int) -> str:
+        """Look up a number.
+
+        Args:
+            name: The number.
+        """
+        return f"number {name!r}"
+
+
+def test_each_rows_calls_are_typed_by_its_own_environments_schemas(tool_model_dir, tmp_path, scripted):
+    """Before: all environments' schemas were merged by name, the last winning, so `lookup(name: str)` received 7
+    for "007" when another environment's `lookup` took an int."""
+    scripted(tool_call_text("007") + END, ANSWER)
+    rows = [{**row, "environment": "text" if i % 2 == 0 else "number"} for i, row in enumerate(tool_rows())]
+    trainer = SDFTTrainer(
+        AutoModelForCausalLM.from_pretrained(tool_model_dir),
+        args=config(tmp_path, rollout_backend="scripted", max_completion_length=200),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(tool_model_dir),
+        environment_factory={"text": CodeAsText, "number": CodeAsNumber},
+    )
+    batch = trainer.build_batch([rows[0], rows[0], rows[1], rows[1]])
+    tokenizer = trainer.processing_class
+    results = [tokenizer.decode(ids[tool_positions(batch)[i]]) for i, ids in enumerate(batch["completion_ids"])]
+    assert all("text '007'" in r for r in results[:2]), results
+    assert all("number 7" in r for r in results[2:]), results

@@ -131,7 +131,7 @@ class Toolbox:
         """One episode per row: the rows (prompts with the observations their environments' `reset` returned) and
         each rollout's tools by name. Environments are pooled and reset, not rebuilt."""
         if not self.factories:
-            tools = {tool_name(tool): tool for tool in self.tools}
+            tools = Toolset({tool_name(tool): tool for tool in self.tools}, self._schemas[None])
             return rows, [tools] * len(rows)
         started, toolsets, handed = [], [], {}
         for row in rows:
@@ -146,8 +146,18 @@ class Toolbox:
             if observation is not None:
                 row = {**row, "prompt": with_observation(row["prompt"], observation)}
             started.append(row)
-            toolsets.append({tool_name(tool): tool for tool in self.tools + environment_methods(environment)})
+            callables = {tool_name(tool): tool for tool in self.tools + environment_methods(environment)}
+            toolsets.append(Toolset(callables, self.schemas_for(name)))
         return started, toolsets
+
+
+class Toolset(dict):
+    """One rollout's tools by name, with `schemas`, the descriptions its prompt showed: its calls' arguments are typed
+    by them (two environments may each have a `lookup`, with different argument types)."""
+
+    def __init__(self, tools: dict[str, Callable], schemas: list[dict]):
+        super().__init__(tools)
+        self.schemas = schemas
 
 
 def with_observation(prompt: list[dict], observation: Any) -> list[dict]:
@@ -198,9 +208,10 @@ def _call(call: Any, tools: dict[str, Callable]) -> ToolResult:
         )
     try:
         result = _run(tool, arguments)
+        content = _text(result)  # inside the boundary: a result that cannot be written is the call's failure
     except Exception as error:  # the tool's own error: the model reads it, training goes on
         return failure(name, f"{type(error).__name__}: {error}")
-    return ToolResult({"role": "tool", "name": name, "content": _text(result)}, False)
+    return ToolResult({"role": "tool", "name": name, "content": content}, False)
 
 
 def _run(tool: Callable, arguments: dict) -> Any:
@@ -216,7 +227,28 @@ async def _awaited(awaitable):
 
 
 def _text(result: Any) -> str:
-    return result if isinstance(result, str) else json.dumps(result) if isinstance(result, dict | list) else str(result)
+    """A result as the model reads it: text as is, dicts and lists as JSON (numpy scalars, dates, sets and tuples
+    written as their values, lists or text), anything else `str()`."""
+    if isinstance(result, str):
+        return result
+    if not isinstance(result, dict | list | tuple):
+        return str(result)
+    try:
+        return json.dumps(result, default=_json_value)
+    except (TypeError, ValueError):  # keys JSON cannot have (tuples), circular references: the text of the object
+        return str(result)
+
+
+def _json_value(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        return value.item()  # a numpy or torch scalar
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()
+    if hasattr(value, "isoformat") and callable(value.isoformat):
+        return value.isoformat()
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    return str(value)
 
 
 def failure(name: str, error: str) -> ToolResult:

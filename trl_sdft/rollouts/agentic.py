@@ -83,7 +83,8 @@ class ToolCallingLoop:
             continuing = []
             for index in open_:
                 prefix = prompt_ids[index] + completions[index][: turn_start[index]]
-                message = parse_turn(self.tokenizer, completions[index][turn_start[index] :], prefix, self.tools)
+                schemas = getattr(toolsets[index], "schemas", self.tools)  # the row's own tools type its arguments
+                message = parse_turn(self.tokenizer, completions[index][turn_start[index] :], prefix, schemas)
                 results = self._results(message, toolsets[index])
                 if not results:
                     continue
