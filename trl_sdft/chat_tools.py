@@ -162,6 +162,7 @@ def tool_suffix_ids(processing_class, tokenizer, tool_messages: list[dict], chat
     """The tokens after a turn that ended with its end token: the tool results as the template renders them, then the
     next assistant header. Read off the template by rendering a short conversation with and without the results."""
     kwargs = {key: value for key, value in chat_template_kwargs.items() if key != "tools"}
+    tool_messages = [defused(tokenizer, message) for message in tool_messages]
     calls = [{"type": "function", "function": {"name": tool_messages[0].get("name", "tool"), "arguments": {}}}]
     head = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": calls}]
     before = _ids(processing_class.apply_chat_template(head, tokenize=True, add_generation_prompt=False, **kwargs))
@@ -174,6 +175,26 @@ def tool_suffix_ids(processing_class, tokenizer, tool_messages: list[dict], chat
     if after[: len(before)] != before:
         raise ValueError("The chat template renders the turn before a tool result differently once the result follows.")
     return after[len(before) :]
+
+
+def control_tokens(tokenizer) -> list[str]:
+    """The text of every special token (`<|im_end|>`, `<|im_start|>`, ...), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    found = set(tokenizer.all_special_tokens) | {token.content for token in added.values() if token.special}
+    return sorted((token for token in found if len(token) > 1), key=len, reverse=True)
+
+
+def defused(tokenizer, message: dict) -> dict:
+    """A tool message whose text cannot turn into control tokens: a result holding `<|im_end|>` would otherwise end
+    the tool turn and could forge turns inside the masked result. A zero-width space after each such token's first
+    character keeps the text readable and tokenizes it as text."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return message
+    for token in control_tokens(tokenizer):
+        if token in content:
+            content = content.replace(token, token[0] + "\u200b" + token[1:])
+    return {**message, "content": content}
 
 
 def _ids(rendered: Any) -> list[int]:
