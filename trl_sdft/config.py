@@ -214,6 +214,13 @@ class SDFTConfig(_BaseConfig):
             "(generated and tool-result tokens together) is used."
         },
     )
+    tool_call_timeout: float | None = field(
+        default=None,
+        metadata={
+            "help": "With tools: seconds one tool call may take; a call that takes longer gets an error as its result "
+            "and training goes on. `None`: no limit. A turn's calls run concurrently."
+        },
+    )
     repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty; 1.0 disables it."})
     cache_implementation: str | None = field(
         default=None, metadata={"help": "KV-cache implementation for transformers generation."}
@@ -570,6 +577,8 @@ class SDFTConfig(_BaseConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}={value}` must be >= 1, or None for no limit.")
+        if self.tool_call_timeout is not None and not self.tool_call_timeout > 0:
+            raise ValueError(f"`tool_call_timeout={self.tool_call_timeout}` must be > 0 seconds, or None for no limit.")
         if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
             raise ValueError(
                 f"`max_tool_calling_iterations={self.max_tool_calling_iterations}` must be >= 0, or None for no limit."

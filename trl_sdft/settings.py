@@ -126,7 +126,7 @@ def tool_loop_settings(args):
     """How multi-turn rollouts with tools end (`rollouts.agentic.ToolCallingLoop`)."""
     from .rollouts.agentic import ToolLoopSettings
 
-    return ToolLoopSettings(args.max_completion_length, args.max_tool_calling_iterations)
+    return ToolLoopSettings(args.max_completion_length, args.max_tool_calling_iterations, args.tool_call_timeout)
 
 
 def model_settings(args) -> ModelSettings:

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-RESERVED_METHODS = ("reset", "get_reward")
+RESERVED_METHODS = ("reset", "get_reward", "close")  # lifecycle, not tools
 
 
 def tool_name(tool: Callable) -> str:
@@ -55,7 +55,7 @@ def _refuse_repeated_names(tools: list[Callable], where: str) -> None:
 
 def environment_methods(environment: Any) -> list[Callable]:
     """The public methods of an environment (listed on its class, so that properties are not evaluated), without
-    `reset` and `get_reward`."""
+    `reset`, `get_reward` and `close` (lifecycle)."""
     names = [name for name, _ in inspect.getmembers(type(environment), predicate=inspect.isfunction)]
     return [getattr(environment, name) for name in names if name not in RESERVED_METHODS and not name.startswith("_")]
 
@@ -150,6 +150,26 @@ class Toolbox:
             toolsets.append(Toolset(callables, self.schemas_for(name)))
         return started, toolsets
 
+    def close(self, run_awaitable: Callable | None = None) -> None:
+        """Close every environment built (its `close()`, if it has one; an async one is awaited with
+        `run_awaitable`). A close that fails is logged, not raised: the run is over either way."""
+        import logging
+
+        for pool in self._pools.values():
+            for environment in pool:
+                close = getattr(environment, "close", None)
+                if not callable(close):
+                    continue
+                try:
+                    result = close()
+                    if inspect.isawaitable(result):
+                        run_awaitable(result) if run_awaitable else asyncio.run(_awaited(result))
+                except Exception as error:  # noqa: BLE001 (the user's cleanup: reported, never fatal)
+                    logging.getLogger(__name__).warning(
+                        f"Closing the environment {type(environment).__name__} failed: {type(error).__name__}: {error}"
+                    )
+        self._pools = {name: [] for name in self._pools}  # a later `train()` builds fresh ones
+
 
 class Toolset(dict):
     """One rollout's tools by name, with `schemas`, the descriptions its prompt showed: its calls' arguments are typed
@@ -173,12 +193,34 @@ class ToolResult(NamedTuple):
     failed: bool
 
 
-def call_tools(tool_calls: list[Any], tools: dict[str, Callable]) -> list[ToolResult]:
-    """Run a turn's tool calls in order; each gives one `tool` message. Failures become the message's content."""
-    return [_call(call, tools) for call in tool_calls]
+def call_tools(tool_calls: list[Any], tools: dict[str, Callable], runner: ToolRunner | None = None) -> list[ToolResult]:
+    """Run a turn's tool calls; each gives one `tool` message, in the order of the calls. Failures (and, with a
+    `runner` that has a timeout, calls that take too long) become the message's content. With a `runner` the calls
+    run concurrently on its event loop; without one, one after another here."""
+    if runner is not None:
+        return runner.run(tool_calls, tools)
+    results = []
+    for call in tool_calls:
+        prepared = _prepare(call, tools)
+        if isinstance(prepared, ToolResult):
+            results.append(prepared)
+            continue
+        name, tool, arguments = prepared
+        try:
+            result = tool(**arguments)
+            if inspect.isawaitable(result):  # no runner: an async tool gets an event loop of its own, on a thread
+                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-sdft-tool") as pool:
+                    result = pool.submit(asyncio.run, _awaited(result)).result()
+            content = _text(result)  # inside the boundary: a result that cannot be written is the call's failure
+        except Exception as error:  # the tool's own error: the model reads it, training goes on
+            results.append(failure(name, f"{type(error).__name__}: {error}"))
+            continue
+        results.append(ToolResult({"role": "tool", "name": name, "content": content}, False))
+    return results
 
 
-def _call(call: Any, tools: dict[str, Callable]) -> ToolResult:
+def _prepare(call: Any, tools: dict[str, Callable]) -> tuple[str, Callable, dict] | ToolResult:
+    """(name, tool, arguments) of a call that can run, or the failure that answers it."""
     if (
         not isinstance(call, dict)
         or call.get("type", "function") != "function"
@@ -206,24 +248,110 @@ def _call(call: Any, tools: dict[str, Callable]) -> ToolResult:
         return failure(
             name, f"Arguments {json.dumps(arguments)} do not match {name}{inspect.signature(tool)}: {error}."
         )
-    try:
-        result = _run(tool, arguments)
-        content = _text(result)  # inside the boundary: a result that cannot be written is the call's failure
-    except Exception as error:  # the tool's own error: the model reads it, training goes on
-        return failure(name, f"{type(error).__name__}: {error}")
-    return ToolResult({"role": "tool", "name": name, "content": content}, False)
-
-
-def _run(tool: Callable, arguments: dict) -> Any:
-    result = tool(**arguments)
-    if inspect.isawaitable(result):  # an async tool runs in its own event loop, on a thread of its own
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-sdft-tool") as pool:
-            return pool.submit(asyncio.run, _awaited(result)).result()
-    return result
+    return name, tool, arguments
 
 
 async def _awaited(awaitable):
     return await awaitable
+
+
+class ToolRunner:
+    """Runs tool calls for the run's life on one event loop, in one daemon thread (TRL's pattern): async tools and
+    environments keep loop-bound state between calls (a client session, a lock), a turn's calls run concurrently
+    (async ones on the loop, sync ones each on a daemon thread of its own), and each call gets at most `timeout`
+    seconds (None: no limit), after which its result is an error and training goes on. A sync tool that never
+    returns keeps its thread, which does not hold the process at exit. `close` stops the loop."""
+
+    def __init__(self, timeout: float | None = None):
+        self.timeout = timeout
+        self._loop = None
+        self._thread = None
+
+    def run(self, tool_calls: list[Any], tools: dict[str, Callable]) -> list[ToolResult]:
+        if not tool_calls:
+            return []
+        loop = self._started()
+
+        async def turn():
+            return await asyncio.gather(*(self._one(call, tools) for call in tool_calls))
+
+        return asyncio.run_coroutine_threadsafe(turn(), loop).result()
+
+    def await_(self, awaitable) -> Any:
+        """The value of `awaitable`, awaited on the runner's loop (an environment's async `close`, say)."""
+        return asyncio.run_coroutine_threadsafe(_awaited(awaitable), self._started()).result()
+
+    def close(self) -> None:
+        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not thread.is_alive():
+            loop.close()
+
+    def _started(self):
+        if self._loop is None:
+            import threading
+
+            ready = threading.Event()
+            loop = asyncio.new_event_loop()
+
+            def serve():
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            self._thread = threading.Thread(target=serve, name="trl-sdft-tools", daemon=True)
+            self._thread.start()
+            ready.wait()
+            self._loop = loop
+        return self._loop
+
+    async def _one(self, call: Any, tools: dict[str, Callable]) -> ToolResult:
+        prepared = _prepare(call, tools)
+        if isinstance(prepared, ToolResult):
+            return prepared
+        name, tool, arguments = prepared
+        try:
+            if inspect.iscoroutinefunction(tool):
+                pending = tool(**arguments)
+            else:
+                pending = _in_thread(asyncio.get_running_loop(), tool, arguments)
+            result = await asyncio.wait_for(pending, self.timeout)
+            if inspect.isawaitable(result):  # a sync callable that returned a coroutine
+                result = await asyncio.wait_for(result, self.timeout)
+            content = _text(result)  # inside the boundary: a result that cannot be written is the call's failure
+        except asyncio.TimeoutError:
+            return failure(name, f"The call to {name!r} took longer than {self.timeout} s (`tool_call_timeout`).")
+        except Exception as error:  # the tool's own error: the model reads it, training goes on
+            return failure(name, f"{type(error).__name__}: {error}")
+        return ToolResult({"role": "tool", "name": name, "content": content}, False)
+
+
+def _in_thread(loop, tool: Callable, arguments: dict):
+    """A future of `tool(**arguments)` run on a daemon thread of its own (a hung tool never blocks the loop or the
+    process's exit)."""
+    import threading
+
+    future = loop.create_future()
+
+    def settle(value, error):
+        if not future.done():  # a call that timed out was cancelled
+            future.set_exception(error) if error is not None else future.set_result(value)
+
+    def work():
+        try:
+            value, error = tool(**arguments), None
+        except BaseException as caught:  # handed to the loop, where the call's boundary turns it into a failure
+            value, error = None, caught
+        try:
+            loop.call_soon_threadsafe(settle, value, error)
+        except RuntimeError:  # the loop was closed meanwhile (the run ended): nobody waits for this result
+            pass
+
+    threading.Thread(target=work, name="trl-sdft-tool", daemon=True).start()
+    return future
 
 
 def _text(result: Any) -> str:

@@ -430,8 +430,9 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
                 ignore_keys_for_eval=ignore_keys_for_eval,
                 **kwargs,
             )
-        finally:  # a round still in flight is dropped; the backend's threads and temporary files go
-            (self.rollout if self.async_rounds is None else self.async_rounds).close()
+        finally:  # a round still in flight is dropped; the backend's threads and temporary files go; environments close
+            for part in (self.rollout if self.async_rounds is None else self.async_rounds, self.tool_loop):
+                part is None or part.close()
 
     # ----------------------------------------------------------------------------------------------------- utils
     def generate(self, query: Any, max_new_tokens: int | None = None) -> str:

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..chat_tools import MALFORMED, parse_turn, tool_suffix_ids
-from ..tools import ToolResult, ToolStats, call_tools, failure
+from ..tools import ToolResult, ToolRunner, ToolStats, call_tools, failure
 from . import RolloutBackend
 
 
@@ -33,6 +33,7 @@ class ToolLoopSettings:
 
     max_completion_length: int = 256
     max_iterations: int | None = None
+    call_timeout: float | None = None  # seconds per tool call (`tool_call_timeout`); None: no limit
 
 
 class Trajectories(NamedTuple):
@@ -61,6 +62,8 @@ class ToolCallingLoop:
         self.tokenizer = tokenizer
         self.settings = settings
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.runner = ToolRunner(settings.call_timeout)  # one event loop for the run's tool calls
+        self.toolbox = None  # set by `tool_loop`: its environments are closed with the loop
         self.connect()
 
     def connect(self, tools: list[dict] | None = None, accelerator=None, end_ids: list[int] | None = None):
@@ -124,7 +127,15 @@ class ToolCallingLoop:
     def _results(self, message: dict, tools: dict) -> list[ToolResult]:
         if message.get(MALFORMED):
             return [failure("unknown", f"Malformed tool call, it could not be parsed: {message[MALFORMED][:200]!r}")]
-        return call_tools(message.get("tool_calls") or [], tools)
+        return call_tools(message.get("tool_calls") or [], tools, self.runner)
+
+    def close(self) -> None:
+        """At the end of training (on error too): the environments' `close()`, then the tools' event loop."""
+        try:
+            if self.toolbox is not None:
+                self.toolbox.close(self.runner.await_)
+        finally:
+            self.runner.close()
 
     def _anyone(self, count: int) -> bool:
         """Whether any process has a trajectory to continue (each process then calls the backend, same count)."""
@@ -197,6 +208,7 @@ def tool_loop(backend, toolbox, processing_class, tokenizer, settings, chat_temp
         return None
     loop = ToolCallingLoop(backend, processing_class, tokenizer, settings, chat_template_kwargs)
     loop.connect(toolbox.schemas, accelerator, end_ids)
+    loop.toolbox = toolbox
     return loop
 
 
