@@ -765,3 +765,28 @@ def test_environments_are_closed_when_training_ends_even_on_error(tool_model_dir
     with pytest.raises(RuntimeError, match="stop here"):
         trainer.train()
     assert Closing.closed > built  # the second run's environments too, though it failed
+
+
+def test_a_turn_ends_at_any_of_the_models_end_ids(tool_model_dir):
+    """Before: the turn before a tool result was trimmed at the tokenizer's end-of-sequence token only; a model whose
+    turns end at another end id (Gemma-style) lost the template's text after it (here the newline)."""
+    from trl_sdft.chat_tools import tool_suffix_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    turn_end = tokenizer.eos_token_id
+    tokenizer.eos_token = "</s>"  # the end-of-sequence token is no longer what ends a turn
+    message = [{"role": "tool", "name": "lookup", "content": "red"}]
+    suffix = tool_suffix_ids(tokenizer, tokenizer, message, {}, end_ids=[turn_end, tokenizer.eos_token_id])
+    assert tokenizer.decode(suffix).startswith("\n<|im_start|>")
+
+
+def test_a_reset_that_raises_is_named_with_its_row():
+    from trl_sdft.tools import Toolbox
+
+    class Flaky(Counter):
+        def reset(self, **row):
+            raise ConnectionError("backend down")
+
+    toolbox = Toolbox(None, Flaky)
+    with pytest.raises(ValueError, match=r"Flaky\.reset raised ConnectionError: backend down \(for the row"):
+        toolbox.start([{"prompt": [{"role": "user", "content": "q"}]}])

@@ -158,9 +158,12 @@ def parse_turn(tokenizer, ids: list[int], prefix: list[int], tools: list[dict] |
     return message
 
 
-def tool_suffix_ids(processing_class, tokenizer, tool_messages: list[dict], chat_template_kwargs: dict) -> list[int]:
-    """The tokens after a turn that ended with its end token: the tool results as the template renders them, then the
-    next assistant header. Read off the template by rendering a short conversation with and without the results."""
+def tool_suffix_ids(
+    processing_class, tokenizer, tool_messages: list[dict], chat_template_kwargs: dict, end_ids=None
+) -> list[int]:
+    """The tokens after a turn that ended with its end token (any of `end_ids`; default: the tokenizer's end of
+    sequence): the tool results as the template renders them, then the next assistant header. Read off the template
+    by rendering a short conversation with and without the results."""
     kwargs = {key: value for key, value in chat_template_kwargs.items() if key != "tools"}
     tool_messages = [defused(tokenizer, message) for message in tool_messages]
     calls = [{"type": "function", "function": {"name": tool_messages[0].get("name", "tool"), "arguments": {}}}]
@@ -169,7 +172,8 @@ def tool_suffix_ids(processing_class, tokenizer, tool_messages: list[dict], chat
     after = _ids(
         processing_class.apply_chat_template(head + tool_messages, tokenize=True, add_generation_prompt=True, **kwargs)
     )
-    ends = [index for index, token in enumerate(before) if token == tokenizer.eos_token_id]
+    end_ids = set(end_ids or [tokenizer.eos_token_id])  # a turn ends at any of the model's end ids (Gemma-style)
+    ends = [index for index, token in enumerate(before) if token in end_ids]
     if ends:  # the turn the model generated stops at its end token; what the template adds after it is suffix
         before = before[: ends[-1] + 1]
     if after[: len(before)] != before:

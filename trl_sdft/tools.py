@@ -142,7 +142,14 @@ class Toolbox:
             handed[name] = index + 1
             environment = pool[index]
             kwargs = {key: value for key, value in row.items() if key != "environment"} if self.multi else row
-            observation = environment.reset(**kwargs)
+            try:
+                observation = environment.reset(**kwargs)
+            except Exception as error:  # the user's environment: named, with the row, not a bare traceback
+                shown = str(row.get("prompt"))[:80]
+                raise ValueError(
+                    f"`environment_factory`'s {type(environment).__name__}.reset raised {type(error).__name__}: "
+                    f"{error} (for the row whose prompt begins {shown!r})."
+                ) from error
             if observation is not None:
                 row = {**row, "prompt": with_observation(row["prompt"], observation)}
             started.append(row)

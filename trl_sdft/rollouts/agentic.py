@@ -92,9 +92,9 @@ class ToolCallingLoop:
                 if not results:
                     continue
                 stats.add(results)
-                suffix = tool_suffix_ids(
-                    self.processing_class, self.tokenizer, [r.message for r in results], self.chat_template_kwargs
-                )
+                messages = [r.message for r in results]
+                spec = (self.processing_class, self.tokenizer, messages, self.chat_template_kwargs, self.end_ids)
+                suffix = tool_suffix_ids(*spec)
                 if len(completions[index]) + len(suffix) >= self.settings.max_completion_length:
                     continue  # no room for a reply after the results: the trajectory ends with its call
                 completions[index] += suffix
