@@ -16,7 +16,6 @@ import asyncio
 import inspect
 import json
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -201,29 +200,16 @@ class ToolResult(NamedTuple):
 
 
 def call_tools(tool_calls: list[Any], tools: dict[str, Callable], runner: ToolRunner | None = None) -> list[ToolResult]:
-    """Run a turn's tool calls; each gives one `tool` message, in the order of the calls. Failures (and, with a
-    `runner` that has a timeout, calls that take too long) become the message's content. With a `runner` the calls
-    run concurrently on its event loop; without one, one after another here."""
+    """Run a turn's tool calls concurrently; each gives one `tool` message, in the order of the calls. Failures (and,
+    with a `runner` that has a timeout, calls that take too long) become the message's content. Without a `runner`,
+    one is started for these calls alone."""
     if runner is not None:
         return runner.run(tool_calls, tools)
-    results = []
-    for call in tool_calls:
-        prepared = _prepare(call, tools)
-        if isinstance(prepared, ToolResult):
-            results.append(prepared)
-            continue
-        name, tool, arguments = prepared
-        try:
-            result = tool(**arguments)
-            if inspect.isawaitable(result):  # no runner: an async tool gets an event loop of its own, on a thread
-                with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-sdft-tool") as pool:
-                    result = pool.submit(asyncio.run, _awaited(result)).result()
-            content = _text(result)  # inside the boundary: a result that cannot be written is the call's failure
-        except Exception as error:  # the tool's own error: the model reads it, training goes on
-            results.append(failure(name, f"{type(error).__name__}: {error}"))
-            continue
-        results.append(ToolResult({"role": "tool", "name": name, "content": content}, False))
-    return results
+    runner = ToolRunner()
+    try:
+        return runner.run(tool_calls, tools)
+    finally:
+        runner.close()
 
 
 def _prepare(call: Any, tools: dict[str, Callable]) -> tuple[str, Callable, dict] | ToolResult:
