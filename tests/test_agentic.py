@@ -463,8 +463,8 @@ def test_loop_keeps_processes_in_step_by_padding(tool_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
     backend = ScriptedBackend(tokenizer, [CALL, ANSWER])
-    loop = ToolCallingLoop(backend, tokenizer, tokenizer, ToolLoopSettings(64, None))
-    loop.connect(Toolbox([lookup]).schemas, Accelerator(), [tokenizer.eos_token_id])
+    spec = (backend, tokenizer, tokenizer, ToolLoopSettings(64, None))
+    loop = ToolCallingLoop(*spec, tools=Toolbox([lookup]).schemas, accelerator=Accelerator())
     prompts = [
         tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=False)
         for r in tool_rows()[:1]
@@ -501,15 +501,15 @@ def test_a_finished_trajectory_is_never_rerun(tool_model_dir, tmp_path, scripted
             return Rollouts([self.tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies])
 
     backend = Backend(tokenizer, [])
-    loop = ToolCallingLoop(backend, tokenizer, tokenizer, ToolLoopSettings(90, None))  # short fits, long does not
-    loop.connect(Toolbox([counting]).schemas, None, [tokenizer.eos_token_id])
+    settings = ToolLoopSettings(90, None)  # short fits, long does not
+    loop = ToolCallingLoop(backend, tokenizer, tokenizer, settings, tools=Toolbox([counting]).schemas)
     prompts = [
         list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=False))
         for r in tool_rows()[:2]
     ]
     result = loop.run(None, prompts, 1, 0, [{"counting": counting}] * 2)
     assert calls.count("Long") == 1  # run once; its result did not fit, so the trajectory ended there
-    assert result.stats.calls == len(calls)
+    assert result.tool_stats.calls == len(calls)
 
 
 def test_two_processes_with_different_numbers_of_tool_calls(tool_model_dir, tmp_path):
@@ -790,3 +790,148 @@ def test_a_reset_that_raises_is_named_with_its_row():
     toolbox = Toolbox(None, Flaky)
     with pytest.raises(ValueError, match=r"Flaky\.reset raised ConnectionError: backend down \(for the row"):
         toolbox.start([{"prompt": [{"role": "user", "content": "q"}]}])
+
+
+# ----------------------------------------------------------------------------------- budgets, ends, typed results
+class BudgetedBackend(ScriptedBackend):
+    """A scripted backend whose `generate` takes budgets; records them, and replies longer than a budget are cut as an
+    engine would cut them."""
+
+    def __init__(self, tokenizer, replies, logprob=None):
+        super().__init__(tokenizer, replies)
+        self.budgets, self.logprob = [], logprob
+
+    def generate(self, model, prompt_ids, num_generations, step, max_new_tokens=None):
+        self.budgets.append(max_new_tokens)
+        out = super().generate(model, prompt_ids, num_generations, step).completions
+        if max_new_tokens is not None:
+            out = [ids[:budget] for ids, budget in zip(out, max_new_tokens)]
+        logprobs = None if self.logprob is None else [[self.logprob] * len(ids) for ids in out]
+        return Rollouts(out, logprobs)
+
+
+class TwoProcesses:
+    """A simulated peer process: `gather` adds the peer's counts, one per call."""
+
+    num_processes, device = 2, "cpu"
+
+    def __init__(self, peer):
+        self.peer = list(peer)
+
+    def gather(self, tensor):
+        return torch.cat([tensor, torch.tensor([self.peer.pop(0)])])
+
+
+def chat_prompts(tokenizer, rows):
+    return [
+        list(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, return_dict=False)) for r in rows
+    ]
+
+
+def test_each_reply_asks_for_the_room_left_and_placeholders_for_one_token(tool_model_dir):
+    """Before: continuation turns were generated with the full `max_completion_length` and cut afterwards, and the
+    placeholder rows that keep processes in step decoded full completions too."""
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    backend = BudgetedBackend(tokenizer, [CALL, ANSWER])
+    spec = (backend, tokenizer, tokenizer, ToolLoopSettings(64, None))
+    loop = ToolCallingLoop(*spec, tools=Toolbox([lookup]).schemas, accelerator=TwoProcesses([2, 0]))
+    result = loop.run(None, chat_prompts(tokenizer, tool_rows()[:1]), 1, 0, [{"lookup": lookup}])
+    answer = tokenizer(ANSWER, add_special_tokens=False)["input_ids"]
+    second_turn_start = len(result.completions[0]) - len(answer)
+    assert backend.budgets == [None, [64 - second_turn_start, 1]]  # the first turn: the full length
+
+
+def test_a_backend_without_budgets_is_cut_to_the_room_left(tool_model_dir):
+    """Backends registered from outside before budgets existed keep working: their replies are cut."""
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    rambling = "Zorbo is red" + " and red" * 60 + END
+    loop = ToolCallingLoop(ScriptedBackend(tokenizer, [CALL, rambling]), tokenizer, tokenizer, ToolLoopSettings(64))
+    assert not loop.takes_budgets
+    result = loop.run(None, chat_prompts(tokenizer, tool_rows()[:1]), 1, 0, [{"lookup": lookup}])
+    assert len(result.completions[0]) == 64 and result.truncated == [True]
+
+
+def test_transformers_backend_stops_each_row_at_its_budget(tmp_path, tiny_config, tiny_model, tokenizer):
+    """Before: `TransformersRollout.generate` took no budget; a batch decoded `max_completion_length` tokens."""
+    from accelerate import Accelerator
+
+    from trl_sdft.batch import tokenize_prompts
+    from trl_sdft.rollouts import sampling_config
+    from trl_sdft.rollouts.transformers import TransformersRollout
+    from trl_sdft.settings import rollout_settings
+
+    args = tiny_config(tmp_path, max_completion_length=8, generation_kwargs={"min_new_tokens": 8})
+    eos = [tokenizer.eos_token_id]
+    rollout = TransformersRollout(
+        Accelerator(cpu=True), sampling_config(rollout_settings(args), tokenizer, eos), eos, tokenizer.pad_token_id
+    )
+    prompts = tokenize_prompts(tokenizer, ["What color is Zorbo?", "What color is Quilla? It is"])
+    rollouts = rollout.generate(tiny_model, prompts, 1, 0, max_new_tokens=[2, 5])
+    assert [len(ids) for ids in rollouts.completions] == [2, 5]  # no end token before 8: each stops at its budget
+    forwards = []
+    hook = tiny_model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        rollout.generate(tiny_model, prompts, 1, 0, max_new_tokens=[1, 1])  # placeholders
+    finally:
+        hook.remove()
+    assert len(forwards) == 1  # one forward for one token each, not eight
+
+
+def test_trajectories_ended_by_a_limit_with_a_call_left_count_as_clipped(tool_model_dir):
+    """Before: a trajectory that ended on a call the iteration limit left unanswered ended on its end token, so it
+    did not count in `completions/clipped_ratio`."""
+    from trl_sdft.metrics import round_metrics
+
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    backend = ScriptedBackend(tokenizer, [CALL, CALL, ANSWER])  # calls twice; the limit allows one round of calls
+    loop = ToolCallingLoop(backend, tokenizer, tokenizer, ToolLoopSettings(200, max_iterations=1))
+    result = loop.run(None, chat_prompts(tokenizer, tool_rows()[:2]), 1, 0, [{"lookup": lookup}] * 2)
+    assert result.truncated == [True, True] and result.tool_stats.calls == 2  # the second call never ran
+
+    answering = ToolCallingLoop(ScriptedBackend(tokenizer, [CALL, ANSWER]), tokenizer, tokenizer, loop.settings)
+    done = answering.run(None, chat_prompts(tokenizer, tool_rows()[:2]), 1, 0, [{"lookup": lookup}] * 2)
+    assert done.truncated == [False, False]
+    mixed = Rollouts(result.completions[:1] + done.completions[:1], None, None, ToolStats(), [True, False])
+    metrics = round_metrics(mixed, [tokenizer.eos_token_id], lambda tensor: tensor, "cpu")
+    assert metrics["completions/clipped_ratio"] == 0.5
+
+
+def test_engine_log_probs_are_nan_at_tool_positions(tool_model_dir):
+    """Before: 0.0 (a probability of one) stood for "no engine log-prob" at tool positions; the package's convention
+    is NaN, which the importance weights read as unknown (`importance.ratio`)."""
+    from trl_sdft import importance
+
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    loop = ToolCallingLoop(
+        BudgetedBackend(tokenizer, [CALL, ANSWER], logprob=-0.5), tokenizer, tokenizer, ToolLoopSettings(64)
+    )
+    result = loop.run(None, chat_prompts(tokenizer, tool_rows()[:1]), 1, 0, [{"lookup": lookup}])
+    logprobs, mask = torch.tensor(result.logprobs[0]), torch.tensor(result.tool_mask[0]).bool()
+    assert (~mask).any() and torch.isnan(logprobs[~mask]).all() and (logprobs[mask] == -0.5).all()
+    settings = importance.ImportanceSettings(engine_mode="token_truncate", engine_max=2.0)
+    weights = importance.token_weights(settings, torch.full_like(logprobs, -0.4)[None], None, logprobs[None])
+    assert torch.isfinite(weights).all()
+
+
+class Verbose(Counter):
+    """An environment whose `reset` observation is long."""
+
+    def reset(self, **row):
+        return " Here is everything about the world:" + " blah" * 80
+
+
+def test_a_reset_observation_over_the_prompt_limit_is_an_error_naming_it(tool_model_dir, tmp_path, scripted):
+    """Before: the observation was added after the construction-time length checks and the prompt was cut from the
+    left, silently losing the system prompt that describes the tools."""
+    scripted(CALL, ANSWER)
+    tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
+    shown = tokenizer.apply_chat_template(tool_rows()[0]["prompt"], tools=Toolbox(None, Counter).schemas)
+    trainer = SDFTTrainer(
+        AutoModelForCausalLM.from_pretrained(tool_model_dir),
+        args=config(tmp_path, rollout_backend="scripted", max_prompt_length=len(shown) + 20),
+        train_dataset=Dataset.from_list(tool_rows()),
+        processing_class=tokenizer,
+        environment_factory=Verbose,
+    )
+    with pytest.raises(ValueError, match=r"Verbose\.reset returned an observation .* over `max_prompt_length=\d+`"):
+        trainer.build_batch(tool_rows()[:2])

@@ -56,7 +56,8 @@ def test_transformers_rollout_samples_until_the_limit_or_the_end(tmp_path, tiny_
         Accelerator(cpu=True), sampling_config(rollout_settings(args), tokenizer, eos), eos, tokenizer.pad_token_id
     )
     prompts = tokenize_prompts(tokenizer, ["What color is Zorbo?", "What color is Quilla? It is"])
-    completions, logprobs = rollout.generate(tiny_model, prompts, num_generations=1, step=0)
+    rollouts = rollout.generate(tiny_model, prompts, num_generations=1, step=0)
+    completions, logprobs = rollouts.completions, rollouts.logprobs
     assert len(completions) == 2 and logprobs is None  # transformers reports no log-probs of its own
     for completion in completions:
         assert forced <= len(completion) <= 6

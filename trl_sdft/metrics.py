@@ -4,13 +4,19 @@ import torch
 
 
 def completion_stats(
-    completions: list[list[int]], eos_token_ids: list[int], tool_mask: list[list[int]] | None = None
+    completions: list[list[int]],
+    eos_token_ids: list[int],
+    tool_mask: list[list[int]] | None = None,
+    truncated: list[bool] | None = None,
 ) -> tuple[list[int], list[bool]]:
     """Each completion's length (with `tool_mask`: its generated tokens only, not tool results), and whether it was
-    cut by the length limit (no end-of-sequence token at its end)."""
+    cut: `truncated` when given (a trajectory that ended with an unanswered tool call), else no end-of-sequence token
+    at its end."""
     ends = set(eos_token_ids)
     lengths = [len(c) for c in completions] if tool_mask is None else [sum(mask) for mask in tool_mask]
-    return lengths, [not c or c[-1] not in ends for c in completions]
+    if truncated is None:
+        truncated = [not c or c[-1] not in ends for c in completions]
+    return lengths, list(truncated)
 
 
 def tool_metrics(calls: int, failures: int, rollouts: int) -> dict[str, float]:
@@ -37,10 +43,12 @@ def completion_metrics(lengths: torch.Tensor, truncated: torch.Tensor) -> dict[s
     }
 
 
-def round_metrics(completions, eos_token_ids, tool_mask, tool_stats, gather, device) -> dict[str, float]:
-    """A round's completion metrics over every process (`gather`: `accelerator.gather`), and with tools
-    (`tool_stats`, a `tools.ToolStats`) the tool metrics."""
-    lengths, truncated = completion_stats(completions, eos_token_ids, tool_mask)
+def round_metrics(rollouts, eos_token_ids, gather, device) -> dict[str, float]:
+    """A round's completion metrics over every process (`gather`: `accelerator.gather`), and with tools (the
+    rollouts' `tool_stats`, a `tools.ToolStats`) the tool metrics. `rollouts`: a `rollouts.Rollouts`."""
+    spec = (rollouts.tool_mask, rollouts.truncated)
+    lengths, truncated = completion_stats(rollouts.completions, eos_token_ids, *spec)
+    tool_stats = rollouts.tool_stats
     lengths, truncated = gather(torch.tensor(lengths, device=device)), gather(torch.tensor(truncated, device=device))
     metrics = completion_metrics(lengths, truncated)
     if tool_stats is not None:

@@ -153,7 +153,7 @@ class Toolbox:
                 row = {**row, "prompt": with_observation(row["prompt"], observation)}
             started.append(row)
             callables = {tool_name(tool): tool for tool in self.tools + environment_methods(environment)}
-            toolsets.append(Toolset(callables, self.schemas_for(name)))
+            toolsets.append(Toolset(callables, self.schemas_for(name), environment, observation is not None))
         return started, toolsets
 
     def close(self, run_awaitable: Callable | None = None) -> None:
@@ -179,11 +179,14 @@ class Toolbox:
 
 class Toolset(dict):
     """One rollout's tools by name, with `schemas`, the descriptions its prompt showed: its calls' arguments are typed
-    by them (two environments may each have a `lookup`, with different argument types)."""
+    by them (two environments may each have a `lookup`, with different argument types). `environment`: the instance
+    that serves the rollout (None without one); `observed`: its `reset` added text to the prompt."""
 
-    def __init__(self, tools: dict[str, Callable], schemas: list[dict]):
+    def __init__(self, tools: dict[str, Callable], schemas: list[dict], environment: Any = None, observed=False):
         super().__init__(tools)
         self.schemas = schemas
+        self.environment = environment
+        self.observed = observed
 
 
 def with_observation(prompt: list[dict], observation: Any) -> list[dict]:

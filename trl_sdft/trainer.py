@@ -38,8 +38,7 @@ from .metrics import round_metrics
 from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class, warn_if_adapter_present
 from .prompts import resolve_teacher_prompt_template
 from .rollouts import RolloutContext, build_rollout, eos_token_ids, sampling_config
-from .rollouts.agentic import check_tools, prepare_tools, tool_loop
-from .rollouts.agentic import round_prompts as tool_round_prompts
+from .rollouts.agentic import check_tools, prepare_tools, prompts_with_tools, tool_loop
 from .rollouts.async_rounds import AsyncRounds
 from .saving import TeacherSaving
 from .teachers import TeacherContext, TeacherUpdateCallback, build_teacher
@@ -301,26 +300,24 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         if mode == "train" and self.async_rounds is not None:
             last = self.state.max_steps * self.args.gradient_accumulation_steps
             result = self.async_rounds.round(rows, self._step, self.state.global_step, last, self._round_prompts)
-            prompts, rollouts, self._generated_at = result[:3]
+            prompts, rollouts, self._generated_at = result.prompts, result.rollouts, result.generated_at
             for name, value in result.metrics.items():
                 self._metrics[mode][f"async/{name}"].append(value)
         else:
             rows, toolsets = self.toolbox.start(rows) if self.toolbox is not None else (rows, None)
-            prompts = self._round_prompts(rows)
+            prompts = self._round_prompts(rows, toolsets)
             spec = (self.model_wrapped, prompts.generation, self._num_generations(mode), self.state.global_step)
             rollouts = self.rollout.generate(*spec) if toolsets is None else self.tool_loop.run(*spec, toolsets)
-        completions, engine_logps = rollouts[0], rollouts[1]
-        tool_mask, tool_stats = rollouts[2:4] if self.tool_loop is not None else (None, None)
         self.num_generation_rounds += 1
-        spec = (completions, self._tokenizer.pad_token_id, self.accelerator.device, tool_mask)
+        spec = (rollouts.completions, self._tokenizer.pad_token_id, self.accelerator.device, rollouts.tool_mask)
         batch = batching.assemble_batch(prompts.student, prompts.teacher, *spec)
-        logps = importance.plan(self.importance_settings, mode == "train", engine_logps is not None)
-        batching.add_engine_logps(batch, logps, engine_logps, self.accelerator.device)
+        logps = importance.plan(self.importance_settings, mode == "train", rollouts.logprobs is not None)
+        batching.add_engine_logps(batch, logps, rollouts.logprobs, self.accelerator.device)
         if logps.old == "trainer":
             with torch.no_grad(), self.accelerator.autocast():  # the rollout policy's log-probs (importance weights)
                 logits = self.completion_view(self.model, batch, logits=True)
                 batch["old_per_token_logps"] = losses.token_log_probs(logits, batch["completion_ids"])
-        self._record_completion_metrics(mode, completions, tool_mask, tool_stats)
+        self._record_completion_metrics(mode, rollouts)
         self._hook(
             "on_self_distillation_batch_prepared",
             **{key: batch[key] for key in ("prompt_ids", "completion_ids", "old_per_token_logps")},
@@ -328,10 +325,10 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         )
         return batch
 
-    def _round_prompts(self, rows: list[dict[str, Any]]) -> batching.RoundPrompts:
+    def _round_prompts(self, rows: list[dict[str, Any]], toolsets=None) -> batching.RoundPrompts:
         template, limits = self.teacher_prompt_template, (self.max_prompt_length, self.max_teacher_prompt_length)
-        spec = (template, limits, self.chat_template_kwargs, self.args.generate_from_teacher)
-        prompts, generation_prompts = tool_round_prompts(self.toolbox, self.processing_class, rows, *spec)
+        spec = (template, limits, self.chat_template_kwargs, self.args.generate_from_teacher, toolsets)
+        prompts, generation_prompts = prompts_with_tools(self.toolbox, self.processing_class, rows, *spec)
         self._hook("on_generation_prompts_selected", generation_prompts=generation_prompts, generation_prompt_text=None)
         return prompts
 
@@ -388,9 +385,9 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             **payload,
         )
 
-    def _record_completion_metrics(self, mode: str, completions, tool_mask=None, tool_stats=None) -> None:
-        spec = (self.eos_token_ids, tool_mask, tool_stats, self.accelerator.gather, self.accelerator.device)
-        for name, value in round_metrics(completions, *spec).items():
+    def _record_completion_metrics(self, mode: str, rollouts) -> None:
+        spec = (self.eos_token_ids, self.accelerator.gather, self.accelerator.device)
+        for name, value in round_metrics(rollouts, *spec).items():
             self._metrics[mode][name].append(value)
 
     def _log_metric(self, mode: str, name: str, value: torch.Tensor) -> None:

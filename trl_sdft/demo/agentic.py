@@ -260,8 +260,10 @@ class GreedyBackend:
         self.batch_size = batch_size
 
     @torch.no_grad()
-    def generate(self, model, prompt_ids: list[list[int]], num_generations: int, step: int) -> Rollouts:
+    def generate(self, model, prompt_ids, num_generations: int, step: int, max_new_tokens=None) -> Rollouts:
         prompts = [ids for ids in prompt_ids for _ in range(num_generations)]
+        budgets = [self.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
+        budgets = [min(budget, self.max_new_tokens) for budget in budgets]
         pad = self.tokenizer.pad_token_id
         completions = []
         for start in range(0, len(prompts), self.batch_size):
@@ -272,7 +274,7 @@ class GreedyBackend:
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=max(budgets[start : start + self.batch_size]),
                 do_sample=False,
                 temperature=None,
                 top_p=None,
@@ -280,7 +282,8 @@ class GreedyBackend:
                 pad_token_id=pad,
                 eos_token_id=self.end_ids,
             )
-            completions += cut_at_eos(output[:, width:].tolist(), self.end_ids)
+            rows = zip(output[:, width:].tolist(), budgets[start : start + self.batch_size], strict=True)
+            completions += cut_at_eos([row[:budget] for row, budget in rows], self.end_ids)
         return Rollouts(completions)
 
     def close(self) -> None:
@@ -353,8 +356,8 @@ def evaluate_agentic(
         for row in rows
     ]
     backend = GreedyBackend(tokenizer, end_ids, max_new_tokens, batch_size)
-    loop = ToolCallingLoop(backend, tokenizer, tokenizer, ToolLoopSettings(max_completion_length, max_iterations))
-    loop.connect(schemas, None, end_ids)
+    settings = ToolLoopSettings(max_completion_length, max_iterations)
+    loop = ToolCallingLoop(backend, tokenizer, tokenizer, settings, tools=schemas, end_ids=end_ids)
     toolset = {tool_name(tool): tool for tool in tools}
     was_training = model.training
     model.eval()
@@ -398,8 +401,8 @@ def evaluate_agentic(
         "correct_call_rate": sum(o["correct_call"] for o in outcomes) / count,
         "answer_accuracy": sum(o["answer_correct"] for o in outcomes) / count,
         "total": len(outcomes),
-        "tool_calls": trajectories.stats.calls,
-        "tool_failures": trajectories.stats.failures,
+        "tool_calls": trajectories.tool_stats.calls,
+        "tool_failures": trajectories.tool_stats.failures,
         "mean_turns": sum(o["turns"] for o in outcomes) / count,
         "samples": samples,
         "outcomes": outcomes,

@@ -1,10 +1,12 @@
 """Rollout backends: sample completions for a batch of tokenized prompts.
 
-A backend is anything with the `RolloutBackend` protocol: `generate(model, prompt_ids, num_generations, step) ->
-Rollouts`, `close()` and `describe()`. `prompt_ids` are the token ids of each prompt (already repeated
-`num_generations` times by the sampler), `step` the optimizer step of the weights to sample with; each completion ends
-at its first end-of-sequence token, and engines that report their own log-probs of the sampled tokens (vLLM) return
-them too. A backend that can generate a round while the trainer learns (`async_rollouts`) also has `start` and
+A backend is anything with the `RolloutBackend` protocol: `generate(model, prompt_ids, num_generations, step,
+max_new_tokens=None) -> Rollouts`, `close()` and `describe()`. `prompt_ids` are the token ids of each prompt (already
+repeated `num_generations` times by the sampler), `step` the optimizer step of the weights to sample with and
+`max_new_tokens` a budget per prompt (None: `max_completion_length` each; multi-turn rollouts ask for the room a
+trajectory has left). Each completion ends at its first end-of-sequence token, and engines that report their own
+log-probs of the sampled tokens (vLLM) return them too. Backends registered before budgets existed (a `generate` without
+`max_new_tokens`) still work: `generate_within` cuts their completions to the budget. A backend that can generate a round while the trainer learns (`async_rollouts`) also has `start` and
 `finish` (`BackgroundRollouts`), and one that scores the teacher (`use_teacher_server`) has `teacher_scores`
 (`TeacherScorer`).
 
@@ -71,11 +73,20 @@ class RolloutSettings:
 
 # ------------------------------------------------------------------------------------------------ what they return
 class Rollouts(NamedTuple):
-    """What a backend's `generate` returns: the completions' token ids, each cut after its first end-of-sequence token,
-    and, from engines that report them (vLLM), the engine's log-prob of each of those tokens."""
+    """One round's rollouts, what a backend's `generate` returns and what the trainer reads, by name.
+
+    `completions`: token ids, each cut after its first end-of-sequence token. `logprobs`: from engines that report them
+    (vLLM), the engine's log-prob of each token; NaN where there is none (tool results). Multi-turn rollouts with tools
+    (`agentic.ToolCallingLoop`) add `tool_mask` (1 on the tokens the model generated, 0 on tool results and the
+    template's turn headers), `tool_stats` (the round's calls, a `tools.ToolStats`) and `truncated` (whether each
+    trajectory was cut: by the length budget or the iteration limit, a call left unanswered); without `truncated` a
+    completion is cut when it does not end on an end-of-sequence token."""
 
     completions: list[list[int]]
     logprobs: list[list[float]] | None = None
+    tool_mask: list[list[int]] | None = None
+    tool_stats: Any = None
+    truncated: list[bool] | None = None
 
 
 class PendingRound(NamedTuple):
@@ -96,8 +107,16 @@ class VLLMServerError(RuntimeError):
 class RolloutBackend(Protocol):
     """What the trainer calls on a rollout backend."""
 
-    def generate(self, model, prompt_ids: list[list[int]], num_generations: int, step: int) -> Rollouts:
-        """Completions of `prompt_ids` sampled with the weights of optimizer step `step`."""
+    def generate(
+        self,
+        model,
+        prompt_ids: list[list[int]],
+        num_generations: int,
+        step: int,
+        max_new_tokens: list[int] | None = None,
+    ) -> Rollouts:
+        """Completions of `prompt_ids` sampled with the weights of optimizer step `step`, each at most its
+        `max_new_tokens` entry long (None: `max_completion_length`)."""
         ...
 
     def close(self) -> None:
@@ -208,6 +227,43 @@ def cut_at_eos(rows: Iterable[Sequence[int]], eos_token_ids: Iterable[int]) -> l
     return completions
 
 
+def takes_budgets(backend) -> bool:
+    """Whether `backend.generate` takes `max_new_tokens` (backends registered before budgets existed do not)."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(backend.generate).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "max_new_tokens" or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def within_budgets(rollouts: Rollouts, budgets: list[int] | None) -> Rollouts:
+    """`rollouts` with each completion (and its log-probs) cut to its budget."""
+    if budgets is None:
+        return rollouts
+    completions = [list(ids)[:budget] for ids, budget in zip(rollouts.completions, budgets, strict=True)]
+    logprobs = rollouts.logprobs
+    if logprobs is not None:
+        logprobs = [list(row)[: len(ids)] for row, ids in zip(logprobs, completions, strict=True)]
+    return rollouts._replace(completions=completions, logprobs=logprobs)
+
+
+def generate_within(backend, model, prompt_ids, num_generations, step, budgets=None, takes=None) -> Rollouts:
+    """`backend.generate` with a token budget per prompt (`budgets`; None: the full `max_completion_length`). A backend
+    whose `generate` takes no `max_new_tokens` (`takes`, default `takes_budgets(backend)`) generates in full and its
+    completions are cut here."""
+    if budgets is None:
+        return backend.generate(model, prompt_ids, num_generations, step)
+    if takes is None:
+        takes = takes_budgets(backend)
+    if takes:
+        rollouts = backend.generate(model, prompt_ids, num_generations, step, max_new_tokens=list(budgets))
+    else:
+        rollouts = backend.generate(model, prompt_ids, num_generations, step)
+    return within_budgets(rollouts, budgets)
+
+
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every end id the model declares (e.g. end-of-turn) plus the tokenizer's."""
     declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -247,7 +303,10 @@ __all__ = [
     "build_rollout",
     "cut_at_eos",
     "eos_token_ids",
+    "generate_within",
     "register_rollout_backend",
     "rollout_backends",
     "sampling_config",
+    "takes_budgets",
+    "within_budgets",
 ]

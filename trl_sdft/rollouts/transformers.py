@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 
@@ -41,9 +42,26 @@ class TransformersRollout:
         )
 
     @torch.no_grad()
-    def generate(self, model, prompt_ids: list[list[int]], num_generations: int = 1, step: int | None = None):
-        """Completions for `prompt_ids` (repeated by the sampler, so `num_generations` and `step` are not needed)."""
+    def generate(
+        self,
+        model,
+        prompt_ids: list[list[int]],
+        num_generations: int = 1,
+        step: int | None = None,
+        max_new_tokens: list[int] | None = None,
+    ):
+        """Completions for `prompt_ids` (repeated by the sampler, so `num_generations` and `step` are not needed), each
+        row stopped at its `max_new_tokens` entry (the batch decodes only as far as its largest budget)."""
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id, self.accelerator.device)
+        budgets = {}
+        if max_new_tokens is not None and getattr(self.generation_config, "num_return_sequences", 1) in (None, 1):
+            most = max(max_new_tokens)
+            budgets = dict(
+                max_new_tokens=most,
+                stopping_criteria=StoppingCriteriaList([RowBudgets(max_new_tokens, input_ids.size(1))]),
+            )
+            if (self.generation_config.min_new_tokens or 0) > most:  # a forced length cannot outgrow the room left
+                budgets["min_new_tokens"] = most
         with (
             unwrap_model_for_generation(
                 model, self.accelerator, gather_deepspeed3_params=self.gather_deepspeed3_params
@@ -51,12 +69,27 @@ class TransformersRollout:
             self.distributed.summon_full_params(model, recurse=False),
         ):
             output = unwrapped.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config, **budgets
             )
-        return Rollouts(cut_at_eos(output[:, input_ids.size(1) :].tolist(), self.eos_token_ids))
+        rows = output[:, input_ids.size(1) :].tolist()
+        if max_new_tokens is not None:  # a row stopped by its budget is padded after it: cut before looking for ends
+            rows = [row[:budget] for row, budget in zip(rows, max_new_tokens, strict=True)]
+        return Rollouts(cut_at_eos(rows, self.eos_token_ids))
 
     def close(self) -> None:
         """Nothing to release."""
 
     def describe(self) -> str | None:
         return None
+
+
+class RowBudgets(StoppingCriteria):
+    """Stops each row of a batched `generate` once it has `budgets[row]` new tokens (transformers then pads it)."""
+
+    def __init__(self, budgets: list[int], prompt_width: int):
+        self.budgets = torch.tensor(budgets)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        budgets = self.budgets.to(input_ids.device)
+        return (input_ids.size(1) - self.prompt_width) >= budgets

@@ -50,7 +50,15 @@ from trl.trainer.utils import ensure_master_addr_port  # noqa: E402
 from .. import sharding  # noqa: E402
 from ..losses import ServerTeacherScores  # noqa: E402
 from ..utils import tokenizer_of, unwrap  # noqa: E402
-from . import PendingRound, RolloutContext, Rollouts, VLLMServerError, VLLMSettings, cut_at_eos  # noqa: E402
+from . import (  # noqa: E402
+    PendingRound,
+    RolloutContext,
+    Rollouts,
+    VLLMServerError,
+    VLLMSettings,
+    cut_at_eos,
+    within_budgets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -591,15 +599,37 @@ class VLLMRollout:
             self.generation.sync_weights()
         self.synced_step = step
 
-    def generate(self, model, prompt_ids: list[list[int]], num_generations: int, step: int) -> Rollouts:
+    def generate(
+        self,
+        model,
+        prompt_ids: list[list[int]],
+        num_generations: int,
+        step: int,
+        max_new_tokens: list[int] | None = None,
+    ) -> Rollouts:
         """Completions sampled by vLLM with the weights of optimizer step `step` (synced from `self.model` first;
         `model`, the trainer's wrapped model, is not needed), with vLLM's log-probs of their tokens when the run
-        corrects for the engine's mismatch."""
+        corrects for the engine's mismatch. With budgets (`max_new_tokens`, one per prompt) the engine decodes up to the
+        largest budget of any process (one sampling config per call: tensor-parallel ranks and the server's single
+        request must agree) and each completion is cut to its own."""
+        limit = self._call_limit(max_new_tokens)
         if self._server():
-            return self.finish(self.start(prompt_ids, num_generations, step))
+            return within_budgets(self.finish(self.start(prompt_ids, num_generations, step, limit)), max_new_tokens)
         self.sync(step)
-        _, completions, logprobs, _ = self.generation.generate(prompt_ids, None, num_generations)
-        return self._rollouts(completions, logprobs)
+        g, full = self.generation, self.generation.max_completion_length
+        g.max_completion_length = full if limit is None else min(full, limit)
+        try:
+            _, completions, logprobs, _ = g.generate(prompt_ids, None, num_generations)
+        finally:
+            g.max_completion_length = full
+        return within_budgets(self._rollouts(completions, logprobs), max_new_tokens)
+
+    def _call_limit(self, budgets: list[int] | None) -> int | None:
+        """The most tokens any process's prompts may get in this call (collective with several processes)."""
+        if budgets is None:
+            return None
+        local = max(budgets, default=1)
+        return max(gather_object([local])) if self.accelerator.num_processes > 1 else local
 
     def _rollouts(self, completions, logprobs) -> Rollouts:
         completions = cut_at_eos(completions, self.eos_token_ids)
@@ -612,16 +642,19 @@ class VLLMRollout:
         ]
         return Rollouts(completions, sampled)
 
-    def start(self, prompt_ids: list[list[int]], num_generations: int, step: int) -> PendingRound:
+    def start(
+        self, prompt_ids: list[list[int]], num_generations: int, step: int, max_new_tokens: int | None = None
+    ) -> PendingRound:
         """Server mode, every process: push the weights of optimizer step `step`, gather every process's prompts and
-        send them to the server from a background thread of the main process. Returns at once; `finish` collects."""
+        send them to the server from a background thread of the main process (at most `max_new_tokens` tokens each,
+        the same on every process; None: `max_completion_length`). Returns at once; `finish` collects."""
         self.sync(step)
         prompts = distinct_prompts(gather_object(prompt_ids), num_generations)  # every process checks alike
         future = None
         if self.accelerator.is_main_process:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trl-sdft-rollout")
-            future = self._executor.submit(self._server_generate, prompts, num_generations)
+            future = self._executor.submit(self._server_generate, prompts, num_generations, max_new_tokens)
             self._inflight = future
         return PendingRound(future, len(prompt_ids), step)
 
@@ -646,10 +679,11 @@ class VLLMRollout:
         )
         return self._rollouts(completions[share], None if logprobs is None else logprobs[share])
 
-    def _server_generate(self, prompts: list[list[int]], num_generations: int):
+    def _server_generate(self, prompts: list[list[int]], num_generations: int, max_new_tokens: int | None = None):
         """The server call (main process, background thread): `num_generations` completions per distinct prompt, as
         TRL's `VLLMGeneration.generate` asks for them."""
         g = self.generation
+        limit = g.max_completion_length if max_new_tokens is None else min(g.max_completion_length, max_new_tokens)
         output = g.vllm_client.generate(
             prompts=prompts,
             n=num_generations,
@@ -658,7 +692,7 @@ class VLLMRollout:
             top_p=g.top_p,
             top_k=g.top_k,
             min_p=0.0 if g.min_p is None else g.min_p,
-            max_tokens=g.max_completion_length,
+            max_tokens=limit,
             logprobs=g.logprobs,
             structured_outputs_regex=g.structured_outputs_regex,
             generation_kwargs=g.generation_kwargs,
