@@ -2,6 +2,7 @@
 the bundled template's generation markers, and `evaluate_agentic` (tiny models only)."""
 
 import json
+import pathlib
 import re
 
 import pytest
@@ -226,3 +227,48 @@ def test_greedy_backend_cuts_at_the_end_token(tool_model_dir):
     # Batching does not change greedy answers (left padding with a mask).
     alone = agentic.GreedyBackend(tokenizer, [tokenizer.eos_token_id], 40, 1).generate(model, prompts, 1, 0)
     assert alone.completions == first[::2]
+
+
+# ------------------------------------------------------------------------------------------ the run's before/after
+def test_agentic_eval_scores_before_and_after_and_prints_the_table(tool_model_dir, tmp_path, capsys):
+    """Before: `configs/agentic.yaml` ended with averaged metrics and a path; nothing said what the run learned."""
+    from datasets import Dataset
+
+    from trl_sdft import SDFTConfig, SDFTTrainer
+    from trl_sdft.cli import print_summary
+    from trl_sdft.testing import tool_rows
+
+    callback = agentic.AgenticEvalCallback(rows=color_rows(4), num_probes=3, max_new_tokens=32)
+    args = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, max_steps=1)
+    args.update(max_completion_length=48, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    trainer = SDFTTrainer(
+        AutoModelForCausalLM.from_pretrained(tool_model_dir, dtype=torch.float32),
+        args=SDFTConfig(**args, distillation_topk=5),
+        train_dataset=Dataset.from_list(tool_rows()),
+        processing_class=AutoTokenizer.from_pretrained(tool_model_dir),
+        tools=[color_lookup],
+        callbacks=[callback],
+    )
+    callback.attach(trainer)
+    trainer.train()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for moment in ("baseline", "final"):
+        scores = results[moment]
+        assert set(scores) >= {"tool_calls", "correct_calls", "answers", "general_probes"}
+        assert scores["tool_calls"]["total"] == 4 and scores["general_probes"]["total"] == 3
+        assert scores["tool_calls"]["accuracy"] > 0  # the tiny tool model calls `lookup` greedily
+        assert scores["correct_calls"]["accuracy"] <= scores["tool_calls"]["accuracy"]
+    assert any("agentic/tool_calls" in entry for entry in trainer.state.log_history)
+    print_summary(callback.results, 1.0, str(tmp_path / "out"))
+    table = capsys.readouterr().out
+    for name in ("tool_calls", "correct_calls", "answers", "general_probes"):
+        assert re.search(rf"^{name} +\d+/\d+ +\d+% +\d+/\d+ +\d+%$", table, re.M), table
+
+
+def test_the_agentic_config_asks_for_the_before_and_after_table():
+    from trl_sdft import cli
+
+    script_args, training_args, _ = cli.parse(
+        ["--config", str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "agentic.yaml")]
+    )
+    assert script_args.agentic_eval and not script_args.knowledge_eval and training_args.max_steps > 0

@@ -61,6 +61,14 @@ class SDFTScriptArguments(ScriptArguments):
         },
     )
     eval_max_new_tokens: int = field(default=24, metadata={"help": "Tokens per greedy answer in the evaluation."})
+    agentic_eval: bool = field(
+        default=False,
+        metadata={
+            "help": "Score the bundled agentic task (trl_sdft/demo/agentic.py) before and after training: greedy "
+            "multi-turn rollouts with the lookup tool on the 48 questions about held-out entities (tool-call rate, "
+            "calls with the asked name, right answers) and the general-knowledge probes. configs/agentic.yaml sets it."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -242,7 +250,11 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
         ) from None
     use_allocator_setting(training_args)
     callbacks = []
-    if questions is not None:
+    if script_args.agentic_eval:
+        from .demo.agentic import AgenticEvalCallback
+
+        callbacks.append(AgenticEvalCallback(num_probes=script_args.num_probes))
+    elif questions is not None:
         callbacks.append(KnowledgeEvalCallback(questions, max_new_tokens=script_args.eval_max_new_tokens))
     trainer = SDFTTrainer(
         model=model_path,
@@ -321,10 +333,10 @@ def print_summary(results: dict | None, seconds: float, output_dir: str) -> None
     lines = ["", "=" * 60, "SDFT summary"]
     if results and results.get("baseline") and results.get("final"):
         lines.append(f"{'':18}{'baseline':>12}{'final':>12}")
-        for key in ("new_facts", "paraphrases", "general_probes"):
-            if key not in results["baseline"]:
+        for key, before in results["baseline"].items():  # new_facts, paraphrases, general_probes; or the agentic rates
+            after = results["final"].get(key)
+            if not isinstance(before, dict) or not isinstance(after, dict) or "accuracy" not in before:
                 continue
-            before, after = results["baseline"][key], results["final"][key]
             lines.append(
                 f"{key:18}{before['correct']:>5}/{before['total']:<3} {before['accuracy']:>4.0%}"
                 f"{after['correct']:>5}/{after['total']:<3} {after['accuracy']:>4.0%}"

@@ -26,6 +26,7 @@ import torch
 
 from ..jsonl import json_lines
 from ..rollouts import Rollouts, cut_at_eos, eos_token_ids
+from .evaluation import KnowledgeEvalCallback
 from .knowledge import is_correct
 
 SEED = 20240601
@@ -418,10 +419,49 @@ def evaluate_probes(model, tokenizer, num_probes: int | None = None, max_new_tok
     return accuracies(model, tokenizer, sets, max_new_tokens)["general_probes"]
 
 
+def agentic_scores(agentic: dict, probes: dict) -> dict:
+    """`evaluate_agentic`'s rates and `evaluate_probes`' accuracy as `{name: {"accuracy", "correct", "total"}}` (the
+    shape the knowledge task's results have): `tool_calls`, `correct_calls`, `answers` (with the decoded samples and
+    every outcome) and `general_probes` (with the answers)."""
+    total = agentic["total"]
+
+    def entry(rate: float, **extra) -> dict:
+        return {"accuracy": rate, "correct": round(rate * total), "total": total, **extra}
+
+    return {
+        "tool_calls": entry(agentic["tool_call_rate"], calls=agentic["tool_calls"], failures=agentic["tool_failures"]),
+        "correct_calls": entry(agentic["correct_call_rate"]),
+        "answers": entry(agentic["answer_accuracy"], samples=agentic["samples"], outcomes=agentic["outcomes"]),
+        "general_probes": probes,
+    }
+
+
+class AgenticEvalCallback(KnowledgeEvalCallback):
+    """The CLI's before/after evaluation of the bundled agentic task (`--agentic_eval`, set by `configs/agentic.yaml`):
+    greedy multi-turn rollouts on the questions about the held-out entities (`rows`, default: all 48; the tool-call
+    rate, calls with the asked name, right answers) and the general-knowledge probes, before training, at each
+    evaluation and at the end. `results.json`, the logs (`agentic/<name>`) and the summary table as for the knowledge
+    task."""
+
+    log_prefix = "agentic"
+
+    def __init__(self, rows=None, num_probes=None, max_new_tokens: int = 48, max_iterations: int = 2, **kwargs):
+        super().__init__({}, max_new_tokens, **kwargs)
+        self.rows = eval_rows(split_entities()[1]) if rows is None else rows
+        self.num_probes, self.max_iterations = num_probes, max_iterations
+
+    def evaluate(self, model, tokenizer) -> dict:
+        spec = (self.rows, self.max_new_tokens)
+        agentic = evaluate_agentic(model, tokenizer, *spec, max_iterations=self.max_iterations)
+        return agentic_scores(agentic, evaluate_probes(model, tokenizer, self.num_probes))
+
+
 __all__ = [
     "GreedyBackend",
     "QUESTIONS",
     "TEACHER_PROMPT_TEMPLATE",
+    "AgenticEvalCallback",
+    "agentic_scores",
     "demonstration_messages",
     "demonstration_text",
     "eval_rows",

@@ -39,6 +39,8 @@ class KnowledgeEvalCallback(TrainerCallback):
     directory. Runs on the main process only; the others wait at their next collective operation.
     """
 
+    log_prefix = "knowledge"  # the trainer logs `<log_prefix>/<set>`
+
     def __init__(self, question_sets: dict, max_new_tokens: int = 24, batch_size: int = 32, output_dir=None):
         self.question_sets = question_sets
         self.max_new_tokens = max_new_tokens
@@ -53,19 +55,23 @@ class KnowledgeEvalCallback(TrainerCallback):
         self.output_dir = self.output_dir or trainer.args.output_dir
         return self
 
+    def evaluate(self, model, tokenizer) -> dict:
+        """`{name: {"accuracy", "correct", "total", ...}}` for the current model (subclasses score other tasks)."""
+        return accuracies(model, tokenizer, self.question_sets, self.max_new_tokens, self.batch_size)
+
     def _run(self, args, state, model, processing_class, label: str):
         if not state.is_world_process_zero:
             return None
         tokenizer = tokenizer_of(processing_class)
         model = self.trainer.accelerator.unwrap_model(model) if self.trainer is not None else model
-        results = accuracies(model, tokenizer, self.question_sets, self.max_new_tokens, self.batch_size)
+        results = self.evaluate(model, tokenizer)
         scores = summary(results)
         print(
             f"[{label} @ step {state.global_step}] " + ", ".join(f"{k} {v:.1%}" for k, v in scores.items()), flush=True
         )
         record = {"step": state.global_step, **results}
         if self.trainer is not None and label != "baseline":
-            self.trainer.log({f"knowledge/{k}": v for k, v in scores.items()})
+            self.trainer.log({f"{self.log_prefix}/{k}": v for k, v in scores.items()})
         return record
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
