@@ -336,15 +336,20 @@ if sys.argv[1] == "gil_released":
     torch.distributed.destroy_process_group = lambda: time.sleep(600)
 if sys.argv[1] == "gil_held":  # a C call that keeps the GIL (ctypes.PyDLL does not release it)
     torch.distributed.destroy_process_group = lambda: ctypes.PyDLL(None).sleep(600)
-close_process_group(exit_code=3, timeout_s=1)
+timeout = float(sys.argv[3])
+close_process_group(exit_code=3, timeout_s=timeout)
 print("returned", torch.distributed.is_initialized(), flush=True)
-time.sleep(6.5)  # past the faulthandler backstop: it must have been cancelled
+time.sleep(timeout + 5.5)  # past the faulthandler backstop: it must have been cancelled
 print("alive", flush=True)
 """
+    # A teardown that finishes gets a generous limit (a loaded machine may take seconds); the hangs never finish, so a
+    # short one only makes the test quick.
+    timeout = "10" if hang == "none" else "1"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = subprocess.run([sys.executable, "-c", probe, hang, str(port)], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", probe, hang, str(port), timeout]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if hang == "none":
         assert result.returncode == 0, result.stderr
         assert "returned False" in result.stdout and "alive" in result.stdout
