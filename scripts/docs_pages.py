@@ -44,6 +44,7 @@ MACHINES = {
     "offline.json": CPU,
     "agentic.json": CPU_NO_AMX,
     "agentic_step.json": CPU_NO_AMX,
+    "agentic_grid.json": CPU,
     "sharded_step.json": CPU,
     "red_team.json": CPU,
     "continual/retention.json": CPU,
@@ -69,6 +70,7 @@ COMMANDS = {
     "offline.json": "python benchmarks/offline.py",
     "agentic.json": "python benchmarks/agentic_task.py --variants sdft sdft-from-teacher sft",
     "agentic_step.json": "python benchmarks/agentic_step.py --rounds 2 --steps 4",
+    "agentic_grid.json": "python benchmarks/agentic_grid.py",
     "sharded_step.json": "python benchmarks/sharded_step.py --rounds 2",
     "red_team.json": "python benchmarks/red_team.py",
 }
@@ -1112,6 +1114,7 @@ def agentic_page() -> str:
         if samples:
             text = samples[0]["trajectory"].replace("\n", " ").strip()
             lines.append(f"- {AGENTIC_VARIANTS.get(name, name)}: `{text[:220]}`")
+    lines += agentic_grid_section()
     summary = step["summary"]
     lines += [
         "",
@@ -1139,6 +1142,64 @@ def agentic_page() -> str:
         f"Multi-turn / single-turn step time: {ratio(summary['multi_over_single'])}. " + made_by("agentic_step.json"),
     ]
     return "\n".join(lines)
+
+
+def agentic_grid_section() -> list[str]:
+    """SFT and SDFT over the grid of `benchmarks/agentic_grid.py`, mean +- sd over seeds, and the verdict the
+    numbers give; nothing until the grid has run."""
+    if not (RESULTS / "agentic_grid.json").exists():
+        return []
+    data = load("agentic_grid.json")
+    summary, before = data["summary"], data["before"]
+
+    def cell(scores: dict, name: str) -> str:
+        value = scores[name]
+        return f"{pct(value['mean'])} ± {value['std'] * 100:.0f}"
+
+    rows = [
+        [
+            "base model",
+            "",
+            "",
+            pct(before["tool_call_rate"]),
+            pct(before["correct_call_rate"]),
+            pct(before["answer_accuracy"]),
+            pct(before["probes"]),
+        ]
+    ]
+    for key, scores in sorted(summary.items()):
+        trainer, rate, teacher = (part.split("=")[-1] for part in key.split("|"))
+        names = ("tool_call_rate", "correct_call_rate", "answer_accuracy", "probes")
+        rows.append([trainer.upper(), rate, teacher, *(cell(scores, name) for name in names)])
+        rows[-1][0] += f" (n={scores['seeds']})"
+
+    def best(trainer: str) -> tuple[str, dict] | None:
+        mine = [(k, v) for k, v in summary.items() if k.startswith(trainer + "|")]
+        return max(mine, key=lambda item: item[1]["answer_accuracy"]["mean"], default=None)
+
+    verdict = []
+    for trainer in ("sdft", "sft"):
+        found = best(trainer)
+        if found:
+            key, scores = found
+            verdict.append(
+                f"best {trainer.upper()} ({key.split('|', 1)[1].replace('|', ', ')}): correct answers "
+                f"{cell(scores, 'answer_accuracy')}, right-entity calls {cell(scores, 'correct_call_rate')}, probes "
+                f"{cell(scores, 'probes')} (before: {pct(before['probes'])})"
+            )
+    return [
+        "",
+        "## SFT and SDFT over a grid of learning rates, teacher kinds and seeds",
+        "",
+        "Each configuration from the base model, scored as above; mean ± standard deviation (points) over seeds.",
+        "",
+        table(
+            ["trainer", "learning rate", "teacher", "well-formed call", "right entity", "correct answer", "probes"],
+            rows,
+        ),
+        "",
+        "**Verdict.** " + ("; ".join(verdict) or "no run yet") + ". " + made_by("agentic_grid.json"),
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------- driver
