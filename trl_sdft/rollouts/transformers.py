@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from trl.distributed import DistributedBackend
@@ -53,15 +55,14 @@ class TransformersRollout:
         """Completions for `prompt_ids` (repeated by the sampler, so `num_generations` and `step` are not needed), each
         row stopped at its `max_new_tokens` entry (the batch decodes only as far as its largest budget)."""
         input_ids, attention_mask = left_pad(prompt_ids, self.pad_token_id, self.accelerator.device)
-        budgets = {}
-        if max_new_tokens is not None and getattr(self.generation_config, "num_return_sequences", 1) in (None, 1):
+        config, budgets = self.generation_config, {}
+        if max_new_tokens is not None and getattr(config, "num_return_sequences", 1) in (None, 1):
             most = max(max_new_tokens)
-            budgets = dict(
-                max_new_tokens=most,
-                stopping_criteria=StoppingCriteriaList([RowBudgets(max_new_tokens, input_ids.size(1))]),
-            )
-            if (self.generation_config.min_new_tokens or 0) > most:  # a forced length cannot outgrow the room left
-                budgets["min_new_tokens"] = most
+            config = copy.copy(config)  # the call's lengths in its own config (transformers deprecates both at once)
+            config.max_new_tokens = most
+            if (config.min_new_tokens or 0) > most:  # a forced length cannot outgrow the room left
+                config.min_new_tokens = most
+            budgets["stopping_criteria"] = StoppingCriteriaList([RowBudgets(max_new_tokens, input_ids.size(1))])
         with (
             unwrap_model_for_generation(
                 model, self.accelerator, gather_deepspeed3_params=self.gather_deepspeed3_params
@@ -69,7 +70,7 @@ class TransformersRollout:
             self.distributed.summon_full_params(model, recurse=False),
         ):
             output = unwrapped.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=self.generation_config, **budgets
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **budgets
             )
         rows = output[:, input_ids.size(1) :].tolist()
         if max_new_tokens is not None:  # a row stopped by its budget is padded after it: cut before looking for ends
