@@ -6,9 +6,9 @@ repeated `num_generations` times by the sampler), `step` the optimizer step of t
 `max_new_tokens` a budget per prompt (None: `max_completion_length` each; multi-turn rollouts ask for the room a
 trajectory has left). Each completion ends at its first end-of-sequence token, and engines that report their own
 log-probs of the sampled tokens (vLLM) return them too. Backends registered before budgets existed (a `generate` without
-`max_new_tokens`) still work: `generate_within` cuts their completions to the budget. A backend that can generate a round while the trainer learns (`async_rollouts`) also has `start` and
-`finish` (`BackgroundRollouts`), and one that scores the teacher (`use_teacher_server`) has `teacher_scores`
-(`TeacherScorer`).
+`max_new_tokens`) still work: `generate_within` cuts their completions to the budget. A backend that can generate a
+round while the trainer learns (`async_rollouts`) also has `start` and `finish` (`BackgroundRollouts`), and one that
+scores the teacher (`use_teacher_server`) has `teacher_scores` (`TeacherScorer`).
 
 Backends are built by name from `ROLLOUT_BACKENDS` (`build_rollout`), which holds "transformers"
 (`transformers.TransformersRollout`, `model.generate`) and "vllm" (`vllm.VLLMRollout`, a colocated or a server vLLM

@@ -122,8 +122,7 @@ class ToolCallingLoop:
                 break
             replies = self._generate(model, prompt_ids, completions, continuing, most, step)
             for position, index in enumerate(continuing):
-                room = self.settings.max_completion_length - len(completions[index])
-                reply = list(replies.completions[position])[:room]
+                reply = list(replies.completions[position])  # within the room left (`_generate`'s budgets)
                 completions[index] += reply
                 masks[index] += [1] * len(reply)
                 if logprobs is not None:
