@@ -3,7 +3,8 @@
     python benchmarks/agentic_grid.py [--learning_rates 1e-4 3e-4] [--teacher_kinds base ema] [--seeds 0 1 2]
                                       [--trainers sdft sft] [--quick] [--output benchmarks/results/agentic_grid.json]
 
-Every run starts from the base model of `configs/agentic.yaml`, trains on the 96 questions about the 32 training
+Every run starts from the model of `configs/agentic.yaml` (`smollm2-135m-tools`: SmolLM2-135M-Instruct after a format
+warm start on other tools, `trl_sdft/demo/tool_format.py`), trains on the 96 questions about the 32 training
 entities at that config's steps, batch and lengths (`benchmarks/agentic_task.py` builds the trainers: SDFT with
 `tools=[lookup]`, TRL's SFTTrainer with `assistant_only_loss` on the demonstrations; SFT has no teacher, so it runs once
 per learning rate and seed), and is scored on the 48 questions about the held-out entities (greedy multi-turn
@@ -11,8 +12,10 @@ rollouts: tool-call rate, calls with the asked name, right answers) and on the g
 
 The JSON is written after every run and a rerun skips the runs it already holds (same key), so the grid can be filled
 over several sessions. It keeps per run: the scores, the tool-call frequency of each logged step, the wall time; and
-per configuration the mean and standard deviation over seeds (`summary`). About 10 min per SDFT run and 7 per SFT run
-on two CPU cores; do not run anything heavy beside it. `scripts/docs_pages.py` makes the results page from it.
+per configuration the mean and standard deviation over seeds (`summary`). About 25 min per SDFT run on two CPU cores
+(from the warm start the rollouts are multi-turn: the config's own run took 21 min for its 20 steps, plus one
+evaluation of about 3 min), less per SFT run; do not run anything heavy beside it. A grid file holds runs from one
+starting model only (a rerun with another refuses it). `scripts/docs_pages.py` makes the results page from it.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -136,17 +140,24 @@ def main(argv=None):
         options.num_eval = options.num_eval or 6
         options.num_probes = options.num_probes or 6
     reuse_freed_cpu_memory()
-    model_path = options.model or resolve_model(other.get("model_name_or_path", "smollm2-135m-instruct"))
+    model_name = options.model or other.get("model_name_or_path", "smollm2-135m-instruct")
+    model_path = resolve_model(model_name)
     rows = eval_rows(split_entities()[1])[: options.num_eval]
     results = {"runs": {}}
     if os.path.exists(options.output):
         with open(options.output) as f:
             results = json.load(f)
+        held = results.get("config", {}).get("model", model_name)
+        if held != model_name:  # a grid is filled over sessions: its runs must share one starting model
+            raise SystemExit(f"{options.output} holds runs from {held!r}, not {model_name!r}: pass another --output.")
+    warm_start = os.path.join(model_path, "warm_start.json")
     results.update(
         command="python benchmarks/agentic_grid.py " + " ".join(sys.argv[1:] if argv is None else argv),
         machine=task.machine(),
         config={
             "config_file": os.path.relpath(options.config, ROOT),
+            "model": model_name,
+            "warm_start": json.loads(Path(warm_start).read_text()) if os.path.exists(warm_start) else None,
             "sdft_fields": fields,
             "quick": options.quick,
             "eval_questions": len(rows),

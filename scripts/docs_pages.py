@@ -45,6 +45,7 @@ MACHINES = {
     "agentic.json": CPU_NO_AMX,
     "agentic_step.json": CPU_NO_AMX,
     "agentic_grid.json": CPU,
+    "agentic_cli.json": CPU,
     "sharded_step.json": CPU,
     "red_team.json": CPU,
     "continual/retention.json": CPU,
@@ -71,6 +72,7 @@ COMMANDS = {
     "agentic.json": "python benchmarks/agentic_task.py --variants sdft sdft-from-teacher sft",
     "agentic_step.json": "python benchmarks/agentic_step.py --rounds 2 --steps 4",
     "agentic_grid.json": "python benchmarks/agentic_grid.py",
+    "agentic_cli.json": "python scripts/sdft.py --config configs/agentic.yaml (its results.json)",
     "sharded_step.json": "python benchmarks/sharded_step.py --rounds 2",
     "red_team.json": "python benchmarks/red_team.py",
 }
@@ -1047,8 +1049,23 @@ AGENTIC_VARIANTS = {
 }
 
 
+def starting_model(name: str | None) -> str:
+    """How the agentic results pages name the model a run started from."""
+    if name == "smollm2-135m-tools":
+        return (
+            "`smollm2-135m-tools` (SmolLM2-135M-Instruct after the format warm start on other tools: "
+            "[the guide](../guides/agentic.md#the-starting-model-smollm2-135m-tools))"
+        )
+    if name in (None, "smollm2-135m-instruct"):
+        return "SmolLM2-135M-Instruct itself (no warm start: before training it never calls the tool)"
+    return f"`{name}`"
+
+
 def agentic_page() -> str:
-    lines = header("Agentic SDFT: the bundled tool task", "`benchmarks/results/agentic.json`, `agentic_step.json`")
+    lines = header(
+        "Agentic SDFT: the bundled tool task",
+        "`benchmarks/results/agentic.json`, `agentic_cli.json`, `agentic_grid.json`, `agentic_step.json`",
+    )
     data, step = load("agentic.json"), load("agentic_step.json")
     config, fields = data["config"], data["config"]["sdft_fields"]
     lines += [
@@ -1057,7 +1074,7 @@ def agentic_page() -> str:
         f"{config['train_entities']} entities to train on, {config['eval_questions']} questions about "
         f"{config['heldout_entities']} other entities to score, so the scores measure the skill (call, read, answer), "
         "not remembered facts. The privileged context is a demonstration trajectory: the exact call, its result and "
-        "the answer. Every variant starts from the base model and trains "
+        f"the answer. Every variant starts from {starting_model(config.get('model'))} and trains "
         f"{fields['max_steps']} steps of {fields['per_device_train_batch_size']} sequences at learning rate "
         f"{fields['learning_rate']:g} (CPU, float32); SFT trains on the demonstration trajectories at the same "
         "learning rate, steps, batch and seed.",
@@ -1068,6 +1085,8 @@ def agentic_page() -> str:
         "(the final turn contains the looked-up value), and the general-knowledge probes (forgetting).",
         "",
     ]
+    lines += agentic_cli_section()
+    lines += ["", f"## Variants from {starting_model(config.get('model'))}", ""]
     rows = []
     for name, scores in data["summary"].items():
         seconds = scores.get("train_seconds")
@@ -1144,6 +1163,41 @@ def agentic_page() -> str:
     return "\n".join(lines)
 
 
+def agentic_cli_section() -> list[str]:
+    """The table a user's `python scripts/sdft.py --config configs/agentic.yaml` printed."""
+    if not (RESULTS / "agentic_cli.json").exists():
+        return []
+    data = load("agentic_cli.json")
+    names = {
+        "tool_calls": "well-formed call",
+        "correct_calls": "right entity",
+        "answers": "correct answer",
+        "general_probes": "probes",
+    }
+    rows = []
+    for key, label in names.items():
+        before, after = data["baseline"][key], data["final"][key]
+        rows.append(
+            [
+                label,
+                f"{before['correct']}/{before['total']} ({pct(before['accuracy'])})",
+                f"{after['correct']}/{after['total']} ({pct(after['accuracy'])})",
+            ]
+        )
+    return [
+        "",
+        "## The config's own run",
+        "",
+        f"`{data['command']}`: SDFT from {starting_model(data['model'])}, {data['final']['step']} steps, "
+        f"{data['steps_seconds'] / 60:.0f} min of training steps and {data['wall_minutes']:.0f} min in all (with the "
+        "two evaluations), and the before/after table it prints:",
+        "",
+        table(["", "before", "after"], rows),
+        "",
+        "One run, one seed: the grid below has the spread. " + made_by("agentic_cli.json"),
+    ]
+
+
 def agentic_grid_section() -> list[str]:
     """SFT and SDFT over the grid of `benchmarks/agentic_grid.py`, mean +- sd over seeds, and the verdict the
     numbers give; nothing until the grid has run."""
@@ -1158,7 +1212,7 @@ def agentic_grid_section() -> list[str]:
 
     rows = [
         [
-            "base model",
+            "starting model",
             "",
             "",
             pct(before["tool_call_rate"]),
@@ -1191,7 +1245,8 @@ def agentic_grid_section() -> list[str]:
         "",
         "## SFT and SDFT over a grid of learning rates, teacher kinds and seeds",
         "",
-        "Each configuration from the base model, scored as above; mean ± standard deviation (points) over seeds.",
+        f"Each configuration starts from {starting_model(data['config'].get('model'))}, and is scored as above; mean "
+        "± standard deviation (points) over seeds; n is the number of seeds run so far.",
         "",
         table(
             ["trainer", "learning rate", "teacher", "well-formed call", "right entity", "correct answer", "probes"],

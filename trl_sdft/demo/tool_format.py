@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct does not write tool calls: under every prompt, template and teacher prompt tried (plain, with
 instructions, one-shot, SmolLM2's own function-calling prompt, the call prefilled), greedy decoding gave 0% calls on
-the held-out questions and sampling at most 5%, none with the tool's name. On-policy distillation then never sees a
+the held-out questions and sampling at most 5%, none with the asked entity. On-policy distillation then never sees a
 call, and the multi-turn path of agentic SDFT does not run in a user's first agentic run.
 
 The warm start teaches the *format* only: a few steps of SFT (TRL's `SFTTrainer`) on demonstrations of four other
