@@ -147,7 +147,7 @@ def main(argv=None):
     if os.path.exists(options.output):
         with open(options.output) as f:
             results = json.load(f)
-        held = results.get("config", {}).get("model", model_name)
+        held = results.get("config", {}).get("model", "smollm2-135m-instruct")  # files before the field: that model
         if held != model_name:  # a grid is filled over sessions: its runs must share one starting model
             raise SystemExit(f"{options.output} holds runs from {held!r}, not {model_name!r}: pass another --output.")
     warm_start = os.path.join(model_path, "warm_start.json")

@@ -3,6 +3,7 @@ format on other tools without leaking the bundled task, and the alias builds onc
 
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -41,7 +42,8 @@ def test_rows_leak_nothing_of_the_bundled_task():
     assert "lookup" not in text
     for entity in agentic.load_entities():
         assert entity["name"].lower() not in text
-        assert f'"{entity["city"].lower()}"' not in text and entity["kind"].lower() not in text.split()
+        for word in (entity["city"], entity["kind"]):
+            assert not re.search(rf"\b{re.escape(word.lower())}\b", text), word
     for question, _ in agentic.QUESTIONS.values():
         assert question.split("{")[0].lower() not in text
 
@@ -62,8 +64,11 @@ def test_the_alias_builds_once_in_a_child_process_and_then_reads_the_cache(tool_
     monkeypatch.setattr(tool_format, "smollm2_dir", lambda progress=True: pathlib.Path(tool_model_dir))
     monkeypatch.setenv("RANK", "1")  # a multi-process launch: the child must not join it
     monkeypatch.setenv("WORLD_SIZE", "2")
+    target = tmp_path / "cache" / f"smollm2-135m-tools-v{tool_format.RECIPE_VERSION}"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")  # a copy cut short: no warm_start.json, so not a model
     path = default_model.resolve_model("SmolLM2-135M-Tools")
-    assert pathlib.Path(path) == tmp_path / "cache" / f"smollm2-135m-tools-v{tool_format.RECIPE_VERSION}"
+    assert pathlib.Path(path) == target
     record = json.loads((pathlib.Path(path) / "warm_start.json").read_text())
     assert record["base"] == tool_model_dir and record["rows"] == WarmStart().steps * WarmStart().batch_size
     assert (pathlib.Path(path) / "config.json").exists()
@@ -71,6 +76,13 @@ def test_the_alias_builds_once_in_a_child_process_and_then_reads_the_cache(tool_
     monkeypatch.setattr(tool_format, "smollm2_dir", lambda progress=True: pytest.fail("built a second time"))
     assert default_model.resolve_model("smollm2-135m-tools") == path
     assert default_model.is_default_alias("smollm2-135m-tools")
+
+
+def test_the_child_sees_no_launch_variables():
+    environ = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "ACCELERATE_USE_CPU": "1", "PMI_SIZE": "2"}
+    environ.update(OMPI_COMM_WORLD_SIZE="2", OMP_NUM_THREADS="1", HOME="/home/me", TRL_SDFT_CACHE="/c")
+    assert tool_format.child_environment(environ) == {"HOME": "/home/me", "TRL_SDFT_CACHE": "/c"}
+    assert tool_format.child_environment({"OMP_NUM_THREADS": "3"}) == {"OMP_NUM_THREADS": "3"}  # the user's own
 
 
 def test_a_failed_build_leaves_no_model_and_says_how_to_see_why(tmp_path, monkeypatch):

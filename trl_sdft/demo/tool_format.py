@@ -89,7 +89,7 @@ DEFINITIONS = {
 
 
 def define_word(word: str) -> str:
-    """Look up the meaning of an English word in a dictionary.
+    """Find the meaning of an English word in a dictionary.
 
     Args:
         word: The word, e.g. "harbor".
@@ -192,7 +192,7 @@ def rehearsal_answers(model, tokenizer, max_new_tokens: int = 48) -> dict[str, s
     """The model's own greedy answers to `REHEARSAL_PROMPTS` (chat template, no tools)."""
     import torch
 
-    tokenizer.padding_side = "left"
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
         for p in REHEARSAL_PROMPTS
@@ -201,12 +201,14 @@ def rehearsal_answers(model, tokenizer, max_new_tokens: int = 48) -> dict[str, s
     with torch.no_grad():
         output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     answers = tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    tokenizer.padding_side = side
     return {prompt: answer.strip() for prompt, answer in zip(REHEARSAL_PROMPTS, answers, strict=True)}
 
 
 def build(base_dir: str | Path, target: str | Path, recipe: WarmStart | None = None) -> Path:
     """SFT `base_dir` on `warm_start_rows` with TRL's `SFTTrainer` (assistant tokens only, the `smollm2-tools`
-    template) and save it to `target` (which must not exist), with the template and `warm_start.json`."""
+    template) and save it to `target` (which must not exist), with the template and `warm_start.json`. Meant for a
+    process of its own (`tool_format_dir` runs it in a child): the Trainer seeds the process's generators."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -261,12 +263,28 @@ def build(base_dir: str | Path, target: str | Path, recipe: WarmStart | None = N
     return target
 
 
-DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# What a multi-process launch (torchrun, accelerate, MPI) sets and accelerate reads: the child must not see it.
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_PREFIXES = ("ACCELERATE_", "PMI_", "OMPI_COMM_WORLD_", "MV2_COMM_WORLD_", "MPI_LOCAL")
+
+
+def child_environment(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` without a launch's variables. Under a launch, `OMP_NUM_THREADS` goes too (torchrun sets it to 1 per
+    process; the one process that builds should use the cores the others wait with)."""
+    launched = int(environ.get("WORLD_SIZE", "1") or 1) > 1
+    return {
+        name: value
+        for name, value in environ.items()
+        if name not in LAUNCH_VARIABLES
+        and not name.startswith(LAUNCH_PREFIXES)
+        and not (launched and name == "OMP_NUM_THREADS")
+    }
 
 
 def tool_format_dir(progress: bool = True) -> Path:
     """The cached warm-started model, built on first use from the embedded model in a child process (its own
-    accelerate state, one process even under a multi-process launch; concurrent callers wait on a file lock)."""
+    accelerate state, one process even under a multi-process launch; concurrent callers wait on a file lock). A
+    directory counts once its `warm_start.json` is written; one without it (a copy or removal cut short) is replaced."""
     from filelock import FileLock
 
     target = cache_dir() / f"{TOOLS_MODEL}-v{RECIPE_VERSION}"
@@ -283,20 +301,24 @@ def tool_format_dir(progress: bool = True) -> Path:
                 flush=True,
             )
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        env = {
-            k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES and not k.startswith("ACCELERATE_")
-        }
-        command = [sys.executable, "-m", "trl_sdft.demo.tool_format", str(base), str(staging / "model")]
-        done = subprocess.run(command, env=env, capture_output=not progress, text=True)
-        if done.returncode != 0:
-            shutil.rmtree(staging, ignore_errors=True)
-            detail = (done.stderr or "").strip().splitlines()[-1:] if not progress else []
-            raise ModelUnavailableError(
-                f"Building {TOOLS_MODEL} failed (exit code {done.returncode}{': ' + detail[0] if detail else ''}). "
-                f"Run `{sys.executable} -m trl_sdft.demo.tool_format {base} <dir>` to see why."
+        try:
+            command = [sys.executable, "-m", "trl_sdft.demo.tool_format", str(base), str(staging / "model")]
+            done = subprocess.run(
+                command, env=child_environment(dict(os.environ)), capture_output=not progress, text=True
             )
-        os.replace(staging / "model", target)
-        shutil.rmtree(staging, ignore_errors=True)
+            if done.returncode != 0:
+                detail = (done.stderr or "").strip().splitlines()[-1:] if not progress else []
+                raise ModelUnavailableError(
+                    f"Building {TOOLS_MODEL} failed (exit code {done.returncode}{': ' + detail[0] if detail else ''}). "
+                    f"Run `{sys.executable} -m trl_sdft.demo.tool_format {base} <dir>` to see why."
+                )
+            if target.exists():  # incomplete (no warm_start.json): our own cache entry, replaced
+                if progress:
+                    print(f"Replacing {target}: it has no warm_start.json (an incomplete copy).", flush=True)
+                shutil.rmtree(target)
+            os.replace(staging / "model", target)
+        finally:  # also on Ctrl-C: no half-written model is left in the cache
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
