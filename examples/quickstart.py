@@ -39,7 +39,7 @@ def main():
         if "self_distillation/teacher_student_kl" in entry
     ]
     print(f"\nKL(teacher || student) per token: first log {kl[0]:.3f} -> last log {kl[-1]:.3f}")
-    print("Greedy answer to 'What color is Zorbo?':", repr(trainer.generate("What color is Zorbo?")))
+    print("Greedy answer to 'What color is Zorbo?':", repr(trainer.generate("What color is Zorbo?", do_sample=False)))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,23 @@ def test_default_model_converts_once_and_knows_the_probes_but_not_the_facts(fres
 
 
 @pytest.mark.usefixtures("requires_smollm")
+def test_generate_answers_a_plain_question_on_the_real_model(fresh_smollm, tmp_path, make_trainer):
+    """The README's last line: `trainer.generate("...")` printed an empty string, the text going to the chat model
+    without its template."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fresh_smollm)
+    rows = [{"prompt": "What is the capital of Veloria?", "privileged_context": "Veloria's capital is Quenmoor."}] * 4
+    trainer = make_trainer(fresh_smollm, tokenizer, str(tmp_path), Dataset.from_list(rows))
+    greedy = trainer.generate("What is the capital of France?", max_new_tokens=16, do_sample=False)
+    assert "Paris" in greedy
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    assert trainer.generate(messages, max_new_tokens=16, do_sample=False) == greedy
+    assert trainer.generate("What is the capital of Veloria?", max_new_tokens=16).strip()  # sampled, as in training
+
+
+@pytest.mark.usefixtures("requires_smollm")
 @pytest.mark.slow
 def test_demo_config_end_to_end_smoke(tmp_path, fresh_smollm):
     """The demo command on the real model, cut to one step and a few questions."""

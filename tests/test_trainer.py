@@ -201,24 +201,47 @@ def test_evaluation_reports_distillation_loss(tiny_model, tokenizer, tmp_path, t
 def test_generate_and_model_card(tiny_model_dir, tokenizer, tmp_path, trained):
     trainer = trained(tiny_model_dir, tokenizer, tmp_path, max_steps=1)
     messages = [{"role": "user", "content": "What color is Zorbo?"}]
+    chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     model = trainer.model
-    for query, inputs in (
-        ("What color is Zorbo?", tokenizer("What color is Zorbo?", return_tensors="pt")),
-        (
-            messages,
-            tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True),
-        ),
-    ):
+    # Text is one user turn through the chat template (the tokenizer has one), as messages are: it was tokenized as
+    # it is, and a chat model answered a bare string with an empty reply.
+    for query in ("What color is Zorbo?", messages):
         was_training = model.training
-        answer = trainer.generate(query, max_new_tokens=5)
+        answer = trainer.generate(query, max_new_tokens=5, do_sample=False)
         assert model.training == was_training  # restored after generating
-        # The greedy continuation of exactly that prompt (text as is, chat through the template).
-        output = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        assert answer == tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        output = model.generate(**chat, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        assert answer == tokenizer.decode(output[0, chat["input_ids"].shape[1] :], skip_special_tokens=True)
     trainer.save_model(str(tmp_path / "final"))
     trainer.create_model_card()
     card = (tmp_path / "README.md").read_text()
     assert "2601.19897" in card and "SDFT" in card
+
+
+def test_generate_samples_as_training_does_unless_told(tiny_model_dir, tokenizer, tmp_path, trained, monkeypatch):
+    trainer = trained(tiny_model_dir, tokenizer, tmp_path, max_steps=1, temperature=0.7, top_p=0.9)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    seen = []
+    real_generate = model.generate
+
+    def recorded(*args, generation_config=None, **kwargs):
+        seen.append((generation_config, kwargs["input_ids"]))
+        return real_generate(*args, generation_config=generation_config, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recorded)
+    trainer.generate("What color is Zorbo?")
+    config = seen[-1][0]
+    assert config.do_sample and config.temperature == 0.7 and config.top_p == 0.9
+    assert config.max_new_tokens == trainer.args.max_completion_length
+    trainer.generate("What color is Zorbo?", max_new_tokens=3, temperature=0.2)
+    assert seen[-1][0].temperature == 0.2 and seen[-1][0].max_new_tokens == 3 and seen[-1][0].top_p == 0.9
+    trainer.generate("What color is Zorbo?", do_sample=False)
+    assert not seen[-1][0].do_sample and seen[-1][0].temperature is None
+    assert trainer.generation_config.temperature == 0.7  # the training's own config is untouched
+    with pytest.raises(ValueError, match="temprature"):
+        trainer.generate("What color is Zorbo?", temprature=0.5)
+    trainer.processing_class.chat_template = None  # no template: text goes as it is
+    trainer.generate("What color is Zorbo?", max_new_tokens=2)
+    assert seen[-1][1].tolist() == [tokenizer("What color is Zorbo?")["input_ids"]]
 
 
 def test_model_path_and_default_args(tiny_model_dir, tokenizer, tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resu
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, EpochRepeatSampler, check_datasets, named_eval_sets
-from .generation import greedy_answers
+from .generation import answer_config, answer_one
 from .metrics import round_metrics
 from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class, warn_if_adapter_present
 from .prompts import resolve_teacher_prompt_template
@@ -432,16 +432,13 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
                 part is None or part.close()
 
     # ----------------------------------------------------------------------------------------------------- utils
-    def generate(self, query: Any, max_new_tokens: int | None = None) -> str:
-        """The model's greedy answer to one prompt (text or chat messages), for quick checks."""
+    def generate(self, query: Any, max_new_tokens: int | None = None, **generation_kwargs) -> str:
+        """The model's answer to one prompt: chat messages, or text, which becomes one user turn when the tokenizer
+        has a chat template. Sampled as in training (`self.generation_config`: `temperature`, `top_p`, ...,
+        `generation_kwargs`, up to `max_completion_length` tokens) unless overridden: `do_sample=False` for the
+        greedy answer, any other `GenerationConfig` field by name."""
+        config = answer_config(self.generation_config, max_new_tokens, **generation_kwargs)
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
         ) as model:
-            return greedy_answers(
-                model,
-                self.processing_class,
-                [query],
-                max_new_tokens or self.args.max_completion_length,
-                text_as_chat=False,
-                chat_template_kwargs=self.chat_template_kwargs,
-            )[0]
+            return answer_one(model, self.processing_class, query, config, self.chat_template_kwargs)
