@@ -72,7 +72,7 @@ COMMANDS = {
     "agentic.json": "python benchmarks/agentic_task.py --variants sdft sdft-from-teacher sft",
     "agentic_step.json": "python benchmarks/agentic_step.py --rounds 2 --steps 4",
     "agentic_grid.json": "python benchmarks/agentic_grid.py",
-    "agentic_cli.json": "python scripts/sdft.py --config configs/agentic.yaml (its results.json)",
+    "agentic_cli.json": "python scripts/sdft.py --config configs/agentic.yaml --logging_steps 1 (its results.json)",
     "sharded_step.json": "python benchmarks/sharded_step.py --rounds 2",
     "red_team.json": "python benchmarks/red_team.py",
 }
@@ -97,9 +97,28 @@ def code(value) -> str:
     return f"{fence}{pad}{value}{pad}{fence}"
 
 
+def table_cell(value) -> str:
+    """A cell that stays one cell on GitHub and on the site: a `|` outside code is escaped (`\\|`); a code span
+    holding one (`int | None`) becomes `<code>` with `&#124;` (GitHub splits on it even inside backticks, and the
+    site would show the backslash of an escape inside code)."""
+
+    def code(match: re.Match) -> str:
+        text = match.group(1)
+        if "|" not in text:
+            return match.group(0)
+        escaped = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
+        return f"<code>{escaped}</code>"
+
+    parts = re.split(r"(`[^`]*`)", str(value))
+    return "".join(
+        re.sub(r"`([^`]*)`", code, part) if part.startswith("`") else re.sub(r"(?<!\\)\|", r"\\|", part)
+        for part in parts
+    )
+
+
 def table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    lines = ["| " + " | ".join(table_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(table_cell(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
