@@ -131,6 +131,11 @@ def header(title: str, source: str) -> list[str]:
     ]
 
 
+def figure(name: str, alt: str) -> str:
+    """A plot of `docs_plots.FIGURES`, from a results page (`docs/results/`), with what it shows as its text."""
+    return f"![{alt}](../assets/plots/{name}.svg)"
+
+
 def provenance(command: str, machine: str) -> str:
     return f"Made by `{command}` on {machine}."
 
@@ -498,6 +503,7 @@ def demo_page() -> str:
             ]
         )
     lines += [table(["seed", "precision", "baseline", "final", "wall time"], rows), ""]
+    lines += wall_time_outliers(precision["runs"])
     rows = []
     for key, label in (("fp32", "float32"), ("bf16", "bf16")):
         mean = precision["mean"][key]
@@ -551,6 +557,30 @@ def demo_page() -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def wall_time_outliers(runs: list[dict]) -> list[str]:
+    """A sentence for runs that took over twice their precision's median wall time: the file holds no more than the
+    wall time, so the reader is told what is and is not known rather than left to guess."""
+    slow = []
+    for bf16 in (False, True):
+        same = [r for r in runs if r["bf16"] == bf16]
+        median = sorted(r["wall_s"] for r in same)[len(same) // 2]
+        slow += [(r, r["wall_s"] / median) for r in same if r["wall_s"] > 2 * median]
+    if not slow:
+        return []
+    named = ", ".join(
+        f"seed {r['seed']} {'bf16' if r['bf16'] else 'float32'} ({r['wall_s'] / 60:.1f} min, {x:.1f}x its precision's "
+        "median)"
+        for r, x in slow
+    )
+    order = sorted(runs.index(r) + 1 for r, _ in slow)
+    return [
+        f"Slow outliers: {named}. The file records only each run's wall time, so the cause is not known (they were "
+        f"run {', '.join(map(str, order))} of {len(runs)}, in order). The scores do not depend on it; compare "
+        "wall times within a seed.",
+        "",
+    ]
 
 
 def allocator_sentence(summary: list[dict]) -> list[str]:
@@ -642,6 +672,8 @@ def throughput_page() -> str:
         "",
         f"{data.get('rounds', '?')} rounds, cases alternating, each run a fresh process. "
         + made_by("step_throughput.json"),
+        "",
+        figure("throughput", "Completion tokens per second and step time, ours against TRL's SDFT"),
         "",
         *allocator_sentence(data["summary"]),
         "## Padding-free forwards",
@@ -801,6 +833,8 @@ def memory_page() -> str:
         "",
         made_by("loss_memory.json"),
         "",
+        figure("memory", "Peak extra memory of the full_logits loss per method"),
+        "",
     ]
     steps = load("train_step_memory.json")
     runs = [*steps["memory_runs_mmap_threshold_65536"], *steps["time_runs_default_allocator"]]
@@ -878,6 +912,8 @@ def async_page() -> str:
             ],
             rows,
         ),
+        "",
+        figure("async", "Median step time, synchronous against asynchronous rounds"),
         "",
         "Each run:",
         "",
@@ -1010,7 +1046,9 @@ def continual_page() -> str:
         pareto_table(pareto),
         "",
         provenance(continual_command(pareto["config"], "pareto"), machine("pareto/retention.json"))
-        + " Data: `benchmarks/results/pareto/retention.json`; the plot: `benchmarks/results/pareto/pareto.png`.",
+        + " Data: `benchmarks/results/pareto/retention.json`.",
+        "",
+        figure("pareto", "Learning against retention, every grid point, SFT and SDFT fronts"),
         "",
     ]
     for directory in ("continual", "continual-seed43"):
@@ -1056,6 +1094,8 @@ def continual_page() -> str:
             + f" Data: `benchmarks/results/{name}`; every run's stages: `benchmarks/results/{directory}/retention.md`.",
             "",
         ]
+        if directory == "continual":
+            lines += [figure("retention", "Accuracy on each task and the probes after each stage, per run"), ""]
     return "\n".join(lines)
 
 
@@ -1378,7 +1418,15 @@ def robustness_page() -> str:
     return "\n".join(lines)
 
 
+def changelog_page() -> str:
+    """CHANGELOG.md on the site, its links made relative to `docs/`."""
+    text = (ROOT / "CHANGELOG.md").read_text()
+    note = "<!-- Generated from `CHANGELOG.md` by scripts/docs_pages.py: do not edit; edit CHANGELOG.md. -->"
+    return note + "\n\n" + text.replace("](docs/", "](")
+
+
 PAGES = {
+    "docs/changelog.md": changelog_page,
     "docs/reference/config.md": config_page,
     "docs/reference/cli.md": cli_page,
     "docs/results/demo.md": demo_page,
@@ -1393,7 +1441,12 @@ PAGES = {
 
 
 def render() -> dict[str, str]:
-    return {path: build().rstrip("\n") + "\n" for path, build in PAGES.items()}
+    """Every generated file: the pages, then the plots they show (`docs_plots.FIGURES`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # docs_plots.py, beside this script
+    from docs_plots import FIGURES
+
+    pages = {path: build().rstrip("\n") + "\n" for path, build in PAGES.items()}
+    return {**pages, **{path: draw() for path, draw in FIGURES.items()}}
 
 
 def main(argv=None) -> int:
@@ -1413,7 +1466,7 @@ def main(argv=None) -> int:
             print("stale generated documentation pages:", file=sys.stderr)
             for entry in stale:
                 print(f"  {entry}", file=sys.stderr)
-            print(f"fix: run `{REGENERATE}` and commit the pages it writes.", file=sys.stderr)
+            print(f"fix: run `{REGENERATE}` and commit the pages and plots it writes.", file=sys.stderr)
             return 1
         print(f"{len(pages)} generated pages are up to date.")
         return 0

@@ -83,3 +83,18 @@ def _importable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def test_every_plot_is_shown_on_a_page():
+    """The plots (`scripts/docs_plots.py`) are generated files like the tables (`--check` finds them stale), and
+    each one is shown on a page: the results pages beside their tables, the step diagram on `concepts/step.md`."""
+    pages = load_script()
+    rendered = pages.render()
+    plots = [path for path in rendered if path.endswith(".svg")]
+    assert len(plots) >= 6
+    texts = [content for name, content in rendered.items() if name.endswith(".md")]
+    texts += [path.read_text() for path in (ROOT / "docs").rglob("*.md")]
+    for path in plots:
+        assert rendered[path].lstrip().startswith("<?xml") and "<svg" in rendered[path]
+        assert any(f"(../assets/plots/{Path(path).name})" in text for text in texts), f"{path} is on no page"
+    assert "```mermaid" not in "".join(texts), "a diagram that needs a script from a CDN shows as source offline"

@@ -20,13 +20,27 @@ class SelfDistillationCallback(TrainerCallback):
     """A `TrainerCallback` with the three self-distillation hooks as no-ops, to override as needed."""
 
     def on_generation_prompts_selected(self, args, state, control, **kwargs):
-        pass
+        """Called before a generation round, with the round's prompts.
+
+        Keyword arguments besides `model` and `processing_class`: `generation_prompts` (the prompts about to be
+        sampled, one per completion) and `generation_prompt_text` (None; kept for TRL's signature).
+        """
 
     def on_generation_batch_built(self, args, state, control, **kwargs):
-        pass
+        """Called after a training round's batch is built (after `on_self_distillation_batch_prepared`), before it is
+        split into the micro-batches of the next steps.
+
+        Keyword arguments besides `model` and `processing_class`: `generate_every` (steps between rounds:
+        `steps_per_generation x num_iterations`) and `steps_per_generation`.
+        """
 
     def on_self_distillation_batch_prepared(self, args, state, control, **kwargs):
-        pass
+        """Called once per round (train and eval) when the student's and the teacher's inputs are built, before any
+        loss.
+
+        Keyword arguments besides `model` and `processing_class`: `old_per_token_logps` (the sampling log-probs, or
+        None), `prompt_ids`, `completion_ids`, `teacher_input_ids` and `teacher_attention_mask`.
+        """
 
 
 def dispatch(callbacks, event: str, **kwargs) -> None:
