@@ -1266,8 +1266,8 @@ def agentic_grid_section() -> list[str]:
     summary, before = data["summary"], data["before"]
 
     def cell(scores: dict, name: str) -> str:
-        value = scores[name]
-        return f"{pct(value['mean'])} ± {value['std'] * 100:.0f}"
+        value = scores[name]  # one seed has no spread: the value alone
+        return pct(value["mean"]) + (f" ± {value['std'] * 100:.0f}" if scores["seeds"] > 1 else "")
 
     rows = [
         [
@@ -1305,7 +1305,8 @@ def agentic_grid_section() -> list[str]:
         "## SFT and SDFT over a grid of learning rates, teacher kinds and seeds",
         "",
         f"Each configuration starts from {starting_model(data['config'].get('model'))}, and is scored as above; mean "
-        "± standard deviation (points) over seeds; n is the number of seeds run so far.",
+        "± standard deviation (points) over seeds; n is the number of seeds run so far (the grid asks for 3: "
+        "`--seeds 0 1 2`; a configuration with n=1 shows its one run, and a verdict on it is provisional).",
         "",
         table(
             ["trainer", "learning rate", "teacher", "well-formed call", "right entity", "correct answer", "probes"],

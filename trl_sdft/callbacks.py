@@ -27,8 +27,8 @@ class SelfDistillationCallback(TrainerCallback):
         """
 
     def on_generation_batch_built(self, args, state, control, **kwargs):
-        """Called after a training round's batch is built (after `on_self_distillation_batch_prepared`), before it is
-        split into the micro-batches of the next steps.
+        """Called after a training round's batch is built (after `on_self_distillation_batch_prepared`) and split
+        into the micro-batches of the next steps.
 
         Keyword arguments besides `model` and `processing_class`: `generate_every` (steps between rounds:
         `steps_per_generation x num_iterations`) and `steps_per_generation`.
@@ -38,8 +38,9 @@ class SelfDistillationCallback(TrainerCallback):
         """Called once per round (train and eval) when the student's and the teacher's inputs are built, before any
         loss.
 
-        Keyword arguments besides `model` and `processing_class`: `old_per_token_logps` (the sampling log-probs, or
-        None), `prompt_ids`, `completion_ids`, `teacher_input_ids` and `teacher_attention_mask`.
+        Keyword arguments besides `model` and `processing_class`: `old_per_token_logps` (the rollout policy's
+        log-probs: computed by the trainer when a round outlives an optimizer step, or the server's under
+        `async_rollouts`; else None), `prompt_ids`, `completion_ids`, `teacher_input_ids` and `teacher_attention_mask`.
         """
 
 

@@ -104,6 +104,8 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         generation_config: The sampling settings of the rollouts (and of `generate` unless overridden).
 
     Examples:
+        With `dataset` and `config` as in the README's example:
+
         ```python
         trainer = SDFTTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", args=config, train_dataset=dataset)
         trainer.train()
