@@ -1300,6 +1300,15 @@ def agentic_grid_section() -> list[str]:
                 f"{cell(scores, 'answer_accuracy')}, right-entity calls {cell(scores, 'correct_call_rate')}, probes "
                 f"{cell(scores, 'probes')} (before: {pct(before['probes'])})"
             )
+    if best("sdft") and best("sft"):
+        sdft, sft = best("sdft")[1], best("sft")[1]
+        answers = (sdft["answer_accuracy"]["mean"] - sft["answer_accuracy"]["mean"]) * 100
+        probes = (sdft["probes"]["mean"] - sft["probes"]["mean"]) * 100
+        seeds = min(sdft["seeds"], sft["seeds"])
+        verdict.append(
+            f"best SDFT against best SFT: {answers:+.0f} points of correct answers, {probes:+.0f} points of probes"
+            + (f" (provisional: {seeds} seed{'s' if seeds > 1 else ''} so far)" if seeds < 3 else "")
+        )
     return [
         "",
         "## SFT and SDFT over a grid of learning rates, teacher kinds and seeds",
