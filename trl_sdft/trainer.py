@@ -69,48 +69,23 @@ def _warn(message: str) -> None:
 class SDFTTrainer(TeacherSaving, _BaseTrainer):
     """Self-Distillation Fine-Tuning: the student learns, on its own samples, what it does with the context in view.
 
-    A drop-in for `trl.experimental.sdft.SDFTTrainer` with the same constructor, plus `tools` and
-    `environment_factory` (TRL GRPO's names). Everything a run needs that the arguments lack is checked here, before
-    the model loads where it can be: the datasets' columns and sizes against the batch, prompt lengths against the
-    model's context, the chat template, the tools, the installed packages.
+    A drop-in for `trl.experimental.sdft.SDFTTrainer` (same constructor, plus GRPO's `tools` and
+    `environment_factory`). Data, lengths, chat template, tools and packages are checked before the model loads.
 
     Args:
-        model: A hub id or local path (loaded with `args.model_init_kwargs`), or a loaded causal LM, or a
-            `peft.PeftModel` whose adapter then trains as it is.
-        args: The run's `SDFTConfig`; None gives the defaults with `output_dir="<model name>-SDFT"`.
-        train_dataset: Rows with `prompt` (text or chat messages) and `privileged_context` (text or chat messages):
-            the teacher sees the prompt with the context through `args.teacher_prompt_template`. A generation batch
+        model: A hub id or path (loaded with `args.model_init_kwargs`), a causal LM, or a `peft.PeftModel`.
+        args: The `SDFTConfig`; None: the defaults, `output_dir="<model name>-SDFT"`.
+        train_dataset: Rows with `prompt` and `privileged_context` (text or chat messages); a generation batch
             needs `generation_batch_size / num_generations` distinct prompts.
-        eval_dataset: Rows like `train_dataset` (or a dict of such datasets): evaluation scores the teacher-student
-            divergence on the student's samples.
-        processing_class: The tokenizer; None loads the model's, left-padded. A chat template from
-            `args.chat_template_path` replaces its own.
-        callbacks: `TrainerCallback`s; those that define the self-distillation hooks (`on_generation_prompts_selected`,
-            `on_generation_batch_built`, `on_self_distillation_batch_prepared`, see `SelfDistillationCallback`) get
-            them called with the hook's payload.
+        eval_dataset: Rows like `train_dataset`, or a dict of such datasets.
+        processing_class: The tokenizer; None loads the model's, left-padded.
+        callbacks: `TrainerCallback`s; the self-distillation hooks they define are called
+            (`SelfDistillationCallback`).
         optimizers: `(optimizer, lr_scheduler)`, as for `transformers.Trainer`.
-        peft_config: A `peft.PeftConfig` (e.g. `LoraConfig`): the adapter is added with TRL's `prepare_peft_model`
-            and only it trains; the `base` teacher is then the model with adapters disabled.
-        tools: Callables (plain or `async`, with type hints and a Google-style docstring) the student may call in
-            multi-turn rollouts; their schemas are shown by the chat template. Names must be unique.
-        environment_factory: A callable returning an environment with `reset(**row)` whose other public methods are
-            tools (one environment per rollout slot), or a dict of such factories picked by each row's `environment`
-            column.
-
-    Attributes:
-        teacher_model: The teacher's module (TRL's attribute): the frozen copy (`base`), the moving average (`ema`)
-            or the student itself (`live`, and PEFT runs).
-        vllm_generation: TRL's vLLM generation object when `use_vllm`, else None.
-        generation_config: The sampling settings of the rollouts (and of `generate` unless overridden).
-
-    Examples:
-        With `dataset` and `config` as in the README's example:
-
-        ```python
-        trainer = SDFTTrainer(model="HuggingFaceTB/SmolLM2-135M-Instruct", args=config, train_dataset=dataset)
-        trainer.train()
-        print(trainer.generate("What is the capital of Veloria?", do_sample=False))
-        ```
+        peft_config: A `peft.PeftConfig`: the adapter is added with TRL's `prepare_peft_model` and trains alone.
+        tools: Callables (sync or async, typed, with Google-style docstrings) the student may call in rollouts.
+        environment_factory: A callable returning an environment (`reset(**row)`; its public methods are tools),
+            or a dict of them picked by each row's `environment` column.
     """
 
     loss_is_scaled_for_ga = True
@@ -460,20 +435,9 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
     def train(
         self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs
     ) -> TrainOutput:
-        """Train, as `transformers.Trainer.train`, and close what the run opened (rollout engine threads, a round
-        still in flight, tool environments), on error too.
-
-        Args:
-            resume_from_checkpoint: A checkpoint directory, or True for the latest complete one in `output_dir`. The
-                EMA teacher's state resumes with it (the optimizer, scheduler and RNG states as in transformers); a
-                checkpoint of another model, or an incomplete one, is refused.
-            trial (optuna.Trial | dict | None): Passed to `transformers.Trainer.train`.
-            ignore_keys_for_eval (list[str] | None): Passed to `transformers.Trainer.train`.
-            **kwargs (Any): Passed to `transformers.Trainer.train`.
-
-        Returns:
-            The global step, the mean training loss and the run's metrics (`transformers.trainer_utils.TrainOutput`).
-        """
+        """`transformers.Trainer.train`, closing what the run opened (engine threads, a round in flight, tool
+        environments), on error too. `resume_from_checkpoint` (a directory, or True for the latest complete one)
+        restores the EMA teacher too; a checkpoint of another model, or an incomplete one, is refused."""
         config = self.model.config.to_dict()
         resume_from_checkpoint = prepare_resume(
             resume_from_checkpoint, self.args.output_dir, self.teacher, _warn, config
