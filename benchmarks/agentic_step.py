@@ -91,7 +91,7 @@ def run_case(case: str, steps: int) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
 
     from trl_sdft import SDFTConfig, SDFTTrainer
-    from trl_sdft.chat_tools import load_chat_template
+    from trl_sdft.chat_templates import load_chat_template
     from trl_sdft.demo.default_model import smollm2_dir
     from trl_sdft.rollouts import register_rollout_backend
     from trl_sdft.tools import tool_schema
@@ -101,7 +101,7 @@ def run_case(case: str, steps: int) -> dict:
     tokenizer.chat_template = load_chat_template("smollm2-tools")
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     call, answer = encode(CALL), encode(ANSWER)
-    from trl_sdft.chat_tools import tool_suffix_ids
+    from trl_sdft.chat_templates import tool_suffix_ids
 
     suffix = tool_suffix_ids(
         tokenizer, tokenizer, [{"role": "tool", "name": "lookup", "content": lookup("Velmorra")}], {}

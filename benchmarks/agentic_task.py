@@ -61,7 +61,7 @@ def read_config(path: str) -> tuple[dict, dict]:
 
 
 def load_base(model_path: str, chat_template_path: str):
-    from trl_sdft.chat_tools import load_chat_template
+    from trl_sdft.chat_templates import load_chat_template
     from trl_sdft.continual.harness import load_model
 
     model, tokenizer = load_model(model_path)

@@ -404,7 +404,7 @@ def test_what_a_tool_run_cannot_do_is_refused_at_construction(tool_model_dir, tm
 
 
 def test_bundled_template_renders_and_parses_tool_calls(tokenizer):
-    from trl_sdft.chat_tools import load_chat_template, parse_turn, prepare_tool_tokenizer, tool_suffix_ids
+    from trl_sdft.chat_templates import load_chat_template, parse_turn, prepare_tool_tokenizer, tool_suffix_ids
 
     tokenizer.chat_template = load_chat_template("smollm2-tools")
     prepare_tool_tokenizer(tokenizer, tokenizer)
@@ -659,7 +659,7 @@ def test_each_rows_calls_are_typed_by_its_own_environments_schemas(tool_model_di
 def test_control_tokens_in_a_tool_result_stay_text(tool_model_dir):
     """Before: a result holding `<|im_end|>` was tokenized as the control token, ending the tool turn early (and able
     to forge turns inside the masked result)."""
-    from trl_sdft.chat_tools import tool_suffix_ids
+    from trl_sdft.chat_templates import tool_suffix_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
     end, start = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -770,7 +770,7 @@ def test_environments_are_closed_when_training_ends_even_on_error(tool_model_dir
 def test_a_turn_ends_at_any_of_the_models_end_ids(tool_model_dir):
     """Before: the turn before a tool result was trimmed at the tokenizer's end-of-sequence token only; a model whose
     turns end at another end id (Gemma-style) lost the template's text after it (here the newline)."""
-    from trl_sdft.chat_tools import tool_suffix_ids
+    from trl_sdft.chat_templates import tool_suffix_ids
 
     tokenizer = AutoTokenizer.from_pretrained(tool_model_dir)
     turn_end = tokenizer.eos_token_id

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_sdft.chat_tools import load_chat_template, parse_turn
+from trl_sdft.chat_templates import load_chat_template, parse_turn
 from trl_sdft.demo import agentic
 from trl_sdft.rollouts import Rollouts
 from trl_sdft.testing import COLORS, NAMES, build_tool_tokenizer

@@ -11,6 +11,7 @@ import yaml
 from datasets import Dataset
 
 from trl_sdft import cli
+from trl_sdft.cli.data_files import load_local_dataset
 from trl_sdft.testing import facts_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def test_bad_dataset_paths(tmp_path, path, message):
         (tmp_path / "data.txt").write_text("hello")
         path = str(tmp_path / "data.txt")
     with pytest.raises(ValueError, match=message):
-        cli.load_local_dataset(path, "train")
+        load_local_dataset(path, "train")
 
 
 def test_dataset_without_columns_fails_before_model_load(tmp_path, capsys):
@@ -190,7 +191,7 @@ def test_local_formats_load(tmp_path, fmt):
     else:
         path = tmp_path / "saved"
         rows.save_to_disk(path)
-    loaded = cli.load_local_dataset(str(path), "train")
+    loaded = load_local_dataset(str(path), "train")
     assert loaded["prompt"] == rows["prompt"]
 
 

@@ -12,7 +12,7 @@ import pytest
 from datasets import Dataset
 
 from trl_sdft import cli
-from trl_sdft.callables import resolve_callable
+from trl_sdft.cli.callables import resolve_callable
 from trl_sdft.testing import TOOL_CHAT_TEMPLATE, tool_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -329,7 +329,7 @@ def test_close_process_group_never_hangs(tmp_path, hang):
 
     probe = """
 import ctypes, os, sys, time, torch
-from trl_sdft.launch import close_process_group
+from trl_sdft.cli.launch import close_process_group
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 torch.distributed.init_process_group("gloo", rank=0, world_size=1)
 if sys.argv[1] == "gil_released":

@@ -407,8 +407,8 @@ def test_quick_run_on_the_default_model(tmp_path):
 
 def test_two_runs_cannot_share_an_output_dir_and_a_file_is_not_one(tmp_path, capsys):
     """The rule every CLI follows: one run per output directory at a time; a file is no output directory."""
+    from trl_sdft.cli.output_dir import OutputDirLock
     from trl_sdft.continual.cli import main
-    from trl_sdft.output_dir import OutputDirLock
 
     out = tmp_path / "out"
     out.mkdir()

@@ -10,6 +10,7 @@ import pytest
 from datasets import Dataset
 
 from trl_sdft import cli
+from trl_sdft.cli.data_files import load_local_dataset
 from trl_sdft.data import validate_dataset, validate_row
 
 ROW = {"prompt": "q", "privileged_context": "c"}
@@ -31,28 +32,28 @@ def write(path, text):
 # ------------------------------------------------------------------------------------- unreadable data files
 def test_corrupt_jsonl_line_is_named(tmp_path):
     path = write(tmp_path / "rows.jsonl", json.dumps(ROW) + "\nnot json\n" + json.dumps(ROW) + "\n")
-    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"rows\.jsonl.*line 2 is not valid JSON.*Fix")
+    one_line_error(lambda: load_local_dataset(path, "train"), r"rows\.jsonl.*line 2 is not valid JSON.*Fix")
 
 
 def test_lone_surrogate_in_jsonl_is_named(tmp_path):
     path = write(tmp_path / "rows.jsonl", json.dumps(ROW) + '\n{"prompt": "a\\ud800", "privileged_context": "c"}\n')
-    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"rows\.jsonl.*line 2.*`prompt`.*lone surrogate")
+    one_line_error(lambda: load_local_dataset(path, "train"), r"rows\.jsonl.*line 2.*`prompt`.*lone surrogate")
 
 
 def test_surrogate_pairs_are_text(tmp_path):
     path = write(tmp_path / "rows.jsonl", '{"prompt": "a \\ud83d\\ude00", "privileged_context": "c"}\n')
-    assert cli.load_local_dataset(path, "train")["prompt"] == ["a \U0001f600"]
+    assert load_local_dataset(path, "train")["prompt"] == ["a \U0001f600"]
 
 
 def test_json_array_syntax_error_names_line_and_column(tmp_path):
     path = write(tmp_path / "rows.json", "[\n" + json.dumps(ROW) + ',\n  {"prompt": }\n]\n')
-    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"rows\.json.*not valid JSON at line 3, column 14")
+    one_line_error(lambda: load_local_dataset(path, "train"), r"rows\.json.*not valid JSON at line 3, column 14")
 
 
 @pytest.mark.parametrize("name, text", [("rows.csv", 'prompt,privileged_context\n"a,b\n'), ("rows.parquet", "junk")])
 def test_unparsable_csv_and_parquet_name_the_file(tmp_path, name, text):
     path = write(tmp_path / name, text)
-    one_line_error(lambda: cli.load_local_dataset(path, "train"), re.escape(name) + ".*could not be read")
+    one_line_error(lambda: load_local_dataset(path, "train"), re.escape(name) + ".*could not be read")
 
 
 def test_lone_surrogate_in_a_row_is_refused():
@@ -76,12 +77,12 @@ def test_corrupt_line_is_one_cli_error_line(tmp_path, capsys):
 )
 def test_empty_files_have_no_rows(tmp_path, name, text):
     path = write(tmp_path / name, text)
-    one_line_error(lambda: cli.load_local_dataset(path, "train"), re.escape(name) + ".* has no rows")
+    one_line_error(lambda: load_local_dataset(path, "train"), re.escape(name) + ".* has no rows")
 
 
 def test_empty_csv_has_no_rows(tmp_path):
     path = write(tmp_path / "e.csv", "")
-    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"e\.csv.* has no rows")
+    one_line_error(lambda: load_local_dataset(path, "train"), r"e\.csv.* has no rows")
 
 
 def test_empty_dataset_has_no_rows():
@@ -117,7 +118,7 @@ def test_mixed_prompts_a_loader_refuses_are_explained(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     path = write(tmp_path / "rows.jsonl", json.dumps(ROW) + "\n" + json.dumps(CHAT_ROW) + "\n")
-    one_line_error(lambda: cli.load_local_dataset(path, "train"), r"rows\.jsonl.*line 2.*all text or all chat")
+    one_line_error(lambda: load_local_dataset(path, "train"), r"rows\.jsonl.*line 2.*all text or all chat")
 
 
 # ---------------------------------------------------------------------------------------------- vllm-serve
@@ -139,7 +140,7 @@ def test_vllm_serve_host_help_warns(capsys):
 @pytest.fixture(scope="module")
 def vllm_rollout():
     pytest.importorskip("vllm")
-    from trl_sdft.rollouts import vllm as vllm_rollout
+    from trl_sdft.rollouts import vllm_engine as vllm_rollout
 
     return vllm_rollout
 
@@ -193,7 +194,9 @@ def test_sync_writes_never_follow_symlinks(vllm_rollout, tmp_path):
 
 
 def test_rollout_close_removes_the_private_sync_dir(vllm_rollout):
-    rollout = object.__new__(vllm_rollout.VLLMRollout)
+    from trl_sdft.rollouts.vllm import VLLMRollout
+
+    rollout = object.__new__(VLLMRollout)
     rollout._inflight, rollout._executor = None, None
     generation = object.__new__(vllm_rollout.SDFTVLLMGeneration)
     generation.sync_directory = vllm_rollout.SyncDirectory(None)
@@ -223,7 +226,7 @@ def test_task_files_are_documented_as_code():
 def test_a_chat_template_file_is_parsed_and_rendered_at_load(tmp_path, text, match):
     """Before: any readable file was taken as Jinja; one without a template rendered every prompt to the same text
     (loss 0, exit 0), a malformed one failed after the model loaded."""
-    from trl_sdft.chat_tools import load_chat_template
+    from trl_sdft.chat_templates import load_chat_template
 
     one_line_error(lambda: load_chat_template(write(tmp_path / "template.jinja", text)), match)
 
@@ -231,7 +234,7 @@ def test_a_chat_template_file_is_parsed_and_rendered_at_load(tmp_path, text, mat
 def test_templates_with_their_own_rules_or_named_templates_are_accepted():
     """A template may refuse a lone user message (it wants a system turn first) or read `tools`: real prompts may
     satisfy it, so it is not judged by the sample. Named templates (a dict) are checked one by one."""
-    from trl_sdft.chat_tools import check_chat_template
+    from trl_sdft.chat_templates import check_chat_template
     from trl_sdft.testing import CHAT_TEMPLATE
 
     check_chat_template("{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}", "t")
@@ -242,14 +245,14 @@ def test_templates_with_their_own_rules_or_named_templates_are_accepted():
 
 def test_a_template_directory_without_a_tokenizer_is_one_line(tmp_path):
     """Before: transformers' five-line "Couldn't instantiate the backend tokenizer" error."""
-    from trl_sdft.chat_tools import load_chat_template
+    from trl_sdft.chat_templates import load_chat_template
 
     (tmp_path / "notes.txt").write_text("not a tokenizer")
     one_line_error(lambda: load_chat_template(str(tmp_path)), r"is a directory, but no tokenizer loads from it")
 
 
 def test_the_bundled_and_test_templates_pass_the_check(tmp_path):
-    from trl_sdft.chat_tools import check_chat_template, load_chat_template
+    from trl_sdft.chat_templates import check_chat_template, load_chat_template
     from trl_sdft.testing import CHAT_TEMPLATE, TOOL_CHAT_TEMPLATE
 
     assert "tool_call" in load_chat_template("smollm2-tools")
@@ -271,18 +274,18 @@ def test_the_bundled_and_test_templates_pass_the_check(tmp_path):
 )
 def test_a_latin1_file_is_named_with_its_line(tmp_path, name, data, match):
     """Before: a bare "'utf-8' codec can't decode byte 0xe9 in position 92" naming no file."""
-    from trl_sdft.chat_tools import load_chat_template
+    from trl_sdft.chat_templates import load_chat_template
+    from trl_sdft.cli.yaml_config import load_yaml_config
     from trl_sdft.continual.grid import load_grid
     from trl_sdft.continual.tasks import load_task
     from trl_sdft.offline.distill import DistillConfig
-    from trl_sdft.yaml_config import load_yaml_config
 
     path = tmp_path / name
     path.write_bytes(data.encode("latin-1"))
     load = {
         "template.jinja": load_chat_template,
-        "rows.csv": lambda p: cli.load_local_dataset(p, "train"),
-        "rows.json": lambda p: cli.load_local_dataset(p, "train"),
+        "rows.csv": lambda p: load_local_dataset(p, "train"),
+        "rows.json": lambda p: load_local_dataset(p, "train"),
         "units.jsonl": load_task,
         "grid.yaml": load_grid,
         "config.yaml": load_yaml_config,

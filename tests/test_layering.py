@@ -72,7 +72,16 @@ def test_only_the_trainer_and_the_clis_import_the_config():
 def test_the_seams_do_not_import_each_other_upward():
     """Losses, teachers and rollout backends know nothing of the settings builder, the config or the trainer."""
     graph = _graph()
-    for module in ("losses", "chunked_loss", "teachers", "rollouts", "rollouts.vllm", "rollouts.transformers"):
+    for module in (
+        "losses",
+        "chunked_loss",
+        "teachers",
+        "rollouts",
+        "rollouts.base",
+        "rollouts.vllm",
+        "rollouts.vllm_engine",
+        "rollouts.transformers",
+    ):
         assert not graph[module] & {"settings", "config", "trainer"}, (module, graph[module])
 
 
@@ -86,3 +95,16 @@ def test_the_core_does_not_import_the_demo():
         if module.split(".")[0] in outside_core:
             continue
         assert "demo" not in imported, module
+
+
+PROCESS_SIDE = {"yaml_config", "data_files", "output_dir", "launch", "callables"}
+
+
+def test_the_process_side_lives_in_cli_and_only_commands_use_it():
+    """Config files, data files, the output directory, launching and `module:function` names act on a process: they
+    live in `trl_sdft/cli/`, and only the commands (`cli`, `continual`, `offline`) import them."""
+    graph = _graph()
+    assert {f"cli.{name}" for name in PROCESS_SIDE} <= set(graph), sorted(graph)
+    assert not PROCESS_SIDE & set(graph), PROCESS_SIDE & set(graph)  # no flat copy left beside the core
+    users = {module for module, imported in graph.items() if "cli" in imported}
+    assert {module.split(".")[0] for module in users} <= CLIS, users

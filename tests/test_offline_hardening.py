@@ -386,7 +386,7 @@ def test_distillation_input_errors_are_one_line(tmp_path, files, student, capsys
 
 def test_two_distillations_cannot_share_an_output_dir(tmp_path, files, student, capsys, no_model_load):
     """The CLIs share one rule: a second run into a directory another run is writing is refused."""
-    from trl_sdft.output_dir import OutputDirLock
+    from trl_sdft.cli.output_dir import OutputDirLock
 
     out = tmp_path / "out"
     out.mkdir()

@@ -172,7 +172,7 @@ def test_backends_satisfy_the_protocols(tokenizer):
 
 # ---------------------------------------------------------------------------------------------- vLLM colocate
 def test_engine_dtype_follows_the_settings(tiny_model):
-    from trl_sdft.rollouts.vllm import engine_dtype
+    from trl_sdft.rollouts.vllm_engine import engine_dtype
 
     assert engine_dtype(VLLMSettings(dtype="float16", precision="bf16"), tiny_model) == "float16"
     assert engine_dtype(VLLMSettings(precision="bf16"), tiny_model) == torch.bfloat16
@@ -189,7 +189,7 @@ def colocated_generation(model_dir):
     """An `SDFTVLLMGeneration` in colocate mode with the attributes `_init_colocate` reads, and no engine."""
     from types import SimpleNamespace
 
-    from trl_sdft.rollouts.vllm import SDFTVLLMGeneration
+    from trl_sdft.rollouts.vllm_engine import SDFTVLLMGeneration
 
     generation = object.__new__(SDFTVLLMGeneration)
     generation.accelerator = FakeAccelerator()
@@ -222,7 +222,7 @@ def test_colocate_init_leaves_the_environment_as_it_was(tmp_path, monkeypatch, p
             raise RuntimeError("engine failed")
         return "engine"
 
-    from trl_sdft.rollouts.vllm import SDFTVLLMGeneration
+    from trl_sdft.rollouts.vllm_engine import SDFTVLLMGeneration
 
     monkeypatch.setattr(SDFTVLLMGeneration, "_create_llm", create_llm)
     generation = colocated_generation(tmp_path)

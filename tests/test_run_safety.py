@@ -13,8 +13,8 @@ from transformers import TrainerCallback
 
 from trl_sdft import SDFTTrainer, cli
 from trl_sdft.checkpoints import last_complete_checkpoint, resolve_resume_from_checkpoint
+from trl_sdft.cli.output_dir import OutputDirLock, claim_output_dir
 from trl_sdft.guards import NonFiniteTrainingError
-from trl_sdft.output_dir import OutputDirLock, claim_output_dir
 from trl_sdft.testing import build_model, facts_rows
 
 EMA_SAVES = dict(teacher_model_kind="ema", save_strategy="steps", save_steps=1)
@@ -165,7 +165,7 @@ def test_two_runs_cannot_share_an_output_dir(tmp_path):
         [
             sys.executable,
             "-c",
-            f"from trl_sdft.output_dir import claim_output_dir; claim_output_dir({str(tmp_path)!r})",
+            f"from trl_sdft.cli.output_dir import claim_output_dir; claim_output_dir({str(tmp_path)!r})",
         ],
         capture_output=True,
         text=True,

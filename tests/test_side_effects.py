@@ -100,7 +100,7 @@ def test_the_cli_turns_the_allocator_setting_on_and_says_so(tmp_path, tiny_model
 def test_cpu_process_count_is_asked_for_before_it_is_guessed(monkeypatch, capsys):
     """`TRL_SDFT_CPU_PROCESSES` gives the number of CPU processes an `accelerate launch --cpu` wanted; the parent's
     command line is only the fallback, and an unknown number is said on stderr, not guessed."""
-    from trl_sdft import launch
+    from trl_sdft.cli import launch
 
     monkeypatch.setattr(launch, "_processes_from_parent_command_line", lambda: 3)
     assert launch.requested_cpu_processes({"TRL_SDFT_CPU_PROCESSES": "2"}) == 2
@@ -119,7 +119,7 @@ def test_cpu_process_count_is_asked_for_before_it_is_guessed(monkeypatch, capsys
 
 def test_a_cpu_launch_that_drops_a_sharded_engine_says_so(tmp_path):
     """`accelerate launch --cpu` with a DeepSpeed or FSDP config starts plain processes: one line says so."""
-    from trl_sdft.launch import dropped_engine
+    from trl_sdft.cli.launch import dropped_engine
 
     config = tmp_path / "zero3.yaml"
     config.write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stage: 3\n")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from trl_sdft.chat_tools import load_chat_template
+from trl_sdft.chat_templates import load_chat_template
 from trl_sdft.demo import agentic, default_model, tool_format
 from trl_sdft.demo.tool_format import WARM_TOOLS, WarmStart, warm_start_rows
 from trl_sdft.tools import tool_name

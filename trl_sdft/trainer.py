@@ -30,7 +30,7 @@ from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_confi
 from . import batch as batching
 from . import forwards, guards, importance, losses, models, packing, settings, sharding
 from .callbacks import dispatch
-from .chat_tools import load_chat_template
+from .chat_templates import load_chat_template
 from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resume
 from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
 from .config import SDFTConfig

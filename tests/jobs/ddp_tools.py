@@ -15,7 +15,7 @@ import torch.distributed as dist
 from datasets import Dataset
 
 from trl_sdft import SDFTConfig, SDFTTrainer
-from trl_sdft.launch import close_process_group
+from trl_sdft.cli.launch import close_process_group
 from trl_sdft.rollouts import Rollouts, register_rollout_backend
 from trl_sdft.testing import lookup, tool_call_text, tool_rows
 

@@ -5,9 +5,9 @@ import os
 import sys
 import time
 
+from ..cli.output_dir import OutputDirLock
 from ..demo.default_model import is_default_alias
 from ..models import check_model_path
-from ..output_dir import OutputDirLock
 from .harness import ContinualConfig, ContinualRunner
 from .tasks import BUNDLED_TASKS
 

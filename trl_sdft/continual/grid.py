@@ -116,7 +116,7 @@ def load_grid(path: str) -> list[Point]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            from ..yaml_config import yaml_error_line
+            from ..cli.yaml_config import yaml_error_line
 
             raise GridError(yaml_error_line(path, err, flag="")) from None
         if not isinstance(data, list):

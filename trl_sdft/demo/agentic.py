@@ -340,7 +340,7 @@ def evaluate_agentic(
     Rates: `tool_call_rate` (the first turn is a well-formed call of the first tool), `correct_call_rate` (and its
     `name` argument is the row's entity), `answer_accuracy` (the last generated turn holds the row's answer as a
     whole word, case-insensitive). With `num_samples` decoded trajectories and every row's outcome."""
-    from ..chat_tools import MALFORMED, parse_turn, prepare_tool_tokenizer
+    from ..chat_templates import MALFORMED, parse_turn, prepare_tool_tokenizer
     from ..rollouts.agentic import ToolCallingLoop, ToolLoopSettings
     from ..tools import tool_name
 

@@ -213,7 +213,7 @@ def build(base_dir: str | Path, target: str | Path, recipe: WarmStart | None = N
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from ..chat_tools import load_chat_template
+    from ..chat_templates import load_chat_template
 
     recipe = recipe or WarmStart()
     target = Path(target)

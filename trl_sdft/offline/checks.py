@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..output_dir import MODEL_FILES, foreign_files
+from ..cli.output_dir import MODEL_FILES, foreign_files
 
 
 def first_line(err: BaseException) -> str:

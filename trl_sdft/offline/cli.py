@@ -12,10 +12,10 @@ import time
 import pyarrow as pa
 import torch
 
+from ..cli.launch import close_process_group
+from ..cli.output_dir import OutputDirLock, is_main_process
 from ..demo.default_model import DEFAULT_MODEL, ModelUnavailableError, resolve_model
-from ..launch import close_process_group
 from ..models import check_model_path
-from ..output_dir import OutputDirLock, is_main_process
 from ..utils import ensure_pad_token
 from .checks import check_distinct_paths, check_output_dir, check_trainer_values, check_writable, first_line
 from .extract import (

@@ -1,8 +1,8 @@
 """Multi-turn rollouts that call tools, over any rollout backend (`ToolCallingLoop`).
 
-A rollout is a trajectory. The backend generates a turn from the prompt; a turn with tool calls (`chat_tools.
+A rollout is a trajectory. The backend generates a turn from the prompt; a turn with tool calls (`chat_templates.
 parse_turn`) has them run (`tools.call_tools`), their results rendered by the chat template after the turn
-(`chat_tools.tool_suffix_ids`), and the backend generates the next turn from everything so far. A trajectory ends
+(`chat_templates.tool_suffix_ids`), and the backend generates the next turn from everything so far. A trajectory ends
 with a turn without a tool call, after `max_iterations` rounds of tool calls, or when the next results would not leave
 room for one more token within `max_completion_length` (the results are then not added, as in TRL). Each reply is
 generated within the room its trajectory has left (`max_new_tokens`, one budget per prompt). A trajectory that ends
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..chat_tools import MALFORMED, parse_turn, tool_suffix_ids
+from ..chat_templates import MALFORMED, parse_turn, tool_suffix_ids
 from ..tools import ToolResult, ToolRunner, ToolStats, call_tools, failure
-from . import RolloutBackend, Rollouts, generate_within, takes_budgets
+from .base import RolloutBackend, Rollouts, generate_within, takes_budgets
 
 logger = logging.getLogger(__name__)
 
@@ -209,11 +209,11 @@ def check_tools(tools, environment_factory, datasets: list[tuple[str, Any]], asy
 
 
 def prepare_tools(toolbox, processing_class, tokenizer, chat_template_kwargs: dict):
-    """Once the tokenizer is there: refuse a chat template without tool calls (`chat_tools.prepare_tool_tokenizer`)
+    """Once the tokenizer is there: refuse a chat template without tool calls (`chat_templates.prepare_tool_tokenizer`)
     and put the tools' schemas into `chat_template_kwargs` (the prompts show them). Returns `toolbox`."""
     if toolbox is None:
         return None
-    from ..chat_tools import prepare_tool_tokenizer
+    from ..chat_templates import prepare_tool_tokenizer
 
     prepare_tool_tokenizer(processing_class, tokenizer)
     chat_template_kwargs["tools"] = toolbox.schemas

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..batch import RoundPrompts
-from . import BackgroundRollouts, PendingRound, Rollouts
+from .base import BackgroundRollouts, PendingRound, Rollouts
 
 
 class _Epoch:

@@ -10,7 +10,7 @@ from trl.distributed import DistributedBackend
 from trl.models import unwrap_model_for_generation
 
 from ..batch import left_pad
-from . import RolloutContext, Rollouts, cut_at_eos, sampling_config
+from .base import RolloutContext, Rollouts, cut_at_eos, sampling_config
 
 
 class TransformersRollout:

@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from trl_sdft import SDFTConfig, SDFTTrainer
-from trl_sdft.launch import close_process_group
+from trl_sdft.cli.launch import close_process_group
 from trl_sdft.testing import facts_rows
 
 

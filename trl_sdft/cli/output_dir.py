@@ -18,7 +18,7 @@ import re
 import shutil
 import sys
 
-from .checkpoints import checkpoint_dirs
+from ..checkpoints import checkpoint_dirs
 
 LOCK_FILE = ".trl-sdft.lock"
 logger = logging.getLogger(__name__)

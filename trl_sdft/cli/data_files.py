@@ -5,7 +5,7 @@ good files cost nothing extra)."""
 import json
 import os
 
-from .jsonl import JSONLineError, json_lines
+from ..jsonl import JSONLineError, json_lines
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -99,7 +99,7 @@ def _json_problem(path: str) -> str | None:
 
 
 def _utf8_problem(path: str) -> str:
-    from .text_files import utf8_problem
+    from ..text_files import utf8_problem
 
     with open(path, "rb") as f:
         return utf8_problem(f.read()) or "is not UTF-8 text"
@@ -152,7 +152,7 @@ def _is_one_document(path: str) -> bool:
 
 
 def _rows_problem(numbered) -> str | None:
-    from .data import lone_surrogate, prompt_kind
+    from ..data import lone_surrogate, prompt_kind
 
     first = None
     empty = True

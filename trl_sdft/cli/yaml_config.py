@@ -42,7 +42,7 @@ def load_yaml_config(path: str) -> tuple[dict, dict[str, int]]:
     tag builds an object or runs code), and a key given twice is an error rather than the last one winning."""
     import yaml
 
-    from .text_files import read_text
+    from ..text_files import read_text
 
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):

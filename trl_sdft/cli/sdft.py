@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from .checkpoints import resolve_resume_from_checkpoint
-from .config import SDFTConfig
-from .data import validate_dataset
+from ..checkpoints import resolve_resume_from_checkpoint
+from ..config import SDFTConfig
+from ..data import validate_dataset
+from ..demo.default_model import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
+from ..models import check_model_path, first_line
+from ..rollouts import VLLMServerError
 from .data_files import load_local_dataset
-from .demo.default_model import DEFAULT_MODEL, ModelUnavailableError, is_default_alias, resolve_model
 from .launch import close_process_group, dropped_engine, relaunch_cpu_processes
-from .models import check_model_path, first_line
 from .output_dir import claim_output_dir, is_inside
-from .rollouts import VLLMServerError
 from .yaml_config import check_yaml_config, load_yaml_config, split_config_flag
 
 
@@ -114,7 +114,7 @@ def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
                 "task has its own questions)."
             )
         if script_args.knowledge_eval:
-            from .demo.knowledge import question_sets_from_files
+            from ..demo.knowledge import question_sets_from_files
 
             questions = question_sets_from_files(
                 script_args.eval_questions, script_args.eval_probes, script_args.num_probes
@@ -136,7 +136,7 @@ def load_data(script_args: SDFTScriptArguments, training_args: SDFTConfig):
             raise ValueError(f"--dataset_train_split {script_args.dataset_train_split!r} not in {list(loaded)}.")
         evaluation = loaded.get(script_args.dataset_test_split) if wants_eval else None
         return loaded[script_args.dataset_train_split], evaluation, questions
-    from .demo.knowledge import facts_dataset, load_facts, load_probes, question_sets
+    from ..demo.knowledge import facts_dataset, load_facts, load_probes, question_sets
 
     facts = load_facts(script_args.num_facts)
     train = facts_dataset(facts)
@@ -183,7 +183,7 @@ def build_parser() -> TrlParser:
         raise ValueError(f"{message} (`trl-sdft --help` lists every flag).")
 
     parser.error = one_line_error
-    from .config import dict_fields
+    from ..config import dict_fields
 
     for action in parser._actions:
         if action.dest in dict_fields(SDFTConfig):
@@ -210,8 +210,8 @@ def parse(argv=None):
 def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_args: ModelConfig):
     from transformers import AutoTokenizer
 
-    from .demo.evaluation import KnowledgeEvalCallback
-    from .trainer import SDFTTrainer
+    from ..demo.evaluation import KnowledgeEvalCallback
+    from ..trainer import SDFTTrainer
 
     started = time.time()
     train_dataset, eval_dataset, questions = load_data(script_args, training_args)
@@ -251,7 +251,7 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
     use_allocator_setting(training_args)
     callbacks = []
     if script_args.agentic_eval:
-        from .demo.agentic import AgenticEvalCallback
+        from ..demo.agentic import AgenticEvalCallback
 
         callbacks.append(AgenticEvalCallback(num_probes=script_args.num_probes))
     elif questions is not None:
@@ -295,7 +295,7 @@ def check_resume_fits(resume: str | None, model_path: str) -> None:
     """Before the model loads: a checkpoint of another model (its config.json against the model's) is named as such."""
     import json
 
-    from .checkpoints import model_mismatch
+    from ..checkpoints import model_mismatch
 
     config_path = os.path.join(model_path, "config.json")
     if resume is None or not os.path.isfile(config_path):
@@ -316,7 +316,7 @@ def check_resume_fits(resume: str | None, model_path: str) -> None:
 def use_allocator_setting(training_args: SDFTConfig) -> None:
     """The CLI owns its process: on a CPU it turns on malloc's reuse of freed blocks (`reuse_cpu_memory`), which the
     library leaves off unless asked, and says so."""
-    from .utils import has_accelerator
+    from ..utils import has_accelerator
 
     on_cpu = training_args.use_cpu or not has_accelerator()
     if training_args.reuse_cpu_memory is None and on_cpu:
@@ -405,7 +405,7 @@ def main(argv=None):
     if argv[:1] == ["vllm-serve"]:
         return vllm_serve(argv[1:])
     if argv[:1] == ["continual"]:
-        from .continual.cli import main as continual_main
+        from ..continual.cli import main as continual_main
 
         return continual_main(argv[1:])
     warning = dropped_engine()
@@ -431,7 +431,3 @@ def main(argv=None):
     finally:
         close_process_group(exit_code=code)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
