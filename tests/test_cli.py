@@ -416,3 +416,41 @@ def test_your_own_questions_on_the_default_model(tmp_path, capsys):
     assert baseline["new_facts"]["correct"] == 0 and baseline["general_probes"]["correct"] == 2
     assert results["final"]["paraphrases"]["total"] == 2
     assert "SDFT summary" in capsys.readouterr().out
+
+
+def _bug_in_a_library():
+    return int("twelve")  # a ValueError no `raise` statement wrote: what a bug looks like
+
+
+def _bug_in_trl_sdft():
+    from trl_sdft.rollouts import Rollouts, within_budgets
+
+    within_budgets(Rollouts([[1, 2]]), [1, 1])  # zip(strict=True) fails inside trl-sdft: still a bug
+
+
+def _diagnosed_by_trl_sdft():
+    from trl_sdft.rollouts import register_rollout_backend
+
+    register_rollout_backend("transformers", None)  # refused with an explanation: a usage error
+
+
+@pytest.mark.parametrize(
+    "during_training, usage_error",
+    [(_bug_in_a_library, False), (_bug_in_trl_sdft, False), (_diagnosed_by_trl_sdft, True)],
+)
+def test_only_diagnosed_errors_during_training_become_one_line(
+    tmp_path, tiny_model_dir, capsys, monkeypatch, during_training, usage_error
+):
+    """Before training every ValueError is a usage error (arguments, files, the trainer's checks). During training
+    only the problems trl-sdft itself recognized and explained print one line; any other ValueError keeps its
+    traceback, which a bug report needs (before: every one became one line, e.g. `trl-sdft: error: invalid literal for int()`)."""
+    monkeypatch.setattr("trl_sdft.trainer.SDFTTrainer.train", lambda self, **kwargs: during_training())
+    monkeypatch.delenv("TRL_SDFT_TRACEBACK", raising=False)
+    argv = tiny_flags(tmp_path, tiny_model_dir, "--knowledge_eval", "false")
+    if usage_error:
+        assert cli.main(argv) == 2
+        assert "already registered" in capsys.readouterr().err
+    else:
+        with pytest.raises(ValueError):  # propagates with its traceback
+            cli.main(argv)
+        assert "trl-sdft: error" not in capsys.readouterr().err

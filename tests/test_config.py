@@ -2,10 +2,14 @@
 
 import dataclasses
 import pathlib
+from functools import partial
 
 import pytest
 
 from trl_sdft import SDFTConfig
+from trl_sdft.rollouts import RolloutSettings
+from trl_sdft.rollouts.agentic import ToolLoopSettings
+from trl_sdft.teachers import TeacherSettings
 
 DEVIATIONS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "deviations.md"
 
@@ -110,6 +114,28 @@ def test_invalid_combinations(tmp_path, kwargs, message):
     base.update(kwargs)
     with pytest.raises(ValueError, match=message):
         make(tmp_path, **base)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (partial(TeacherSettings, update_rate=0.0), "teacher_update_rate"),
+        (partial(TeacherSettings, sync_steps=0), "teacher_sync_steps"),
+        (partial(RolloutSettings, temperature=0.0), "temperature"),
+        (partial(RolloutSettings, top_p=1.5), "top_p"),
+        (partial(RolloutSettings, top_k=-1), "top_k"),
+        (partial(RolloutSettings, min_p=2.0), "min_p"),
+        (partial(RolloutSettings, max_completion_length=None), "must be set"),
+        (partial(ToolLoopSettings, call_timeout=0.0), "tool_call_timeout"),
+        (partial(ToolLoopSettings, max_iterations=-1), "max_tool_calling_iterations"),
+    ],
+)
+def test_settings_objects_check_their_own_ranges(build, message):
+    """A settings object built without a config (a registered backend or teacher, a test) refuses the values the
+    config refuses, with the config's field name: the ranges live with the settings, `config.py` keeps the rules that
+    span fields."""
+    with pytest.raises(ValueError, match=message):
+        build()
 
 
 def test_every_field_has_help():

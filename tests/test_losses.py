@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from trl.experimental.sdft import loss_utils as peer
+from trl.experimental.sdft import loss_utils as trl_loss_utils
 
 from trl_sdft import importance, losses
 from trl_sdft.importance import ImportanceSettings
@@ -32,7 +32,7 @@ def both(fn_ours, fn_peer, seed=0):
 def test_full_logits_matches_peer(alpha):
     (ours, g_ours), (theirs, g_theirs) = both(
         lambda s, t: losses.generalized_jsd(s.log_softmax(-1), t.log_softmax(-1), alpha),
-        lambda s, t: peer.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=alpha),
+        lambda s, t: trl_loss_utils.compute_full_logit_self_distillation_loss(s, t, distillation_alpha=alpha),
     )
     assert ours.shape == (3, 5)
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
@@ -45,7 +45,7 @@ def test_full_logits_matches_peer(alpha):
 def test_topk_matches_peer(alpha, tail, k):
     (ours, g_ours), (theirs, g_theirs) = both(
         lambda s, t: losses.topk_logits_loss(s, t, k, alpha, tail),
-        lambda s, t: peer.compute_topk_self_distillation_loss(
+        lambda s, t: trl_loss_utils.compute_topk_self_distillation_loss(
             s, t, distillation_topk=k, distillation_alpha=alpha, distillation_add_tail=tail
         ),
     )
@@ -57,7 +57,7 @@ def test_sampled_token_matches_peer():
     ids = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(3))
     (ours, g_ours), (theirs, g_theirs) = both(
         lambda s, t: losses.per_token_loss(losses.LossSettings("sampled_token", alpha=1.0), s, t, ids)[0],
-        lambda s, t: peer.compute_sampled_token_self_distillation_loss(s, t, ids, distillation_alpha=1.0),
+        lambda s, t: trl_loss_utils.compute_sampled_token_self_distillation_loss(s, t, ids, distillation_alpha=1.0),
     )
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
     torch.testing.assert_close(g_ours, g_theirs, atol=1e-6, rtol=0)
@@ -65,11 +65,11 @@ def test_sampled_token_matches_peer():
 
 def test_tail_bucket_and_clipping_match_peer():
     log_probs = logits(5).log_softmax(-1)[..., :10]
-    torch.testing.assert_close(losses.with_tail_bucket(log_probs), peer.add_tail_bucket(log_probs))
+    torch.testing.assert_close(losses.with_tail_bucket(log_probs), trl_loss_utils.add_tail_bucket(log_probs))
     assert torch.allclose(losses.with_tail_bucket(log_probs).logsumexp(-1), torch.zeros(3, 5, dtype=torch.double))
     per_token, student, old = logits(6)[..., 0].abs(), logits(7)[..., 0], logits(8)[..., 0]
     ours = per_token * importance.token_weights(ImportanceSettings(is_clip=2.0), student, old)
-    torch.testing.assert_close(ours, peer.apply_importance_sampling_clipping(per_token, student, old, 2.0))
+    torch.testing.assert_close(ours, trl_loss_utils.apply_importance_sampling_clipping(per_token, student, old, 2.0))
     assert (ours <= 2.0 * per_token + 1e-12).all()
 
 
@@ -138,10 +138,10 @@ def test_unknown_mode_and_bad_alpha_raise():
 @pytest.mark.parametrize("alpha", ALPHAS)
 @pytest.mark.parametrize("tail", [False, True])
 def test_teacher_support_is_the_peer_with_roles_swapped(alpha, tail):
-    """On the teacher's top-k, JSD_alpha(student, teacher) = the peer's JSD_(1-alpha) with the roles swapped."""
+    """On the teacher's top-k, JSD_alpha(student, teacher) = TRL's JSD_(1-alpha) with the roles swapped."""
     student, teacher = logits(20), logits(21)
     ours = losses.topk_logits_loss(student, teacher, 7, alpha, tail, support="teacher")
-    swapped = peer.compute_topk_self_distillation_loss(
+    swapped = trl_loss_utils.compute_topk_self_distillation_loss(
         teacher, student, distillation_topk=7, distillation_alpha=1.0 - alpha, distillation_add_tail=tail
     )
     torch.testing.assert_close(ours, swapped, atol=1e-6, rtol=0)

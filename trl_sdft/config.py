@@ -453,6 +453,7 @@ class SDFTConfig(_BaseConfig):
                 self.liger_kernel_config = dict(LIGER_PATCHES_OFF)
         super().__post_init__()
         self._resolve_generation_batch()
+        self._check_settings()
         self._check_teacher_server()
         self._check_async_rollouts()
         self._check_loss_path()
@@ -547,16 +548,9 @@ class SDFTConfig(_BaseConfig):
             )
 
     def _check_ranges(self):
-        settings.loss_settings(self)  # the loss options: alpha, top-k, clipping, and their combinations
+        """The fields no settings object holds; those that one holds are checked when it is built (`_check_settings`)."""
         if self.gradient_accumulation_steps < 1:
             raise ValueError(f"`gradient_accumulation_steps={self.gradient_accumulation_steps}` must be >= 1.")
-        if not 0.0 < self.teacher_update_rate <= 1.0:
-            raise ValueError(
-                f"`teacher_update_rate={self.teacher_update_rate}` must be in (0, 1]: 1.0 copies the student, small "
-                "values (e.g. 0.05) move the EMA teacher slowly."
-            )
-        if self.teacher_sync_steps < 1:
-            raise ValueError(f"`teacher_sync_steps={self.teacher_sync_steps}` must be >= 1 (optimizer steps).")
         if self.num_loss_tokens_to_skip < 0:
             raise ValueError(f"`num_loss_tokens_to_skip={self.num_loss_tokens_to_skip}` must be >= 0.")
         if self.num_generations < 1:
@@ -565,26 +559,19 @@ class SDFTConfig(_BaseConfig):
             raise ValueError(f"`num_generations_eval={self.num_generations_eval}` must be >= 1 or None.")
         if self.num_iterations < 1:
             raise ValueError(f"`num_iterations={self.num_iterations}` must be >= 1.")
-        if self.temperature <= 0:
-            raise ValueError(f"`temperature={self.temperature}` must be > 0 (logits are divided by it).")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"`top_p={self.top_p}` must be in (0, 1]; 1.0 disables nucleus sampling.")
-        if self.top_k < 0:
-            raise ValueError(f"`top_k={self.top_k}` must be >= 0; 0 disables top-k sampling.")
-        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"`min_p={self.min_p}` must be in [0, 1] or None.")
-        for name in ("max_completion_length", "max_prompt_length", "max_teacher_prompt_length"):
+        for name in ("max_prompt_length", "max_teacher_prompt_length"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"`{name}={value}` must be >= 1, or None for no limit.")
-        if self.tool_call_timeout is not None and not self.tool_call_timeout > 0:
-            raise ValueError(f"`tool_call_timeout={self.tool_call_timeout}` must be > 0 seconds, or None for no limit.")
-        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
-            raise ValueError(
-                f"`max_tool_calling_iterations={self.max_tool_calling_iterations}` must be >= 0, or None for no limit."
-            )
-        if self.max_completion_length is None:
-            raise ValueError("`max_completion_length` must be set (e.g. 256): rollouts need a length limit.")
+
+    def _check_settings(self):
+        """Each concern's settings object checks its own fields' ranges when built (`settings.py`); building them all
+        here, once the generation batch is resolved, refuses a bad value before any model loads. Then the rules that
+        span fields."""
+        settings.loss_settings(self)  # the loss options: alpha, top-k, clipping, and their combinations
+        settings.teacher_settings(self)
+        settings.rollout_settings(self)  # sampling and lengths; the vLLM engine's options
+        settings.tool_loop_settings(self)
         if self.num_loss_tokens_to_skip >= self.max_completion_length:
             raise ValueError(
                 f"`num_loss_tokens_to_skip={self.num_loss_tokens_to_skip}` with `max_completion_length="

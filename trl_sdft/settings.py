@@ -7,10 +7,14 @@ and the CLIs that reads config fields: every other module takes the settings bui
 | `loss_settings`       | `losses.LossSettings`           | `losses.py`, `chunked_loss.py`             |
 | `teacher_settings`    | `teachers.TeacherSettings`      | `teachers.py`, the teacher registry        |
 | `rollout_settings`    | `rollouts.RolloutSettings`      | `rollouts/`, the rollout-backend registry  |
+| `vllm_settings`       | `rollouts.VLLMSettings`         | `rollouts/vllm.py` (inside the above)      |
+| `tool_loop_settings`  | `rollouts.agentic.ToolLoopSettings` | `rollouts/agentic.py` (tool calls)     |
 | `model_settings`      | `models.ModelSettings`          | `models.py` (loading the model)            |
 
-Each builder takes the config (duck-typed: any object with the fields) and imports its class lazily, so that
-`config.py` can call them for validation without an import cycle.
+Each settings class checks the ranges of its own fields when built (naming the config's field); `config.py` builds
+them all once its generation batch is resolved, and keeps the rules that span several concerns. Each builder takes
+the config (duck-typed: any object with the fields) and imports its class lazily, so that `config.py` can call them
+without an import cycle.
 """
 
 from __future__ import annotations
@@ -35,9 +39,7 @@ def importance_settings(args) -> ImportanceSettings:
         engine_mode=args.vllm_importance_sampling_mode if args.vllm_importance_sampling_active else None,
         engine_min=args.vllm_importance_sampling_clip_min,
         engine_max=args.vllm_importance_sampling_clip_max,
-        # Known once the generation batch is resolved and checked (the config validates the loss options before).
-        reused_rollouts=bool(args.steps_per_generation and args.num_iterations >= 1)
-        and args.rollouts_outlive_optimizer_step,
+        reused_rollouts=args.rollouts_outlive_optimizer_step,
         server_policy=args.async_rollouts_active,
         from_teacher=args.generate_from_teacher,
     )
@@ -126,7 +128,11 @@ def tool_loop_settings(args):
     """How multi-turn rollouts with tools end (`rollouts.agentic.ToolCallingLoop`)."""
     from .rollouts.agentic import ToolLoopSettings
 
-    return ToolLoopSettings(args.max_completion_length, args.max_tool_calling_iterations, args.tool_call_timeout)
+    return ToolLoopSettings(
+        max_completion_length=args.max_completion_length,
+        max_iterations=args.max_tool_calling_iterations,
+        call_timeout=args.tool_call_timeout,
+    )
 
 
 def model_settings(args) -> ModelSettings:

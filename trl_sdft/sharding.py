@@ -216,8 +216,8 @@ class _Release(torch.autograd.Function):
         return None, grad
 
 
-def with_gathered_heads(loss_fn, settings, student, teacher, *rest):
-    """`loss_fn(settings, student, teacher, *rest)` (`chunked_loss.loss_function`), with ZeRO-3 LM heads whole.
+def with_gathered_heads(loss_fn, settings, student, teacher, **rest):
+    """`loss_fn(settings, student, teacher, **rest)` (`chunked_loss.loss_function`), with ZeRO-3 LM heads whole.
 
     On the paths from hidden states (`student` and `teacher` are `HiddenStates`) the loss reads the heads directly and
     computes the head's gradient in its forward; under ZeRO-3 the heads are placeholders there, and the student head's
@@ -227,13 +227,13 @@ def with_gathered_heads(loss_fn, settings, student, teacher, *rest):
     weights = [getattr(view, "weight", None) for view in (student, teacher)]
     heads = [w for w in weights if w is not None and is_zero3(w) and not _available(w)]
     if not heads:
-        return loss_fn(settings, student, teacher, *rest)
+        return loss_fn(settings, student, teacher, **rest)
     trainable = student.weight.requires_grad and torch.is_grad_enabled()
     holder = _Holder([student.weight]) if trainable and any(w is student.weight for w in heads) else None
     with gathered(heads):
         if holder is not None:
             student = student._replace(hidden=_Release.apply(holder, student.hidden))
-        result = loss_fn(settings, student, teacher, *rest)
+        result = loss_fn(settings, student, teacher, **rest)
     if holder is None:
         return result
     return dataclasses.replace(result, loss=_Gather.apply(holder, result.loss))

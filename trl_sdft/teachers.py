@@ -46,9 +46,18 @@ class TeacherSettings:
     update_rate: float = 0.05  # teacher_update_rate: teacher <- (1 - rate) * teacher + rate * student
     sync_steps: int = 1  # teacher_sync_steps: optimizer steps between EMA updates
     on_server: bool = False  # use_teacher_server
-    server_topk: int = 1  # log-probs per position the server returns (`LossSettings.server_topk`)
+    server_topk: int = 1  # log-probs per position the server returns: the top-k of `topk_logits`, else 1
     model_init_kwargs: dict | None = None  # to load the copy again under ZeRO-3
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.update_rate <= 1.0:
+            raise ValueError(
+                f"`teacher_update_rate={self.update_rate}` must be in (0, 1]: 1.0 copies the student, small values "
+                "(e.g. 0.05) move the EMA teacher slowly."
+            )
+        if self.sync_steps < 1:
+            raise ValueError(f"`teacher_sync_steps={self.sync_steps}` must be >= 1 (optimizer steps).")
 
 
 def student_adapter_name(model) -> str:

@@ -179,12 +179,26 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             self.add_callback(TeacherUpdateCallback(self.teacher))
         self.rollout = self._build_rollout()
         self.teacher.bind(self.rollout)  # a teacher scored on the vLLM server scores through the backend
-        spec = (processing_class, self._tokenizer, settings.tool_loop_settings(args), self.chat_template_kwargs)
-        self.tool_loop = tool_loop(self.rollout, self.toolbox, *spec, self.accelerator, self.eos_token_ids)
+        self.tool_loop = tool_loop(
+            self.rollout,
+            self.toolbox,
+            processing_class=processing_class,
+            tokenizer=self._tokenizer,
+            settings=settings.tool_loop_settings(args),
+            chat_template_kwargs=self.chat_template_kwargs,
+            accelerator=self.accelerator,
+            end_ids=self.eos_token_ids,
+        )
         self.async_rounds, self._generated_at = None, 0
         if args.async_rollouts:
-            spec = (args.num_generations, args.generate_every, args.max_staleness, args.round_span)
-            self.async_rounds = AsyncRounds(self.rollout, self.accelerator, *spec)
+            self.async_rounds = AsyncRounds(
+                self.rollout,
+                self.accelerator,
+                num_generations=args.num_generations,
+                generate_every=args.generate_every,
+                max_staleness=args.max_staleness,
+                span=args.round_span,
+            )
         chunk_size = resolve_chunk_size(
             self.model, args.loss_chunk_size, args.use_liger_kernel, args.use_teacher_server, self._forward_params
         )
@@ -327,11 +341,24 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         else:
             rows, toolsets = self.toolbox.start(rows) if self.toolbox is not None else (rows, None)
             prompts = self._round_prompts(rows, toolsets)
-            spec = (self.model_wrapped, prompts.generation, self._num_generations(mode), self.state.global_step)
-            rollouts = self.rollout.generate(*spec) if toolsets is None else self.tool_loop.run(*spec, toolsets)
+            round_ = dict(
+                model=self.model_wrapped,
+                prompt_ids=prompts.generation,
+                num_generations=self._num_generations(mode),
+                step=self.state.global_step,
+            )
+            rollouts = (
+                self.rollout.generate(**round_) if toolsets is None else self.tool_loop.run(**round_, toolsets=toolsets)
+            )
         self.num_generation_rounds += 1
-        spec = (rollouts.completions, self._tokenizer.pad_token_id, self.accelerator.device, rollouts.tool_mask)
-        batch = batching.assemble_batch(prompts.student, prompts.teacher, *spec)
+        batch = batching.assemble_batch(
+            prompts.student,
+            prompts.teacher,
+            rollouts.completions,
+            pad_token_id=self._tokenizer.pad_token_id,
+            device=self.accelerator.device,
+            tool_mask=rollouts.tool_mask,
+        )
         logps = importance.plan(self.importance_settings, mode == "train", rollouts.logprobs is not None)
         batching.add_engine_logps(batch, logps, rollouts.logprobs, self.accelerator.device)
         if logps.old == "trainer":
@@ -347,9 +374,16 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         return batch
 
     def _round_prompts(self, rows: list[dict[str, Any]], toolsets=None) -> batching.RoundPrompts:
-        template, limits = self.teacher_prompt_template, (self.max_prompt_length, self.max_teacher_prompt_length)
-        spec = (template, limits, self.chat_template_kwargs, self.args.generate_from_teacher, toolsets)
-        prompts, generation_prompts = prompts_with_tools(self.toolbox, self.processing_class, rows, *spec)
+        prompts, generation_prompts = prompts_with_tools(
+            self.toolbox,
+            self.processing_class,
+            rows,
+            template=self.teacher_prompt_template,
+            limits=(self.max_prompt_length, self.max_teacher_prompt_length),
+            chat_template_kwargs=self.chat_template_kwargs,
+            from_teacher=self.args.generate_from_teacher,
+            toolsets=toolsets,
+        )
         self._hook("on_generation_prompts_selected", generation_prompts=generation_prompts, generation_prompt_text=None)
         return prompts
 
@@ -377,9 +411,16 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             return (student.hidden if isinstance(student, HiddenStates) else student).sum() * 0.0
         teacher = self.teacher.score(model, inputs, mask, self.state.global_step, self.completion_view)
         # The rollout policy's log-probs (reused rollouts) and the engine's (vLLM): what importance weights need.
-        rollout_logps = (inputs.get("old_per_token_logps"), inputs.get("sampling_per_token_logps"))
-        spec = (student, teacher, inputs["completion_ids"], mask, *rollout_logps)
-        result = sharding.with_gathered_heads(self.loss_fn, self.loss_settings, *spec)  # ZeRO-3: the heads gathered
+        result = sharding.with_gathered_heads(  # ZeRO-3: the heads gathered
+            self.loss_fn,
+            self.loss_settings,
+            student,
+            teacher,
+            token_ids=inputs["completion_ids"],
+            mask=mask,
+            old_per_token_logps=inputs.get("old_per_token_logps"),
+            sampling_logps=inputs.get("sampling_per_token_logps"),
+        )
         for name, value in result.metrics.items():
             self._log_metric(mode, name, value)
         scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
@@ -407,8 +448,10 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         )
 
     def _record_completion_metrics(self, mode: str, rollouts) -> None:
-        spec = (self.eos_token_ids, self.accelerator.gather, self.accelerator.device)
-        for name, value in round_metrics(rollouts, *spec).items():
+        metrics = round_metrics(
+            rollouts, eos_token_ids=self.eos_token_ids, gather=self.accelerator.gather, device=self.accelerator.device
+        )
+        for name, value in metrics.items():
             self._metrics[mode][name].append(value)
 
     def _log_metric(self, mode: str, name: str, value: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
@@ -269,13 +270,36 @@ def train(script_args: SDFTScriptArguments, training_args: SDFTConfig, model_arg
     )
     for callback in callbacks:
         callback.attach(trainer)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(training_args.output_dir)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model(training_args.output_dir)
+    except (ValueError, ImportError) as err:
+        if not diagnosed(err):
+            raise TrainingFailed() from err
+        raise
     if trainer.accelerator.is_main_process:
         name = model_args.model_name_or_path if is_default_alias(model_args.model_name_or_path) else None
         trainer.create_model_card(model_name=name, dataset_name=script_args.dataset_name or script_args.dataset_path)
         print_summary(callbacks[0].results if callbacks else None, time.time() - started, training_args.output_dir)
     return trainer
+
+
+class TrainingFailed(Exception):
+    """An error training raised that trl-sdft did not diagnose (a bug, here or in a library): `main` shows its whole
+    traceback instead of one line."""
+
+
+def diagnosed(err: BaseException) -> bool:
+    """Whether `err` was raised by a `raise` statement in trl-sdft's own code: a problem the package recognized and
+    explained (a tool environment that fails its reset, a server that stopped answering). A ValueError raised
+    anywhere else during training (an unpacking in our code, a check in torch or transformers) is not a usage error,
+    and its traceback is what a bug report needs."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if not frames:
+        return False
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    last = frames[-1]
+    return os.path.abspath(last.filename).startswith(package + os.sep) and (last.line or "").startswith("raise")
 
 
 def run_inputs(script_args, training_args, model_path: str, resume: str | None) -> list[tuple[str, str]]:
@@ -423,7 +447,11 @@ def main(argv=None):
         script_args, training_args, model_args = parse(argv)
         train(script_args, training_args, model_args)
         code = 0
+    except TrainingFailed as failed:
+        raise failed.__cause__ from None  # not a usage error: the traceback of where it was raised
     except (ValueError, ImportError, ModelUnavailableError, VLLMServerError) as err:
+        # Usage errors: anything before training starts (arguments, files, model, dataset, the trainer's checks), and
+        # during training what trl-sdft itself diagnosed (`diagnosed`) or a vLLM server that stopped answering.
         code = 2
         if os.environ.get("TRL_SDFT_TRACEBACK"):
             raise

@@ -42,6 +42,12 @@ class ToolLoopSettings:
     max_iterations: int | None = None
     call_timeout: float | None = None  # seconds per tool call (`tool_call_timeout`); None: no limit
 
+    def __post_init__(self):
+        if self.call_timeout is not None and not self.call_timeout > 0:
+            raise ValueError(f"`tool_call_timeout={self.call_timeout}` must be > 0 seconds, or None for no limit.")
+        if self.max_iterations is not None and self.max_iterations < 0:
+            raise ValueError(f"`max_tool_calling_iterations={self.max_iterations}` must be >= 0, or None for no limit.")
+
 
 class ToolCallingLoop:
     """Runs trajectories with `backend` (any `RolloutBackend`); each rollout's callables come with each `run`.

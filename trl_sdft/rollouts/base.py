@@ -57,6 +57,22 @@ class RolloutSettings:
     trust_remote_code: bool = False
     vllm: VLLMSettings | None = None
 
+    def __post_init__(self):
+        if self.max_completion_length is None:
+            raise ValueError("`max_completion_length` must be set (e.g. 256): rollouts need a length limit.")
+        if self.max_completion_length < 1:
+            raise ValueError(
+                f"`max_completion_length={self.max_completion_length}` must be >= 1, or None for no limit."
+            )
+        if self.temperature <= 0:
+            raise ValueError(f"`temperature={self.temperature}` must be > 0 (logits are divided by it).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"`top_p={self.top_p}` must be in (0, 1]; 1.0 disables nucleus sampling.")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"`top_k={self.top_k}` must be >= 0; 0 disables top-k sampling.")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"`min_p={self.min_p}` must be in [0, 1] or None.")
+
 
 # ------------------------------------------------------------------------------------------------ what they return
 class Rollouts(NamedTuple):
