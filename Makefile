@@ -3,7 +3,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo continual continual-quick docs clean
+.PHONY: install test test-fast demo continual continual-quick docs clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 test: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -p no:cacheprovider
+
+# The loop while changing code: every test that needs no real model, vLLM, child process or docs build, and no slow
+# one (markers in pyproject.toml), in about 2 minutes on 2 cores. `make test` is the whole suite (what CI runs).
+test-fast: install
+	$(VENV)/bin/ruff check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests -p no:cacheprovider -m "not (slow or real_model or vllm or processes or docs or gpu)"
 
 # A second run refuses to replace outputs/demo: `make demo ARGS=--overwrite_output_dir` replaces it.
 demo: install

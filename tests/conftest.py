@@ -7,6 +7,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CI", "1")  # TRL sends no telemetry under CI
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from datasets import Dataset
@@ -169,3 +172,53 @@ def _tiny_config(output_dir, **overrides):
     )
     defaults.update(overrides)
     return SDFTConfig(**defaults)
+
+
+# ---------------------------------------------------------------------------------------------------------- markers
+# `make test-fast` runs what needs none of these (pyproject.toml describes each marker).
+HEAVY_MARKERS = ("slow", "real_model", "vllm", "processes", "docs", "gpu")
+REAL_MODEL_FIXTURES = {"requires_smollm", "fresh_smollm"}
+VLLM_SERVER_FIXTURES = {"server", "tool_server"}  # tests/test_vllm.py, tests/test_vllm_tools.py
+VLLM_FIXTURES = {"vllm_rollout"}  # imports vLLM (tests/test_input_hardening.py)
+SLOW_FIXTURES = {"tool_model_dir", "snippet_model_dir"}  # trains a tiny model first (a minute or more)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers that follow from a test's fixtures: the real model's -> `real_model`; a vLLM server -> `vllm` and
+    `processes` (the server is a child process); vLLM imported -> `vllm`; a model trained for the tests -> `slow`."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & REAL_MODEL_FIXTURES:
+            item.add_marker(pytest.mark.real_model)
+        if names & VLLM_SERVER_FIXTURES:
+            item.add_marker(pytest.mark.vllm)
+            item.add_marker(pytest.mark.processes)
+        if names & VLLM_FIXTURES:
+            item.add_marker(pytest.mark.vllm)
+        if names & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
+
+def _python_child(args) -> bool:
+    """Whether a `Popen` command starts Python (a script, a CLI, a launcher), not a system tool a library calls."""
+    first = (args.split()[0] if isinstance(args, str) and args.split() else args[0] if args else "") or ""
+    name = os.path.basename(str(first))
+    return str(first) == sys.executable or name.startswith("python") or name in ("accelerate", "torchrun", "trl-sdft")
+
+
+@pytest.fixture(autouse=True)
+def _child_processes_are_marked(request, monkeypatch):
+    """A test that starts a Python child process must carry the `processes` marker, so that `make test-fast` (which
+    leaves those out) stays fast and the marker stays right as tests are added."""
+    started = []
+    original = subprocess.Popen.__init__
+
+    def recording(self, args, *rest, **kwargs):
+        if _python_child(args):
+            started.append(args)
+        return original(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", recording)
+    yield
+    if started and request.node.get_closest_marker("processes") is None:
+        pytest.fail(f"this test starts a child process ({started[0]!r}): mark it `@pytest.mark.processes`")

@@ -512,6 +512,7 @@ def test_a_finished_trajectory_is_never_rerun(tool_model_dir, tmp_path, scripted
     assert result.tool_stats.calls == len(calls)
 
 
+@pytest.mark.processes
 def test_two_processes_with_different_numbers_of_tool_calls(tool_model_dir, tmp_path):
     """Rank 0's rollouts call the tool twice, rank 1's never: the backend (collective on every call) is called the
     same number of times on both ranks, training ends, DDP keeps the weights equal, the tool metrics count both."""
@@ -519,7 +520,7 @@ def test_two_processes_with_different_numbers_of_tool_calls(tool_model_dir, tmp_
     import socket
     import sys
 
-    from test_chunked_loss import run_job
+    from helpers import run_job
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

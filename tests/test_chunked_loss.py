@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import run_job
 
 from trl_sdft import chunked_loss, losses
 from trl_sdft.importance import ImportanceSettings
@@ -253,6 +254,7 @@ def test_default_is_the_chunked_path_and_zero_the_logits_path(tiny_model_dir, to
 
 
 @pytest.mark.parametrize("path", ["liger", "chunked"])
+@pytest.mark.processes
 def test_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path, path):
     import json
     import os
@@ -272,50 +274,6 @@ def test_two_process_ddp_keeps_ranks_identical(tiny_model_dir, tmp_path, path):
     assert ranks[0]["checksums"] == ranks[1]["checksums"]
     start = {name: float(p.detach().double().sum()) for name, p in _load(tiny_model_dir).named_parameters()}
     assert start["lm_head.weight"] != ranks[0]["checksums"]["lm_head.weight"]  # the lm_head was trained
-
-
-def run_job(command, tmp_path, outputs, timeout=300, cwd=None, env=None):
-    """Run a multi-process job in its own process group; fail with its stderr (Python stacks of every rank included:
-    the job arms faulthandler) unless it exits 0.
-
-    One exception: a job that wrote every output and then stuck in torch.distributed's teardown (faulthandler ends it
-    60-65 s later, reported as "Timeout": `close_process_group`'s backstop or the job's own). That is gloo's teardown
-    (`close_process_group` says how it is avoided), not what the test checks; it gives a warning with the stacks, so
-    it stays visible."""
-    import os
-    import re
-    import signal
-    import subprocess
-    import warnings
-
-    log = tmp_path / "job.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            command,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-            cwd=cwd,
-        )
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            if process.poll() is None:  # the whole group: no rank left behind to load the next tests
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-    text = log.read_text(errors="replace")
-    written = all(output.exists() for output in outputs)
-    if code == 0:
-        return
-    if written and re.search(r"Timeout \(0:01:0[05]\)!", text):
-        warnings.warn(f"the job wrote its outputs, then hung in its teardown:\n{text[-6000:]}", stacklevel=2)
-        return
-    raise AssertionError(
-        f"job exit code {code} (None: killed after {timeout} s), outputs written: {written}\n{text[-8000:]}"
-    )
 
 
 def _load(model_dir):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 from datasets import Dataset
+from helpers import tiny_flags
 
 from trl_sdft import cli
 from trl_sdft.cli.data_files import load_local_dataset
@@ -49,35 +50,6 @@ TRL_DOC_FLAGS = [
     "--report_to",
     "none",
 ]
-
-
-def tiny_flags(tmp_path, model_dir, *extra):
-    return [
-        "--model_name_or_path",
-        model_dir,
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--max_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "4",
-        "--num_generations",
-        "2",
-        "--max_completion_length",
-        "6",
-        "--distillation_topk",
-        "5",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--use_cpu",
-        "--gradient_checkpointing",
-        "false",
-        "--logging_steps",
-        "1",
-        *extra,
-    ]
 
 
 def test_trl_doc_command_parses_with_the_same_meaning():
@@ -140,6 +112,7 @@ def run_cli(*argv, env=None):
     )
 
 
+@pytest.mark.processes
 def test_unknown_flag_is_one_line_error(tmp_path):
     result = run_cli("--output_dir", str(tmp_path), "--no_such_flag", "3")
     assert result.returncode == 2
@@ -246,12 +219,14 @@ def test_embedded_task_writes_results_and_summary(tmp_path, tiny_model_dir, caps
     assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.processes
 def test_console_script_is_installed():
     exe = pathlib.Path(sys.executable).parent / "trl-sdft"
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--teacher_model_kind" in result.stdout and "--dataset_path" in result.stdout
 
 
+@pytest.mark.processes
 def test_two_processes_with_accelerate(tmp_path, tiny_model_dir):
     """Exactly `accelerate launch --cpu --num_processes 2 scripts/sdft.py ...`: two processes, gloo."""
     data = tmp_path / "rows.jsonl"
@@ -352,6 +327,7 @@ def test_your_own_questions_and_probes_get_the_same_table(tmp_path, tiny_model_d
         ),
     ],
 )
+@pytest.mark.processes
 def test_bad_question_files_fail_before_the_model_loads(tmp_path, records, flag, message):
     data = write_lines(tmp_path / "train.jsonl", facts_rows())
     good = write_lines(tmp_path / "good.jsonl", USER_QUESTIONS)

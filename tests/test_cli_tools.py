@@ -185,6 +185,7 @@ def test_the_cli_imports_tools_from_the_working_directory(user_modules, tmp_path
     assert "no-model" in line and "--tools" not in line, line  # the tools resolved; the missing model stops the run
 
 
+@pytest.mark.processes
 def test_one_tool_step_from_the_command_line(tmp_path, tool_model_dir):
     """`python scripts/sdft.py --tools toolmod:lookup` run from the directory of toolmod.py: the model calls the tool
     the CLI imported (it writes down each call) and a step trains."""

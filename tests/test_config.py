@@ -304,6 +304,7 @@ def test_cpu_memory_reuse_applies_only_to_cpu_training(
     assert len(calls) == want
 
 
+@pytest.mark.processes
 def test_reuse_freed_cpu_memory_keeps_large_blocks_mapped():
     """On glibc, touching a large block again after it was freed costs no new page faults once the call is made."""
     import ctypes
@@ -344,6 +345,7 @@ print(faults[-1])
 
 
 @pytest.mark.parametrize("hang", ["none", "gil_released", "gil_held"])
+@pytest.mark.processes
 def test_close_process_group_never_hangs(tmp_path, hang):
     """A teardown that finishes returns normally (and leaves no timer behind to kill the process later). One that hangs
     with the GIL released (a store or peer that stops answering) is ended by the watchdog with the run's exit code,

@@ -346,6 +346,7 @@ def test_cli_flags_and_quick_defaults():
         ContinualConfig(alphas=[2.0])
 
 
+@pytest.mark.processes
 def test_cli_bad_task_fails_before_training_and_keeps_existing_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -371,6 +372,7 @@ def test_cli_bad_task_fails_before_training_and_keeps_existing_output(tmp_path):
 
 @pytest.mark.usefixtures("requires_smollm")
 @pytest.mark.slow
+@pytest.mark.processes
 def test_quick_run_on_the_default_model(tmp_path):
     """The README's `--quick` command on SmolLM2: every method, every bundled task, the files and their shapes."""
     out = tmp_path / "quick"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.docs, pytest.mark.processes]
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "docs_pages.py"
 HANG_GUARD_S = 1800  # a hang guard only: a loaded 2-core machine must not fail these

@@ -105,6 +105,7 @@ def test_bf16_padding_free_equals_padded(sharp_model_dir, tokenizer, tmp_path, g
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@pytest.mark.processes
 def test_vllm_colocate_on_the_gpu(tmp_path):
     """Colocated vLLM with the in-place weight reload, in bf16 (the job prints its measurements)."""
     import json

@@ -227,6 +227,7 @@ def test_config_errors(tmp_path, extracted, student_dir, overrides, message):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.processes
 def test_cli_reports_errors_in_one_line(tmp_path):
     result = subprocess.run(
         [
@@ -246,6 +247,7 @@ def test_cli_reports_errors_in_one_line(tmp_path):
 
 @pytest.mark.usefixtures("requires_smollm")
 @pytest.mark.slow
+@pytest.mark.processes
 def test_both_clis_on_the_default_model_and_the_bundled_chat_data(tmp_path):
     """The README's two commands on SmolLM2 and the bundled chat records, cut to top-10 and 2 steps."""
     env = {"HF_HUB_OFFLINE": "1"}

@@ -180,6 +180,7 @@ def test_interrupted_extraction_resumes_to_the_same_file(tmp_path, tiny_model_di
         run_extraction(args_for(tmp_path, other, tiny_model_dir, "resumed"))
 
 
+@pytest.mark.processes
 def test_two_processes_write_the_same_file_as_one(tmp_path, tiny_model_dir):
     data = write_data(tmp_path / "data.jsonl", GOOD * 3 + BAD)
     run_extraction(args_for(tmp_path, data, tiny_model_dir, "one"))
@@ -228,6 +229,7 @@ def test_two_processes_write_the_same_file_as_one(tmp_path, tiny_model_dir):
     [("--input_file", "--filtered_data"), ("--data_file", "--filtered_data_file")],
     ids=["documented", "long-names"],
 )
+@pytest.mark.processes
 def test_the_documented_command_and_its_aliases(tmp_path, tiny_model_dir, data_flag, filtered_flag):
     """The README's extraction command, typed with the pipeline's flag names and with the long aliases."""
     data = write_data(tmp_path / "data.jsonl", GOOD[:2])

@@ -159,6 +159,7 @@ def test_output_dir_of_a_finished_run_is_refused_then_overwritten_on_request(tmp
     lock.release()
 
 
+@pytest.mark.processes
 def test_two_runs_cannot_share_an_output_dir(tmp_path):
     held = OutputDirLock(str(tmp_path))
     other = subprocess.run(
@@ -187,11 +188,12 @@ def run_cli(argv, capsys):
 
 
 def cli_flags(tmp_path, model_dir, *extra):
-    from test_cli import tiny_flags
+    from helpers import tiny_flags
 
     return tiny_flags(tmp_path, model_dir, "--num_facts", "4", "--knowledge_eval", "false", *extra)
 
 
+@pytest.mark.processes
 def test_cli_refuses_a_finished_output_dir_before_the_model_loads(tmp_path, tiny_model_dir, capsys, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
@@ -207,6 +209,7 @@ def test_cli_refuses_a_finished_output_dir_before_the_model_loads(tmp_path, tiny
     "resume, message",
     [("missing", "does not exist"), ("true", "no complete checkpoint in")],
 )
+@pytest.mark.processes
 def test_cli_resume_problems_are_one_line_before_the_model_loads(
     tmp_path, tiny_model_dir, capsys, monkeypatch, resume, message
 ):
@@ -217,6 +220,7 @@ def test_cli_resume_problems_are_one_line_before_the_model_loads(
 
 
 @pytest.mark.parametrize("problem", ["missing", "truncated", "no-config"])
+@pytest.mark.processes
 def test_cli_model_path_problems_are_one_line(tmp_path, tiny_model_dir, capsys, problem):
     import shutil
 
@@ -309,6 +313,7 @@ def test_overwrite_removes_the_old_model_files_a_loader_could_pick(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".trl-sdft.lock", "notes.txt"]
 
 
+@pytest.mark.processes
 def test_the_model_being_trained_is_never_its_own_output_dir(tmp_path, tiny_model_dir, capsys):
     import shutil
 
@@ -423,6 +428,7 @@ def finished_run(tmp_path, tiny_model_dir, name="out"):
     return tmp_path / name
 
 
+@pytest.mark.processes
 def test_overwrite_never_removes_the_model_it_starts_from(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """Before: every checkpoint, the starting one included, was removed, then a misleading tokenizer error."""
     out = finished_run(tmp_path, tiny_model_dir)
@@ -453,6 +459,7 @@ def test_overwrite_never_removes_an_input_file(tmp_path):
         )
 
 
+@pytest.mark.processes
 def test_resume_from_another_dir_does_not_replace_a_finished_run(tmp_path, tiny_model_dir, capsys):
     """Before: any resume skipped the output-dir check, and the finished run in --output_dir was replaced."""
     finished_run(tmp_path, tiny_model_dir, "first")
@@ -552,6 +559,7 @@ def test_resuming_a_checkpoint_with_nan_weights_is_refused_at_resume(tokenizer, 
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
 
 
+@pytest.mark.processes
 def test_resuming_another_models_checkpoint_is_named_as_such(tmp_path, tiny_model_dir, tokenizer, capsys, monkeypatch):
     """Before: a 'size mismatch' RuntimeError traceback from load_state_dict."""
     out = finished_run(tmp_path, tiny_model_dir)

@@ -14,30 +14,9 @@ import sys
 from importlib.util import find_spec
 
 import pytest
-from test_chunked_loss import run_job
+from helpers import ENGINES, SHARDED_TIMEOUT, launch, run_job
 
-JOBS = os.path.join(os.path.dirname(__file__), "jobs", "sharded")
-ENGINES = [
-    pytest.param("zero3", marks=pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")),
-    "fsdp2",
-]
-TIMEOUT = 600  # a hang guard: a run takes 20-60 s, the first DeepSpeed run 3-4 min (it compiles)
-
-
-def launch(engine: str, model_dir: str, output_dir, teacher: str, phase: str, config: dict | None = None) -> dict:
-    """Run the job once under `engine` and return what rank 0 recorded."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"{engine}.yaml"]
-    command += ["--main_process_port", str(port), "train.py", model_dir, str(output_dir), teacher, phase]
-    env = {"SHARDED_TEST_CONFIG": json.dumps(config or {})}
-    if engine == "fsdp2":
-        env.update(PYTHONPATH=os.path.join(JOBS, "fsdp_cpu"), ACCELERATE_TORCH_DEVICE="cpu")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    record = output_dir / f"{phase}.json"
-    run_job(command, output_dir, [record], timeout=TIMEOUT, cwd=JOBS, env=env)
-    return json.loads(record.read_text())
+pytestmark = [pytest.mark.processes]
 
 
 def initial_sums(model_dir: str) -> dict[str, float]:
@@ -161,7 +140,7 @@ def test_cli_under_zero3_with_the_shipped_config(tiny_model_dir, tmp_path):
             "none",
         ]
         command += ["--logging_steps", "1", *resume]
-        run_job(command, tmp_path, [out / "model.safetensors"], timeout=TIMEOUT, cwd=root)
+        run_job(command, tmp_path, [out / "model.safetensors"], timeout=SHARDED_TIMEOUT, cwd=root)
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and len([e for e in state["log_history"] if "loss" in e]) == 3
     for step in (2, 3):

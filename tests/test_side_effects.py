@@ -65,6 +65,7 @@ print(json.dumps({"changed": changed, "malloc_calls": calls}))
 """
 
 
+@pytest.mark.processes
 def test_training_from_python_changes_nothing_process_wide(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", PROBE, str(tmp_path)],

@@ -59,6 +59,7 @@ def test_rows_render_with_the_bundled_template(tokenizer):
             assert "<tool_call>" in text and "<tool_response>" in text
 
 
+@pytest.mark.processes
 def test_the_alias_builds_once_in_a_child_process_and_then_reads_the_cache(tool_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_SDFT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tool_format, "smollm2_dir", lambda progress=True: pathlib.Path(tool_model_dir))

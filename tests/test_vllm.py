@@ -4,16 +4,15 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from importlib.util import find_spec
 
 import pytest
-import requests
 import torch
 from datasets import Dataset
+from helpers import ENGINES, free_port, needs_vllm, stop, vllm_server
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from trl_sdft import SDFTConfig, SDFTTrainer
@@ -23,12 +22,6 @@ from trl_sdft.testing import build_model, build_tokenizer, completion_logits, fa
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_CONTEXT = 256  # --max-model-len of the test server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,47 +36,9 @@ def vllm_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(vllm_model_dir, tmp_path_factory):
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
     # Exactly the documented command (`trl-sdft vllm-serve ...` is `python -m trl_sdft.cli vllm-serve ...`).
-    command = [sys.executable, "-m", "trl_sdft.cli", "vllm-serve", "--model", vllm_model_dir, "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--max-model-len", str(SERVER_CONTEXT)]
-    with open(log_path, "w") as log:
-        # Its own process group: vLLM's engine and worker processes go down with it at teardown.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vLLM server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    else:
-        stop(process)
-        pytest.fail(f"vLLM server did not start in 300 s:\n{log_path.read_text()[-3000:]}")
-    yield {"port": port, "process": process, "url": url}
-    stop(process)
-
-
-def stop(process, sig=signal.SIGTERM):
-    """Stop the server and every process it started (engine core, workers)."""
-    try:
-        os.killpg(process.pid, sig)
-        process.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    time.sleep(1)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers
-    except ProcessLookupError:
-        pass
+    with vllm_server(vllm_model_dir, tmp_path_factory.mktemp("vllm-server"), SERVER_CONTEXT) as running:
+        yield running
 
 
 def server_config(tmp_path, server, **overrides):
@@ -136,6 +91,7 @@ def test_server_rounds_take_each_repeated_prompt_once():
         distinct_prompts([[1], [1], [2]], 2)
 
 
+@needs_vllm
 def test_colocate_context_too_small_fails_before_vllm_starts(vllm_model_dir, tmp_path):
     args = SDFTConfig(
         output_dir=str(tmp_path),
@@ -151,15 +107,19 @@ def test_colocate_context_too_small_fails_before_vllm_starts(vllm_model_dir, tmp
         SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
 
 
+@needs_vllm
 def test_unreachable_server_is_a_clear_error_after_the_timeout(vllm_model_dir, tmp_path):
     args = server_config(tmp_path, {"port": free_port()}, vllm_server_timeout=2)
     start = time.time()
     with pytest.raises(VLLMServerError, match="No vLLM server answered .* within vllm_server_timeout=2 s"):
         SDFTTrainer(vllm_model_dir, args=args, train_dataset=Dataset.from_list(facts_rows()))
-    assert time.time() - start < 30
+    # A hang guard, not a timing test: the 2 s given, not the 240 s default, even on a loaded machine.
+    assert time.time() - start < 200
 
 
 # ------------------------------------------------------------------------------------------------------ colocate
+@needs_vllm
+@pytest.mark.processes
 def test_colocate_training_and_weight_sync(vllm_model_dir, tmp_path):
     job = os.path.join(ROOT, "tests", "jobs", "vllm_colocate.py")
     run = subprocess.run(
@@ -410,7 +370,7 @@ class KillServerAt(TrainerCallback):
 def test_two_zero3_processes_share_the_server(vllm_model_dir, tmp_path, server):
     """Two training processes under DeepSpeed ZeRO-3 with rollouts from the server: each sync pushes the weights
     gathered from the shards, after which vLLM scores like the trainer model (before it: the previous step's)."""
-    from test_sharded import launch
+    from helpers import launch
 
     config = dict(use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=server["port"])
     record = launch("zero3", vllm_model_dir, tmp_path, "ema", "vllm", {**config, "save_strategy": "no"})
@@ -420,17 +380,13 @@ def test_two_zero3_processes_share_the_server(vllm_model_dir, tmp_path, server):
     assert record["server_gap"] < 1e-4
 
 
-@pytest.mark.parametrize(
-    "engine",
-    [
-        pytest.param("zero3", marks=pytest.mark.skipif(find_spec("deepspeed") is None, reason="needs deepspeed")),
-        "fsdp2",
-    ],
-)
+@needs_vllm
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.processes
 def test_two_sharded_processes_with_colocated_engines(vllm_model_dir, tmp_path, engine):
     """ZeRO-3 / FSDP2, one colocated vLLM engine per process: the syncs push whole weights (gathered from the
     shards; under FSDP2 the first sync comes before the model is sharded), after which vLLM scores like the trainer."""
-    from test_sharded import launch
+    from helpers import launch
 
     config = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1, save_strategy="no")
     record = launch(engine, vllm_model_dir, tmp_path, "ema", "vllm", config)

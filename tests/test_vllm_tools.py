@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
-from test_vllm import free_port, stop
+from helpers import needs_vllm, vllm_server
 
 from trl_sdft import SDFTConfig, SDFTTrainer
 from trl_sdft.testing import lookup, tool_rows
@@ -19,33 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def tool_server(tool_model_dir, tmp_path_factory):
-    import time
-
-    import requests
-
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm-tool-server") / "server.log"
-    command = [sys.executable, "-m", "trl_sdft.cli", "vllm-serve", "--model", tool_model_dir, "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--max-model-len", "256"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"vLLM server exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(2)
-    else:
-        stop(process)
-        pytest.fail(f"vLLM server did not start in 300 s:\n{log_path.read_text()[-3000:]}")
-    yield port
-    stop(process)
+    with vllm_server(tool_model_dir, tmp_path_factory.mktemp("vllm-tool-server"), 256) as running:
+        yield running["port"]
 
 
+@needs_vllm
+@pytest.mark.processes
 def test_colocated_vllm_multi_turn(tool_model_dir, tmp_path):
     job = os.path.join(ROOT, "tests", "jobs", "vllm_tools.py")
     run = subprocess.run(
