@@ -131,6 +131,10 @@ def header(title: str, source: str) -> list[str]:
     ]
 
 
+# How the results files name what was compared, and how the pages name it ("peer": TRL's SDFT trainer).
+METHOD_NAMES = {"peer": "trl.experimental.sdft"}
+
+
 def figure(name: str, alt: str) -> str:
     """A plot of `docs_plots.FIGURES`, from a results page (`docs/results/`), with what it shows as its text."""
     return f"![{alt}](../assets/plots/{name}.svg)"
@@ -798,71 +802,62 @@ def throughput_page() -> str:
     return "\n".join(lines)
 
 
-def memory_page() -> str:
-    lines = header("Memory", "`benchmarks/results/loss_memory.json`, `train_step_memory.json`")
+def memory_snippets() -> dict[str, str]:
+    """docs/results/memory.md: the loss alone, then whole training steps."""
     data = load("loss_memory.json")
-    lines += [
-        "With a large vocabulary and long completions the logits of student and teacher dominate memory. By default "
-        "trl-sdft computes the loss from the last hidden states and the LM-head weights in chunks "
-        "(`loss_chunk_size`), so the batch's `[tokens, vocab]` logits never exist; `use_liger_kernel=True` uses "
-        "Liger's fused JSD instead (`full_logits` only).",
-        "",
-        "## The loss alone",
-        "",
-        f"Forward and backward of the loss at SmolLM2-135M's dimensions (hidden {data['hidden']}, vocabulary "
-        f"{data['vocab']}), float32. `naive`: whole-batch logits with trl-sdft's `losses.py`; `peer`: whole-batch "
-        "logits with `trl.experimental.sdft`'s loss; `chunked (N)`: trl-sdft with N-token chunks; `liger`: Liger's "
-        "fused JSD; `trl`: TRL's `ChunkedDivergenceFunction`. Peak extra memory is measured with mmap'd "
-        "allocations (freed memory returns at once), time with the default allocator, each case in a fresh process.",
-        "",
-        table(
-            ["size", "mode", "method", "peak extra memory (MiB)", "× naive", "time (s)", "× naive"],
-            [
+    loss = "\n".join(
+        [
+            f"Forward and backward of the loss at SmolLM2-135M's dimensions (hidden {data['hidden']}, vocabulary "
+            f"{data['vocab']}), float32.",
+            "",
+            table(
+                ["size", "mode", "method", "peak extra memory (MiB)", "× naive", "time (s)", "× naive"],
                 [
-                    r["size"],
-                    r["mode"],
-                    r["method"] + (f" ({r['chunk']})" if r["method"] == "chunked" else ""),
-                    r["peak_extra_mib"],
-                    f"{r['memory_vs_naive']:g}",
-                    f"{r['seconds']:g}",
-                    f"{r['time_vs_naive']:g}",
-                ]
-                for r in data["results"]
-            ],
-        ),
-        "",
-        made_by("loss_memory.json"),
-        "",
-        figure("memory", "Peak extra memory of the full_logits loss per method"),
-        "",
-    ]
+                    [
+                        r["size"],
+                        r["mode"],
+                        METHOD_NAMES.get(r["method"], r["method"])
+                        + (f" ({r['chunk']})" if r["method"] == "chunked" else ""),
+                        r["peak_extra_mib"],
+                        f"{r['memory_vs_naive']:g}",
+                        f"{r['seconds']:g}",
+                        f"{r['time_vs_naive']:g}",
+                    ]
+                    for r in data["results"]
+                ],
+            ),
+            "",
+            made_by("loss_memory.json"),
+        ]
+    )
     steps = load("train_step_memory.json")
     runs = [*steps["memory_runs_mmap_threshold_65536"], *steps["time_runs_default_allocator"]]
     tokens = sorted({r["tokens"] for r in runs})
-    lines += [
-        "## Whole training steps",
-        "",
-        f"SDFT steps on SmolLM2-135M-Instruct: full fine-tuning, base teacher, 8 rollouts of {tokens[0]} tokens, "
-        "AdamW. Peak RSS of the whole process (model, teacher copy and optimizer state included), so the difference "
-        "between rows is what the loss path costs. Memory runs use mmap'd allocations "
-        "(`MALLOC_MMAP_THRESHOLD_=65536`), which slows them down; the time runs use the default allocator.",
-        "",
-        table(
-            ["allocator", "loss path", "mode", "tokens", "peak RSS (MiB)", "step (s)"],
-            [
-                [label, r["loss_path"], r["mode"], r["tokens"], r["peak_rss_mib"], num(r["step_s"], 1)]
-                for key, label in (
-                    ("memory_runs_mmap_threshold_65536", "mmap'd (memory)"),
-                    ("time_runs_default_allocator", "default (time)"),
-                )
-                for r in steps[key]
-            ],
-        ),
-        "",
-        made_by("train_step_memory.json", tokens=tokens[0]),
-        "",
-    ]
-    return "\n".join(lines)
+    step_table = "\n".join(
+        [
+            f"SDFT steps on SmolLM2-135M-Instruct: full fine-tuning, base teacher, 8 rollouts of {tokens[0]} tokens, "
+            "AdamW.",
+            "",
+            table(
+                ["allocator", "loss path", "mode", "tokens", "peak RSS (MiB)", "step (s)"],
+                [
+                    [label, r["loss_path"], r["mode"], r["tokens"], r["peak_rss_mib"], num(r["step_s"], 1)]
+                    for key, label in (
+                        ("memory_runs_mmap_threshold_65536", "mmap'd (memory)"),
+                        ("time_runs_default_allocator", "default (time)"),
+                    )
+                    for r in steps[key]
+                ],
+            ),
+            "",
+            made_by("train_step_memory.json", tokens=tokens[0]),
+        ]
+    )
+    return {
+        "loss.md": loss,
+        "loss_figure.md": figure("memory", "Peak extra memory of the full_logits loss per method"),
+        "steps.md": step_table,
+    }
 
 
 def async_page() -> str:
@@ -1329,40 +1324,31 @@ def agentic_grid_section() -> list[str]:
 # --------------------------------------------------------------------------------------------------------- driver
 
 
-def sharded_page() -> str:
-    lines = header("Sharded training on CPU", "`benchmarks/results/sharded_step.json`")
+def sharded_snippets() -> dict[str, str]:
+    """docs/results/sharded.md: the runs and the table per engine."""
     data = load("sharded_step.json")
     names = {"ddp": "DDP (`torchrun`)", "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
     ddp = next(r["step_s"] for r in data["summary"] if r["engine"] == "ddp")
     versions = ", ".join(f"{name} {version}" for name, version in data["versions"].items())
-    lines += [
+    runs = (
         f"{data['processes']} processes over {data['backend']} on one machine: {data['model']}, the library's default "
         "loss path (the chunked loss from hidden states, padding-free forwards). Each engine ran in fresh processes, "
-        f"engines alternating; step time is the median of steps 2-6 ({versions}).",
-        "",
-        table(
-            ["engine", "accelerate's distributed type", "step (s)", "× DDP", "peak RSS per process (MiB)"],
+        f"engines alternating; step time is the median of steps 2-6 ({versions})."
+    )
+    engines = table(
+        ["engine", "accelerate's distributed type", "step (s)", "× DDP", "peak RSS per process (MiB)"],
+        [
             [
-                [
-                    names.get(r["engine"], r["engine"]),
-                    code(r["distributed_type"].split(".")[-1]),
-                    num(r["step_s"], 3),
-                    ratio(r["step_s"] / ddp),
-                    r["peak_rss_mib"],
-                ]
-                for r in data["summary"]
-            ],
-        ),
-        "",
-        "On a model this small the figures are the engines' own costs: ZeRO-3 and FSDP2 gather every weight for each "
-        "forward and backward and scatter every gradient, which DDP does not, and their memory is the framework's "
-        "footprint, not the model's. Sharding pays off where the weights, gradients and optimizer state of a model "
-        "dominate a device's memory; these runs check that every path trains, saves and resumes, not that it is fast.",
-        "",
-        made_by("sharded_step.json"),
-        "",
-    ]
-    return "\n".join(lines)
+                names.get(r["engine"], r["engine"]),
+                code(r["distributed_type"].split(".")[-1]),
+                num(r["step_s"], 3),
+                ratio(r["step_s"] / ddp),
+                r["peak_rss_mib"],
+            ]
+            for r in data["summary"]
+        ],
+    )
+    return {"runs.md": runs, "engines.md": engines, "made_by.md": made_by("sharded_step.json")}
 
 
 RED_TEAM_OUTCOMES = ("clear-error", "handled", "traceback", "silent-wrong", "data-lost", "unclear-error")
@@ -1376,8 +1362,8 @@ def outcome_counts(results: list[dict]) -> list:
     return [sum(r["outcome"] == name for r in results) or "–" for name in RED_TEAM_OUTCOMES]
 
 
-def robustness_page() -> str:
-    lines = header("Robustness: the red-team harness", "`benchmarks/results/red_team*.json`")
+def robustness_snippets() -> dict[str, str]:
+    """docs/results/robustness.md: outcomes per round, before and now, and round two case by case."""
     after = load("red_team.json")
     rows = []
     for name, before_file, member in RED_TEAM_ROUNDS:
@@ -1385,47 +1371,30 @@ def robustness_page() -> str:
         now = [case for case in after["results"] if member(case)]
         rows.append([f"{name}, before ({len(before)} cases)", *outcome_counts(before)])
         rows.append([f"{name}, now ({len(now)} cases)", *outcome_counts(now)])
-    lines += [
-        "`benchmarks/red_team.py` gives the four command lines (`scripts/sdft.py`, `extract_logits.py`, "
-        "`distill_sft.py`, `continual.py`) bad input as a user would by mistake, or a hostile file would, each case in "
-        "a fresh process and a fresh directory on a tiny model, and sorts what happened: a *clear error* (exit 2, one "
-        "error line naming the file or flag, no traceback, nothing changed), *handled* (exit 0 and the documented "
-        "right behaviour), a *traceback*, *silent-wrong* (exit 0 but a wrong result, or bad input accepted), "
-        "*data-lost* (a file the user had was changed or deleted) or an *unclear error* (no single line, or one that "
-        "does not name the file or flag at fault). Each case says which outcome is right; every file in its "
-        "directory is hashed before and after.",
-        "",
-        "Round one aimed at everything the command lines read; round two at what round one added (the output-directory "
-        "rule and its lock, `--overwrite_output_dir`, resume, chat templates, tools, encodings, very long contexts). "
-        "*Before* is the code each round started from, *now* the latest run of every case.",
-        "",
-        table(["round", *RED_TEAM_OUTCOMES], rows),
-        "",
-        f"As expected now: {after['as_expected']} of {after['cases']} cases "
-        f"({after['seconds_total'] / 60:.0f} minutes in all).",
-        "",
-        "## Round two, case by case",
-        "",
-    ]
+    rounds = "\n".join(
+        [
+            table(["round", *RED_TEAM_OUTCOMES], rows),
+            "",
+            f"As expected now: {after['as_expected']} of {after['cases']} cases "
+            f"({after['seconds_total'] / 60:.0f} minutes in all).",
+        ]
+    )
     before = {case["name"]: case for case in load("red_team_round2_before.json")["results"]}
     cases = [case for case in after["results"] if case["category"] == "round two"]
-    lines.append(
-        table(
-            ["case", "right outcome", "before", "now", "what the user reads now"],
+    round_two = table(
+        ["case", "right outcome", "before", "now", "what the user reads now"],
+        [
             [
-                [
-                    code(case["name"]),
-                    case["expected"],
-                    before.get(case["name"], {}).get("outcome", "–"),
-                    case["outcome"],
-                    text(case["error"][:160] + ("…" if len(case["error"]) > 160 else "")),
-                ]
-                for case in cases
-            ],
-        )
+                code(case["name"]),
+                case["expected"],
+                before.get(case["name"], {}).get("outcome", "–"),
+                case["outcome"],
+                text(case["error"][:160] + ("…" if len(case["error"]) > 160 else "")),
+            ]
+            for case in cases
+        ],
     )
-    lines += ["", made_by("red_team.json"), ""]
-    return "\n".join(lines)
+    return {"rounds.md": rounds, "round_two.md": round_two, "made_by.md": made_by("red_team.json")}
 
 
 def changelog_page() -> str:
@@ -1441,22 +1410,47 @@ PAGES = {
     "docs/reference/cli.md": cli_page,
     "docs/results/demo.md": demo_page,
     "docs/results/throughput.md": throughput_page,
-    "docs/results/memory.md": memory_page,
     "docs/results/async.md": async_page,
     "docs/results/continual.md": continual_page,
     "docs/results/agentic.md": agentic_page,
-    "docs/results/sharded.md": sharded_page,
-    "docs/results/robustness.md": robustness_page,
 }
 
 
+# Pages written in Markdown (their prose) that include what the data says from `docs/generated/` (MkDocs'
+# `pymdownx.snippets`: a line `--8<-- "results/sharded/engines.md"`): page folder -> its snippets.
+GENERATED = "docs/generated"
+SNIPPETS = {
+    "results/sharded": ("benchmarks/results/sharded_step.json", sharded_snippets),
+    "results/robustness": ("benchmarks/results/red_team*.json", robustness_snippets),
+    "results/memory": ("benchmarks/results/loss_memory.json, train_step_memory.json", memory_snippets),
+}
+
+
+def snippet_files() -> dict[str, str]:
+    """Every snippet file under `docs/generated/`, each opening with where it comes from."""
+    files = {}
+    for folder, (source, build) in SNIPPETS.items():
+        for name, content in build().items():
+            note = f"<!-- Generated from {source} by scripts/docs_pages.py: do not edit; run `{REGENERATE}`. -->"
+            files[f"{GENERATED}/{folder}/{name}"] = f"{note}\n\n{content.rstrip()}\n"
+    return files
+
+
 def render() -> dict[str, str]:
-    """Every generated file: the pages, then the plots they show (`docs_plots.FIGURES`)."""
+    """Every generated file: the pages, the snippets of the pages written in Markdown, then the plots they show
+    (`docs_plots.FIGURES`)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # docs_plots.py, beside this script
     from docs_plots import FIGURES
 
     pages = {path: build().rstrip("\n") + "\n" for path, build in PAGES.items()}
-    return {**pages, **{path: draw() for path, draw in FIGURES.items()}}
+    return {**pages, **snippet_files(), **{path: draw() for path, draw in FIGURES.items()}}
+
+
+def orphans(generated: dict[str, str]) -> list[str]:
+    """Files under `docs/generated/` that nothing generates any more (a renamed or removed snippet)."""
+    folder = ROOT / GENERATED
+    found = sorted(str(path.relative_to(ROOT)) for path in folder.rglob("*") if path.is_file())
+    return [path for path in found if path not in generated]
 
 
 def main(argv=None) -> int:
@@ -1465,7 +1459,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     pages = render()
     if args.check:
-        stale = []
+        stale = [f"{path} (nothing generates it: remove it)" for path in orphans(pages)]
         for path, content in pages.items():
             target = ROOT / path
             if not target.exists():
@@ -1480,6 +1474,9 @@ def main(argv=None) -> int:
             return 1
         print(f"{len(pages)} generated pages are up to date.")
         return 0
+    for path in orphans(pages):
+        (ROOT / path).unlink()
+        print(f"removed {path}")
     for path, content in pages.items():
         target = ROOT / path
         target.parent.mkdir(parents=True, exist_ok=True)

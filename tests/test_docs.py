@@ -39,9 +39,11 @@ def test_generated_tables_keep_their_columns_on_github():
     pages = load_script()
     assert pages.table_cell("`int | None`") == "<code>int &#124; None</code>"
     assert pages.table_cell("a | b, `x`") == "a \\| b, `x`"
-    for path, page in pages.PAGES.items():
+    generated = {path: page() for path, page in pages.PAGES.items()}
+    generated.update(pages.snippet_files())
+    for path, content in generated.items():
         header = None
-        for number, line in enumerate(page().splitlines(), 1):
+        for number, line in enumerate(content.splitlines(), 1):
             if not line.startswith("|"):
                 header = None
                 continue
@@ -53,16 +55,27 @@ def test_generated_tables_keep_their_columns_on_github():
 def test_check_names_a_stale_page_and_the_fix(tmp_path, capsys):
     pages = load_script()
     pages.ROOT = tmp_path
-    pages.PAGES = {"docs/results/memory.md": pages.memory_page}
-    target = tmp_path / "docs" / "results" / "memory.md"
+    pages.PAGES = {"docs/reference/config.md": pages.config_page}
+    pages.SNIPPETS = {"results/memory": ("loss_memory.json", pages.memory_snippets)}
+    page, target = (
+        tmp_path / "docs" / "reference" / "config.md",
+        tmp_path / "docs" / "generated" / "results" / "memory" / "loss.md",
+    )
     assert pages.main(["--check"]) == 1
-    assert "docs/results/memory.md (missing)" in capsys.readouterr().err
-    assert pages.main([]) == 0 and target.exists()
+    assert "docs/generated/results/memory/loss.md (missing)" in capsys.readouterr().err
+    assert pages.main([]) == 0 and target.exists() and page.exists()
     assert pages.main(["--check"]) == 0
     target.write_text(target.read_text().replace("| 8x256 |", "| 8x255 |", 1))
     assert pages.main(["--check"]) == 1
     err = capsys.readouterr().err
-    assert "docs/results/memory.md (differs" in err and "python scripts/docs_pages.py" in err
+    assert "docs/generated/results/memory/loss.md (differs" in err and "python scripts/docs_pages.py" in err
+    page.write_text(page.read_text().replace("`bf16_full_eval` | `False`", "`bf16_full_eval` | `True`", 1))
+    orphan = target.parent / "old_table.md"  # a snippet nothing generates any more
+    orphan.write_text("| stale |")
+    assert pages.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "docs/reference/config.md (differs" in err and "old_table.md (nothing generates it" in err
+    assert pages.main([]) == 0 and not orphan.exists() and pages.main(["--check"]) == 0
 
 
 def test_site_builds_strict(tmp_path):
