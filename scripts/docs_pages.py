@@ -860,23 +860,15 @@ def memory_snippets() -> dict[str, str]:
     }
 
 
-def async_page() -> str:
-    lines = header("Asynchronous rounds", "`benchmarks/results/async_rollouts.json`")
+def async_snippets() -> dict[str, str]:
+    """docs/results/async.md: the step-time runs, then the learning runs."""
     data = load("async_rollouts.json")
     summary = data["summary"]
-    lines += [
-        "With `async_rollouts=True` (server mode) the vLLM server generates round k+1 while the trainer learns on "
-        "round k, so a step tends to max(generation, training) instead of their sum. Rollouts are then up to "
-        "`max_staleness` optimizer steps old, and each token's loss is weighted by the ratio of the current student "
-        "to the server's log-prob of it, capped at `distillation_is_clip`.",
-        "",
-        "## Step time",
-        "",
+    workload = (
         f"SmolLM2-135M-Instruct, the natural-length workload of the throughput benchmark (8 rollouts per step "
         f"sampled until EOS, at most 128 tokens), trainer defaults; {data['steps']} steps per run, the first "
-        f"dropped; synchronous and asynchronous runs alternating, {data['rounds']} of each, against the same server.",
-        "",
-    ]
+        f"dropped; synchronous and asynchronous runs alternating, {data['rounds']} of each, against the same server."
+    )
     rows = [
         [
             label,
@@ -896,58 +888,52 @@ def async_page() -> str:
             ratio(summary["async_vs_sync_tokens_per_s"]),
         ]
     )
-    lines += [
-        table(
-            [
-                "mode",
-                "step (s, median)",
-                "waited for the server (s/step)",
-                "completion tokens / step",
-                "completion tokens trained / s",
-            ],
-            rows,
-        ),
-        "",
-        figure("async", "Median step time, synchronous against asynchronous rounds"),
-        "",
-        "Each run:",
-        "",
-        table(
-            ["round", "mode", "step (s)", "waited (s/step)", "tokens / step", "tokens / s"],
-            [
-                [
-                    r["round"],
-                    r["case"],
-                    num(r["step_s"]),
-                    num(r["wait_s"]),
-                    f"{r['tokens_per_step']:.0f}",
-                    num(r["tokens_per_s"], 1),
-                ]
-                for r in data["runs"]
-            ],
-        ),
-        "",
-        made_by("async_rollouts.json"),
-        "",
+    headers = [
+        "mode",
+        "step (s, median)",
+        "waited for the server (s/step)",
+        "completion tokens / step",
+        "completion tokens trained / s",
     ]
-    if data.get("learning"):
-        lines += [
-            "## Learning",
+    step_time = "\n".join(
+        [
+            workload,
             "",
-            "`configs/demo.yaml` trained through the same server with the CLI, once per mode: the knowledge "
-            "evaluation before and after (facts / paraphrases / probes).",
+            table(headers, rows),
             "",
+            figure("async", "Median step time, synchronous against asynchronous rounds"),
         ]
-        rows = []
-        for run in data["learning"]:
-            results = run["results"]
+    )
+    runs = "\n".join(
+        [
+            table(
+                ["round", "mode", "step (s)", "waited (s/step)", "tokens / step", "tokens / s"],
+                [
+                    [
+                        r["round"],
+                        r["case"],
+                        num(r["step_s"]),
+                        num(r["wait_s"]),
+                        f"{r['tokens_per_step']:.0f}",
+                        num(r["tokens_per_s"], 1),
+                    ]
+                    for r in data["runs"]
+                ],
+            ),
+            "",
+            made_by("async_rollouts.json"),
+        ]
+    )
+    rows = []
+    for run in data.get("learning") or []:
+        results = run["results"]
 
-            def line(key, results=results):
-                return " / ".join(f"{results[key][k]['correct']}/{results[key][k]['total']}" for k, _ in KNOWLEDGE_ROWS)
+        def line(key, results=results):
+            return " / ".join(f"{results[key][k]['correct']}/{results[key][k]['total']}" for k, _ in KNOWLEDGE_ROWS)
 
-            rows.append([run["case"], line("baseline"), line("final"), f"{run['wall_s'] / 60:.1f} min"])
-        lines += [table(["mode", "baseline", "final", "wall time"], rows), "", made_by("async_rollouts.json"), ""]
-    return "\n".join(lines)
+        rows.append([run["case"], line("baseline"), line("final"), f"{run['wall_s'] / 60:.1f} min"])
+    learning = "\n".join([table(["mode", "baseline", "final", "wall time"], rows), "", made_by("async_rollouts.json")])
+    return {"step_time.md": step_time, "runs.md": runs, "learning.md": learning if rows else "No learning runs."}
 
 
 def continual_command(config: dict, directory: str) -> str:
@@ -988,36 +974,14 @@ def stage_table(entry: dict, names: list[str]) -> str:
     return table(["after stage", *entry["columns"]], rows)
 
 
-def continual_page() -> str:
+def continual_snippets() -> dict[str, str]:
+    """docs/results/continual.md: the tasks, the grid at matched budgets, then one budget per method per seed."""
     from trl_sdft.continual.report import pareto_table
 
-    lines = header(
-        "SFT vs SDFT (continual learning)", "`benchmarks/results/{pareto,continual,continual-seed43}/retention.json`"
-    )
-    lines += [
-        "SDFT exists to learn without forgetting. The continual-learning harness (`scripts/continual.py`, "
-        "`trl-sdft continual`) trains a model on tasks in sequence, once per method, and after every stage scores "
-        "every task and 54 general-knowledge probes with greedy decoding. Every run starts from the base model and "
-        "trains each task for the same number of AdamW steps (constant learning rate) with the same seed: SFT is "
-        "TRL's `SFTTrainer` on the demonstrations; SDFT is `SDFTTrainer` with `full_logits`, one on-policy "
-        "completion per prompt and the `base` teacher (the model at the start of the stage, frozen), shown the "
-        "task's privileged context.",
-        "",
-        "`learned`: mean accuracy on each task right after training it; `final`: mean task accuracy after the last "
-        "stage; `forgetting`: mean drop on the earlier tasks from right after training them to the end; "
-        "`earlier tasks at the end`: what is left of them; probes: base → end.",
-        "",
-    ]
     pareto = load("pareto/retention.json")
-    tasks = [t for t in pareto["tasks"]]
     check = pareto.get("teacher_check") or {}
-    lines += [
-        "## The tasks",
-        "",
-        "The base model's accuracy on each bundled task, and the same model with the privileged context in its "
-        "prompt (the SDFT teacher):",
-        "",
-        table(
+    snippets = {
+        "tasks.md": table(
             ["task", "kind", "train / test rows", "description", "student", "in-context teacher"],
             [
                 [
@@ -1028,24 +992,20 @@ def continual_page() -> str:
                     pct(pareto["base"].get(t["name"], {}).get("accuracy")),
                     pct(check.get(t["name"], {}).get("teacher")),
                 ]
-                for t in tasks
+                for t in pareto["tasks"]
             ],
         ),
-        "",
-        "## Matched budgets (a grid, three seeds)",
-        "",
-        "Each grid point (method, learning rate, steps per task, SDFT variant, alpha) at every seed; mean ± spread "
-        '(population standard deviation) over seeds. "front" says whether the point is on its method\'s Pareto '
-        "front of learning against retention (earlier tasks / probes).",
-        "",
-        pareto_table(pareto),
-        "",
-        provenance(continual_command(pareto["config"], "pareto"), machine("pareto/retention.json"))
-        + " Data: `benchmarks/results/pareto/retention.json`.",
-        "",
-        figure("pareto", "Learning against retention, every grid point, SFT and SDFT fronts"),
-        "",
-    ]
+        "pareto.md": "\n".join(
+            [
+                pareto_table(pareto),
+                "",
+                provenance(continual_command(pareto["config"], "pareto"), machine("pareto/retention.json"))
+                + " Data: `benchmarks/results/pareto/retention.json`.",
+                "",
+                figure("pareto", "Learning against retention, every grid point, SFT and SDFT fronts"),
+            ]
+        ),
+    }
     for directory in ("continual", "continual-seed43"):
         name = f"{directory}/retention.json"
         data = load(name)
@@ -1053,7 +1013,7 @@ def continual_page() -> str:
         names = [t["name"] for t in data["tasks"] if t["name"] != "probes"]
         summary = data["summary"]
         seeds = ", ".join(str(s) for s in config["seeds"])
-        lines += [
+        lines = [
             f"## One budget per method, seed {seeds}",
             "",
             f"{config['steps']} steps per task, learning rates {', '.join(f'{lr:g}' for lr in config['learning_rates'])}, "
@@ -1084,14 +1044,14 @@ def continual_page() -> str:
                     stage_table(best, names),
                     "",
                 ]
-        lines += [
+        lines.append(
             provenance(continual_command(config, directory), machine(name))
-            + f" Data: `benchmarks/results/{name}`; every run's stages: `benchmarks/results/{directory}/retention.md`.",
-            "",
-        ]
+            + f" Data: `benchmarks/results/{name}`; every run's stages: `benchmarks/results/{directory}/retention.md`."
+        )
         if directory == "continual":
-            lines += [figure("retention", "Accuracy on each task and the probes after each stage, per run"), ""]
-    return "\n".join(lines)
+            lines += ["", figure("retention", "Accuracy on each task and the probes after each stage, per run")]
+        snippets[f"{directory}.md"] = "\n".join(lines)
+    return snippets
 
 
 AGENTIC_VARIANTS = {
@@ -1410,8 +1370,6 @@ PAGES = {
     "docs/reference/cli.md": cli_page,
     "docs/results/demo.md": demo_page,
     "docs/results/throughput.md": throughput_page,
-    "docs/results/async.md": async_page,
-    "docs/results/continual.md": continual_page,
     "docs/results/agentic.md": agentic_page,
 }
 
@@ -1422,6 +1380,8 @@ GENERATED = "docs/generated"
 SNIPPETS = {
     "results/sharded": ("benchmarks/results/sharded_step.json", sharded_snippets),
     "results/robustness": ("benchmarks/results/red_team*.json", robustness_snippets),
+    "results/async": ("benchmarks/results/async_rollouts.json", async_snippets),
+    "results/continual": ("benchmarks/results/{pareto,continual,continual-seed43}/retention.json", continual_snippets),
     "results/memory": ("benchmarks/results/loss_memory.json, train_step_memory.json", memory_snippets),
 }
 
