@@ -462,51 +462,32 @@ KNOWLEDGE_ROWS = (
 )
 
 
-def demo_page() -> str:
-    lines = header("The demo", "`benchmarks/results/demo_precision.json`, `demo_candidates.json`, `heldout_facts.json`")
-    lines += [
-        "`make demo` (`python scripts/sdft.py --config configs/demo.yaml`) trains SmolLM2-135M-Instruct with SDFT on "
-        "the embedded knowledge task: 8 made-up facts, each shown to the teacher as privileged context. Before and "
-        "after training the model answers greedily the 8 trained questions, a paraphrase of each, and 54 "
-        "general-knowledge probes it answered correctly before (what it should not forget).",
-        "",
-    ]
+def demo_snippets() -> dict[str, str]:
+    """docs/results/demo.md: the shipped run, precision and seeds, other settings, held-out facts."""
     precision = load("demo_precision.json")
     demo = next(r for r in precision["runs"] if r["seed"] == 42 and not r["bf16"])
-    lines += ["## Before and after", "", "`configs/demo.yaml` as shipped (seed 42, float32):", ""]
-    lines += [
-        table(
-            ["", "baseline", "after SDFT"],
+    shipped = table(
+        ["", "baseline", "after SDFT"],
+        [
             [
-                [
-                    label,
-                    f"{demo['baseline'][key][0]}/{demo['baseline'][key][1]}",
-                    f"{demo['final'][key][0]}/{demo['final'][key][1]}",
-                ]
-                for key, label in KNOWLEDGE_ROWS
-            ],
-        ),
-        "",
-        made_by("demo_precision.json"),
-        "",
-        "## Precision and seeds",
-        "",
-        "The demo in float32 (as shipped: `bf16: false`) and in bf16 mixed precision, over three seeds. Final "
-        "facts / paraphrases / probes, out of 8 / 8 / 54; the wall time is the whole run.",
-        "",
-    ]
-    rows = []
-    for run in precision["runs"]:
-        rows.append(
-            [
-                run["seed"],
-                "bf16" if run["bf16"] else "float32",
-                counts(run["baseline"]),
-                counts(run["final"]),
-                f"{run['wall_s'] / 60:.1f} min",
+                label,
+                f"{demo['baseline'][key][0]}/{demo['baseline'][key][1]}",
+                f"{demo['final'][key][0]}/{demo['final'][key][1]}",
             ]
-        )
-    lines += [table(["seed", "precision", "baseline", "final", "wall time"], rows), ""]
+            for key, label in KNOWLEDGE_ROWS
+        ],
+    )
+    rows = [
+        [
+            run["seed"],
+            "bf16" if run["bf16"] else "float32",
+            counts(run["baseline"]),
+            counts(run["final"]),
+            f"{run['wall_s'] / 60:.1f} min",
+        ]
+        for run in precision["runs"]
+    ]
+    lines = [table(["seed", "precision", "baseline", "final", "wall time"], rows), ""]
     lines += wall_time_outliers(precision["runs"])
     rows = []
     for key, label in (("fp32", "float32"), ("bf16", "bf16")):
@@ -519,15 +500,8 @@ def demo_page() -> str:
             ]
         )
     lines += ["Mean over the seeds:", "", table(["precision", "final (mean)", "wall time (mean)"], rows), ""]
-    lines += [made_by("demo_precision.json"), ""]
-
+    lines += [made_by("demo_precision.json")]
     candidates = load("demo_candidates.json")
-    lines += [
-        "## Other settings on the demo's task",
-        "",
-        "Variations of `configs/demo.yaml` (seed 42), final facts / paraphrases / probes out of 8 / 8 / 54:",
-        "",
-    ]
     rows = [
         [
             text(name),
@@ -538,29 +512,34 @@ def demo_page() -> str:
         ]
         for name, entry in candidates.items()
     ]
-    lines += [table(["setting", "command", "baseline", "final", "training time"], rows), ""]
-    lines += [
-        f"Made by the command of each row on {machine('demo_candidates.json')}. Data: "
-        "`benchmarks/results/demo_candidates.json`.",
-        "",
-    ]
-
+    settings = "\n".join(
+        [
+            table(["setting", "command", "baseline", "final", "training time"], rows),
+            "",
+            f"Made by the command of each row on {machine('demo_candidates.json')}. Data: "
+            "`benchmarks/results/demo_candidates.json`.",
+        ]
+    )
     heldout = load("heldout_facts.json")
-    lines += [
-        "## Held-out facts",
-        "",
-        "The demo's recipe on 8 other made-up facts (`benchmarks/heldout_facts/`), written after the recipe was "
-        "chosen and used for nothing else, evaluated with `--eval_questions`:",
-        "",
-        table(
-            ["", "baseline", "after SDFT"],
-            [[label, scored(heldout["baseline"], key), scored(heldout["final"], key)] for key, label in KNOWLEDGE_ROWS],
-        ),
-        "",
-        f"Training time {heldout['train_seconds'] / 60:.1f} min. " + made_by("heldout_facts.json"),
-        "",
-    ]
-    return "\n".join(lines)
+    held = "\n".join(
+        [
+            table(
+                ["", "baseline", "after SDFT"],
+                [
+                    [label, scored(heldout["baseline"], key), scored(heldout["final"], key)]
+                    for key, label in KNOWLEDGE_ROWS
+                ],
+            ),
+            "",
+            f"Training time {heldout['train_seconds'] / 60:.1f} min. " + made_by("heldout_facts.json"),
+        ]
+    )
+    return {
+        "shipped.md": "\n".join([shipped, "", made_by("demo_precision.json")]),
+        "seeds.md": "\n".join(lines),
+        "settings.md": settings,
+        "heldout.md": held,
+    }
 
 
 def wall_time_outliers(runs: list[dict]) -> list[str]:
@@ -606,23 +585,10 @@ def allocator_sentence(summary: list[dict]) -> list[str]:
     ]
 
 
-def throughput_page() -> str:
-    lines = header(
-        "Throughput",
-        "`benchmarks/results/step_throughput.json`, `padding_free*.json`, `vllm_step.json`, `offline.json`",
-    )
+def throughput_snippets() -> dict[str, str]:
+    """docs/results/throughput.md: against TRL's SDFT, padding-free forwards, vLLM rollouts, offline distillation."""
     data = load("step_throughput.json")
-    lines += [
-        'Training throughput of trl-sdft against TRL\'s own SDFT trainer (`trl.experimental.sdft`, "peer") on '
-        "SmolLM2-135M-Instruct: full fine-tuning, base teacher, `topk_logits`, alpha 0.5. Tokens per second counts "
-        "the completion tokens each side trained on; step, generation and training times are medians (the first "
-        "step of every run is warm-up). `ours` runs as the CLI does, with `reuse_cpu_memory` on "
-        "(`ours-noreuse` without it, `peer-reuse` is the peer with it); `-fp32` rows train at `bf16=False`; "
-        "`ours-padded` turns `padding_free` off; `ours-vllm` generates with vLLM colocate.",
-        "",
-        "## Ours against TRL's SDFT",
-        "",
-    ]
+    lines = []
     workloads = data.get("workloads", {})
     if workloads:
         rows = [
@@ -645,7 +611,7 @@ def throughput_page() -> str:
     rows = [
         [
             s["workload"],
-            s["case"],
+            case_name(s["case"]),
             s["bf16"],
             num(s["step_s"]),
             num(s["generation_s"]),
@@ -669,7 +635,7 @@ def throughput_page() -> str:
                 "tokens/step",
                 "tokens/s",
                 "peak RSS (GiB)",
-                "tokens/s vs peer",
+                "tokens/s vs TRL's SDFT",
             ],
             rows,
         ),
@@ -680,12 +646,9 @@ def throughput_page() -> str:
         figure("throughput", "Completion tokens per second and step time, ours against TRL's SDFT"),
         "",
         *allocator_sentence(data["summary"]),
-        "## Padding-free forwards",
-        "",
-        "The training part of a step (student forward and backward, teacher forward, loss) on one fixed batch of "
-        "natural-length rollouts, padded against packed into rows (`padding_free=True`):",
-        "",
     ]
+    snippets = {"trl.md": "\n".join(lines)}
+    lines = []
     rows, notes = [], []
     for name in ("padding_free.json", "padding_free_gpu_b8.json", "padding_free_gpu_b64.json"):
         if not (RESULTS / name).exists():
@@ -724,12 +687,10 @@ def throughput_page() -> str:
         "Made by:",
         "",
         *notes,
-        "",
     ]
+    snippets["padding_free.md"] = "\n".join(lines)
     vllm = load("vllm_step.json")
-    lines += [
-        "## vLLM rollouts",
-        "",
+    lines = [
         f"Step time with each rollout backend: full fine-tuning, live teacher, `topk_logits` (k=100), "
         f"{vllm['rollouts_per_step']} rollouts of exactly {vllm['tokens']} tokens per step, mean of {vllm['steps']} "
         "steps after a warm-up step. `server+teacher` also scores the teacher on the server.",
@@ -750,15 +711,10 @@ def throughput_page() -> str:
         ),
         "",
         made_by("vllm_step.json"),
-        "",
     ]
+    snippets["vllm.md"] = "\n".join(lines)
     offline = load("offline.json")
-    lines += [
-        "## Offline top-K distillation",
-        "",
-        "Extraction of a teacher's top-K logits to Parquet, and a distillation step (SFT + top-K KD) against plain "
-        "SFT on the same rows:",
-        "",
+    lines = [
         table(
             [
                 "top-K",
@@ -797,9 +753,14 @@ def throughput_page() -> str:
         ),
         "",
         made_by("offline.json"),
-        "",
     ]
-    return "\n".join(lines)
+    snippets["offline.md"] = "\n".join(lines)
+    return snippets
+
+
+def case_name(case: str) -> str:
+    """A throughput case as the pages name it: the results files call TRL's SDFT trainer "peer"."""
+    return case.replace("peer", "trl")
 
 
 def memory_snippets() -> dict[str, str]:
@@ -1368,8 +1329,6 @@ PAGES = {
     "docs/changelog.md": changelog_page,
     "docs/reference/config.md": config_page,
     "docs/reference/cli.md": cli_page,
-    "docs/results/demo.md": demo_page,
-    "docs/results/throughput.md": throughput_page,
     "docs/results/agentic.md": agentic_page,
 }
 
@@ -1382,6 +1341,11 @@ SNIPPETS = {
     "results/robustness": ("benchmarks/results/red_team*.json", robustness_snippets),
     "results/async": ("benchmarks/results/async_rollouts.json", async_snippets),
     "results/continual": ("benchmarks/results/{pareto,continual,continual-seed43}/retention.json", continual_snippets),
+    "results/demo": ("benchmarks/results/demo_precision.json, demo_candidates.json, heldout_facts.json", demo_snippets),
+    "results/throughput": (
+        "benchmarks/results/step_throughput.json, padding_free*.json, vllm_step.json, offline.json",
+        throughput_snippets,
+    ),
     "results/memory": ("benchmarks/results/loss_memory.json, train_step_memory.json", memory_snippets),
 }
 
