@@ -1,11 +1,13 @@
-"""Write the documentation site's generated pages from the code and from `benchmarks/results/*.json`.
+"""Write what the documentation site shows from the code and from `benchmarks/results/*.json`: tables, the sentences
+that carry numbers, and plots. The prose is Markdown under `docs/`, written by hand.
 
-    python scripts/docs_pages.py            # (re)write every generated page
-    python scripts/docs_pages.py --check    # write nothing; exit 1 naming every page that is stale
+    python scripts/docs_pages.py            # (re)write every generated file
+    python scripts/docs_pages.py --check    # write nothing; exit 1 naming every file that is stale
 
-Generated: `docs/reference/config.md` (every `SDFTConfig` field: dataclass types, defaults and help metadata),
-`docs/reference/cli.md` (every flag of every command, from its argument parser) and `docs/results/*.md` (the
-benchmark tables, rendered from the JSON files the benchmarks wrote). Everything else under `docs/` is written by hand.
+Generated: the snippets under `docs/generated/` that the reference and results pages include (MkDocs'
+`pymdownx.snippets`, a line `--8<-- "results/sharded/engines.md"`): every `SDFTConfig` field (types, defaults, help),
+every flag of every command (from its argument parser), the benchmark tables; `docs/changelog.md` (from CHANGELOG.md);
+the plots under `docs/assets/plots/` (`docs_plots.py`).
 """
 
 import argparse
@@ -22,7 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REGENERATE = "python scripts/docs_pages.py"
-TRANSFORMERS_DOCS = "https://huggingface.co/docs/transformers/main_classes/trainer#transformers.TrainingArguments"
 
 # The machine each results file was measured on, where the file does not say (`device` in the JSON wins).
 CPU = "2 CPU cores (a shared Intel Xeon VM), about 24 GiB of memory, PyTorch CPU build"
@@ -120,15 +121,6 @@ def table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(table_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(table_cell(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def header(title: str, source: str) -> list[str]:
-    return [
-        f"<!-- Generated from {source} by scripts/docs_pages.py: do not edit; run `{REGENERATE}`. -->",
-        "",
-        f"# {title}",
-        "",
-    ]
 
 
 # How the results files name what was compared, and how the pages name it ("peer": TRL's SDFT trainer).
@@ -231,7 +223,8 @@ def field_groups(cls) -> list[tuple[str, list[str]]]:
     return [(name, names) for name, names in groups if names]
 
 
-def config_page() -> str:
+def config_snippets() -> dict[str, str]:
+    """docs/reference/config.md: SDFTConfig's own fields by group, then the inherited ones."""
     from transformers import TrainingArguments
 
     from trl_sdft import SDFTConfig
@@ -244,19 +237,7 @@ def config_page() -> str:
     missing = sorted({n for n in inspect.get_annotations(SDFTConfig) if not n.startswith("_")} - set(own))
     if missing:
         raise RuntimeError(f"SDFTConfig fields outside the class body's parsed groups: {missing}")
-    lines = header("SDFTConfig fields", "`trl_sdft/config.py`")
-    lines += [
-        "Every field of `trl_sdft.SDFTConfig`, from the dataclass: its type, default and help. Each is also a "
-        "command-line flag of `trl-sdft` (`--name value`; see [Command-line flags](cli.md)) and a key of a "
-        "`--config` YAML file. Invalid values and combinations fail in `SDFTConfig.__post_init__`, before a model "
-        "loads, with the fix in the message.",
-        "",
-        "## SDFT fields",
-        "",
-        "The fields `SDFTConfig` declares itself, grouped as in the class. Where one replaces a field of "
-        "`transformers.TrainingArguments`, the help says so.",
-        "",
-    ]
+    lines = []
     for group, names in groups:
         lines += [f"### {group}", ""]
         rows = []
@@ -269,22 +250,14 @@ def config_page() -> str:
             rows.append([f'<a id="{name}"></a>`{name}`', code(type_name(hints[name])), default_text(f), description])
         lines += [table(["field", "type", "default", "help"], rows), ""]
     inherited = [f for f in public_fields(SDFTConfig) if f.name not in own]
-    lines += [
-        "## Inherited training arguments",
-        "",
-        f"The fields of [`transformers.TrainingArguments`]({TRANSFORMERS_DOCS}) (through TRL's base config), with "
-        "the defaults they have in `SDFTConfig`: TRL's where TRL changes them (marked), otherwise transformers'. "
-        "The description is the first sentence of the field's help; transformers' documentation has the rest.",
-        "",
-    ]
+    sdft_fields = "\n".join(lines)
     rows = []
     for f in inherited:
         description = text(first_sentence(help_of(f)))
         if f.name in base and repr(default_value(base[f.name])) != repr(default_value(f)):
             description += f" *(TRL's default; transformers: {code(repr(default_value(base[f.name])))}.)*"
         rows.append([f'<a id="{f.name}"></a>`{f.name}`', default_text(f), description])
-    lines += [table(["field", "default", "description"], rows), ""]
-    return "\n".join(lines)
+    return {"sdft_fields.md": sdft_fields, "inherited.md": table(["field", "default", "description"], rows)}
 
 
 # --------------------------------------------------------------------------------------------------- CLI flags
@@ -340,7 +313,8 @@ def flag_table(parser: argparse.ArgumentParser, actions=None) -> str:
     return table(["flag", "default", "help"], rows)
 
 
-def cli_page() -> str:
+def cli_snippets() -> dict[str, str]:
+    """docs/reference/cli.md: every flag of every command, from its argument parser."""
     from trl import ModelConfig
 
     from trl_sdft import SDFTConfig
@@ -360,66 +334,28 @@ def cli_page() -> str:
         for option in spellings([action]):
             config_links[action.dest in own_config].append(f"[`{option}`](config.md#{action.dest})")
 
-    lines = header("Command-line flags", "the argument parsers of `trl_sdft`")
-    lines += [
-        "Every flag of every command, from its argument parser.",
-        "",
-        "| command | what it runs | parser |",
-        "|---|---|---|",
-        "| `trl-sdft` or `python scripts/sdft.py` | SDFT training | `trl_sdft.cli.build_parser` |",
-        '| `trl-sdft vllm-serve` | a vLLM server for `vllm_mode="server"` | `trl_sdft.cli.vllm_serve_parser` |',
-        "| `trl-sdft continual` or `python scripts/continual.py` | the continual-learning comparison | "
-        "`trl_sdft.continual.cli.parser` |",
-        "| `python scripts/extract_logits.py` | a teacher's top-K logits to Parquet | "
-        "`trl_sdft.offline.cli.extract_parser` |",
-        "| `python scripts/distill_sft.py` | a student trained on stored top-K logits | "
-        "`trl_sdft.offline.cli.distill_parser` |",
-        "",
-        "## trl-sdft",
-        "",
-        "TRL's parser (`TrlParser`) over three dataclasses: the script arguments, `SDFTConfig` and TRL's "
-        "`ModelConfig`. `--config FILE` reads any of these flags from a YAML file (keys are the flag names without "
-        "dashes; flags on the command line win). Every flag also has a dashed spelling (`--output-dir` for "
-        "`--output_dir`). Boolean flags take `true`/`false` (a bare `--flag` is `true`); dict fields take a JSON "
-        "object.",
-        "",
-        f"### Script arguments (`{SDFTScriptArguments.__name__}`)",
-        "",
-        text(inspect.getdoc(SDFTScriptArguments) or ""),
-        "",
-        flag_table(train, actions[SDFTScriptArguments]),
-        "",
-        "### Model arguments (TRL's `ModelConfig`)",
-        "",
-        "The model to train (default: the embedded `smollm2-135m-instruct`), its dtype and attention, and LoRA.",
-        "",
-        flag_table(train, actions[ModelConfig]),
-        "",
-        "### Training arguments (`SDFTConfig`)",
-        "",
-        "One flag per field; the type, default and help of each are on [SDFTConfig fields](config.md).",
-        "",
-        "SDFT fields: " + ", ".join(config_links[True]) + ".",
-        "",
-        "Inherited from `transformers.TrainingArguments`: " + ", ".join(config_links[False]) + ".",
-        "",
-    ]
-    for title, parser, note in (
-        (
-            "trl-sdft vllm-serve",
-            vllm_serve_parser(),
-            "Any other flag goes to vLLM's OpenAI server (`vllm.entrypoints.openai.api_server`) unchanged.",
+    snippets = {
+        "script_arguments.md": "\n".join(
+            [text(inspect.getdoc(SDFTScriptArguments) or ""), "", flag_table(train, actions[SDFTScriptArguments])]
         ),
-        ("trl-sdft continual / scripts/continual.py", continual_parser(), None),
-        ("scripts/extract_logits.py", extract_parser(), None),
-        ("scripts/distill_sft.py", distill_parser(), None),
+        "model_arguments.md": flag_table(train, actions[ModelConfig]),
+        "training_arguments.md": "\n".join(
+            [
+                "SDFT fields: " + ", ".join(config_links[True]) + ".",
+                "",
+                "Inherited from `transformers.TrainingArguments`: " + ", ".join(config_links[False]) + ".",
+            ]
+        ),
+    }
+    for name, parser in (
+        ("vllm_serve.md", vllm_serve_parser()),
+        ("continual.md", continual_parser()),
+        ("extract_logits.md", extract_parser()),
+        ("distill_sft.md", distill_parser()),
     ):
-        lines += [f"## {title}", ""]
-        description = parser.description or ""
-        lines += [" ".join(description.split()), ""] if description else []
-        lines += [note, ""] if note else []
-        lines += [flag_table(parser), ""]
-    return "\n".join(lines)
+        description = " ".join((parser.description or "").split())
+        snippets[name] = "\n".join([description, "", flag_table(parser)] if description else [flag_table(parser)])
+    return snippets
 
 
 # -------------------------------------------------------------------------------------------------- results pages
@@ -1036,32 +972,19 @@ def starting_model(name: str | None) -> str:
     return f"`{name}`"
 
 
-def agentic_page() -> str:
-    lines = header(
-        "Agentic SDFT: the bundled tool task",
-        "`benchmarks/results/agentic.json`, `agentic_cli.json`, `agentic_grid.json`, `agentic_step.json`",
-    )
+def agentic_snippets() -> dict[str, str]:
+    """docs/results/agentic.md: the task's numbers, the config's own run, the variants and what they say, the
+    trajectories, the grid and its verdict, the step time."""
     data, step = load("agentic.json"), load("agentic_step.json")
     config, fields = data["config"], data["config"]["sdft_fields"]
-    lines += [
-        "SmolLM2-135M-Instruct learns to answer questions about made-up entities by calling `lookup` and answering "
-        f"from its result (`trl_sdft/demo/agentic.py`, `configs/agentic.yaml`): {config['train_rows']} questions about "
-        f"{config['train_entities']} entities to train on, {config['eval_questions']} questions about "
-        f"{config['heldout_entities']} other entities to score, so the scores measure the skill (call, read, answer), "
-        "not remembered facts. The privileged context is a demonstration trajectory: the exact call, its result and "
-        f"the answer. Every variant starts from {starting_model(config.get('model'))} and trains "
-        f"{fields['max_steps']} steps of {fields['per_device_train_batch_size']} sequences at learning rate "
-        f"{fields['learning_rate']:g} (CPU, float32); SFT trains on the demonstration trajectories at the same "
-        "learning rate, steps, batch and seed.",
-        "",
-        "Scores are greedy multi-turn rollouts with the tool (at most "
-        f"{config['eval']['max_tool_calling_iterations']} rounds of calls): **well-formed call** (the first turn is a "
-        "call of `lookup` that parses), **right entity** (its argument is the entity asked about), **correct answer** "
-        "(the final turn contains the looked-up value), and the general-knowledge probes (forgetting).",
-        "",
-    ]
-    lines += agentic_cli_section()
-    lines += ["", f"## Variants from {starting_model(config.get('model'))}", ""]
+    setup = (
+        f"{config['train_rows']} questions about {config['train_entities']} entities to train on, "
+        f"{config['eval_questions']} questions about {config['heldout_entities']} other entities to score. Every "
+        f"variant starts from {starting_model(config.get('model'))} and trains {fields['max_steps']} steps of "
+        f"{fields['per_device_train_batch_size']} sequences at learning rate {fields['learning_rate']:g} (CPU, "
+        f"float32); scores come from greedy multi-turn rollouts with the tool (at most "
+        f"{config['eval']['max_tool_calling_iterations']} rounds of calls)."
+    )
     rows = []
     for name, scores in data["summary"].items():
         seconds = scores.get("train_seconds")
@@ -1084,58 +1007,69 @@ def agentic_page() -> str:
         for name, scores in summary.items()
         if name != "base"
     )
-    lines += [
-        table(["", "well-formed call", "right entity", "correct answer", "probes", "training"], rows),
-        "",
-        made_by("agentic.json") + f" Whole run: {data.get('total_seconds', 0) / 60:.0f} min.",
-        "",
-        "**What the numbers say.** Learned the trajectory (a correct answer on at least half the held-out questions): "
-        + (", ".join(AGENTIC_VARIANTS.get(name, name) for name in learned) or "none")
-        + f". General-knowledge probes, {pct(base_probes)} before: {kept}. "
-        + (
-            "No SDFT variant learned to call the tool with the right argument on this model at this budget"
-            if best_sdft == 0
-            else f"The best SDFT variant called the tool with the right argument on {pct(best_sdft)} of the questions"
-        )
-        + "; the trajectories below show what each variant learned.",
-        "",
-        "## What the trajectories look like",
-        "",
-    ]
+    variants = "\n".join(
+        [
+            f"## Variants from {starting_model(config.get('model'))}",
+            "",
+            table(["", "well-formed call", "right entity", "correct answer", "probes", "training"], rows),
+            "",
+            made_by("agentic.json") + f" Whole run: {data.get('total_seconds', 0) / 60:.0f} min.",
+            "",
+            "**What the numbers say.** Learned the trajectory (a correct answer on at least half the held-out "
+            "questions): "
+            + (", ".join(AGENTIC_VARIANTS.get(name, name) for name in learned) or "none")
+            + f". General-knowledge probes, {pct(base_probes)} before: {kept}. "
+            + (
+                "No SDFT variant learned to call the tool with the right argument on this model at this budget"
+                if best_sdft == 0
+                else f"The best SDFT variant called the tool with the right argument on {pct(best_sdft)} of the "
+                "questions"
+            )
+            + "; the trajectories below show what each variant learned.",
+        ]
+    )
+    trajectories = []
     records = [("base", data["before"])] + [(name, record["after"]) for name, record in data["variants"].items()]
     for name, record in records:
         samples = record["agentic"].get("samples") or []
         if samples:
-            text = samples[0]["trajectory"].replace("\n", " ").strip()
-            lines.append(f"- {AGENTIC_VARIANTS.get(name, name)}: `{text[:220]}`")
-    lines += agentic_grid_section()
+            trajectory = samples[0]["trajectory"].replace("\n", " ").strip()
+            trajectories.append(f"- {AGENTIC_VARIANTS.get(name, name)}: `{trajectory[:220]}`")
     summary = step["summary"]
-    lines += [
-        "",
-        "## Step time: a multi-turn round against a single-turn round",
-        "",
-        f"{step['setup']}. Both rounds hold {summary['single']['completion_tokens']} completion tokens per rollout, "
-        "generated by the real model forced to fixed text: the multi-turn round generates a call "
-        f"and an answer ({summary['multi']['generated_tokens']} tokens, two `generate` calls) around "
-        f"{summary['multi']['tool_tokens']} tool-result tokens it prefills; the single-turn round generates all "
-        f"{summary['single']['generated_tokens']}. Median step over {len(step['runs']) // 2} runs each, alternating.",
-        "",
-        table(
-            ["round", "step", "of which generation", "generated tokens"],
-            [
+    step_time = "\n".join(
+        [
+            f"{step['setup']}. Both rounds hold {summary['single']['completion_tokens']} completion tokens per "
+            "rollout, generated by the real model forced to fixed text: the multi-turn round generates a call and an "
+            f"answer ({summary['multi']['generated_tokens']} tokens, two `generate` calls) around "
+            f"{summary['multi']['tool_tokens']} tool-result tokens it prefills; the single-turn round generates all "
+            f"{summary['single']['generated_tokens']}. Median step over {len(step['runs']) // 2} runs each, "
+            "alternating.",
+            "",
+            table(
+                ["round", "step", "of which generation", "generated tokens"],
                 [
-                    case,
-                    f"{summary[case]['step_seconds']:.2f} s",
-                    f"{summary[case]['generation_seconds']:.2f} s",
-                    summary[case]["generated_tokens"],
-                ]
-                for case in ("single", "multi")
-            ],
-        ),
-        "",
-        f"Multi-turn / single-turn step time: {ratio(summary['multi_over_single'])}. " + made_by("agentic_step.json"),
-    ]
-    return "\n".join(lines)
+                    [
+                        case,
+                        f"{summary[case]['step_seconds']:.2f} s",
+                        f"{summary[case]['generation_seconds']:.2f} s",
+                        summary[case]["generated_tokens"],
+                    ]
+                    for case in ("single", "multi")
+                ],
+            ),
+            "",
+            f"Multi-turn / single-turn step time: {ratio(summary['multi_over_single'])}. "
+            + made_by("agentic_step.json"),
+        ]
+    )
+    return {
+        "setup.md": setup,
+        "cli.md": "\n".join(agentic_cli_section()).strip() or "No run of the config is recorded yet.",
+        "variants.md": variants,
+        "trajectories.md": "\n".join(trajectories),
+        "grid.md": "\n".join(agentic_grid_section()).strip() or "The grid has not run yet.",
+        "step_time.md": step_time,
+    }
 
 
 def agentic_cli_section() -> list[str]:
@@ -1160,9 +1094,6 @@ def agentic_cli_section() -> list[str]:
             ]
         )
     return [
-        "",
-        "## The config's own run",
-        "",
         f"`{data['command']}`: SDFT from {starting_model(data['model'])}, {data['final']['step']} steps, "
         f"{data['steps_seconds'] / 60:.0f} min of training steps and {data['wall_minutes']:.0f} min in all (with the "
         "two evaluations), and the before/after table it prints:",
@@ -1226,12 +1157,7 @@ def agentic_grid_section() -> list[str]:
             + (f" (provisional: {seeds} seed{'s' if seeds > 1 else ''} so far)" if seeds < 3 else "")
         )
     return [
-        "",
-        "## SFT and SDFT over a grid of learning rates, teacher kinds and seeds",
-        "",
-        f"Each configuration starts from {starting_model(data['config'].get('model'))}, and is scored as above; mean "
-        "± standard deviation (points) over seeds; n is the number of seeds run so far (the grid asks for 3: "
-        "`--seeds 0 1 2`; a configuration with n=1 shows its one run, and a verdict on it is provisional).",
+        f"Each configuration starts from {starting_model(data['config'].get('model'))}.",
         "",
         table(
             ["trainer", "learning rate", "teacher", "well-formed call", "right entity", "correct answer", "probes"],
@@ -1325,18 +1251,15 @@ def changelog_page() -> str:
     return note + "\n\n" + text.replace("](docs/", "](")
 
 
-PAGES = {
-    "docs/changelog.md": changelog_page,
-    "docs/reference/config.md": config_page,
-    "docs/reference/cli.md": cli_page,
-    "docs/results/agentic.md": agentic_page,
-}
+PAGES = {"docs/changelog.md": changelog_page}
 
 
 # Pages written in Markdown (their prose) that include what the data says from `docs/generated/` (MkDocs'
 # `pymdownx.snippets`: a line `--8<-- "results/sharded/engines.md"`): page folder -> its snippets.
 GENERATED = "docs/generated"
 SNIPPETS = {
+    "reference/config": ("trl_sdft/config.py", config_snippets),
+    "reference/cli": ("the argument parsers of trl_sdft", cli_snippets),
     "results/sharded": ("benchmarks/results/sharded_step.json", sharded_snippets),
     "results/robustness": ("benchmarks/results/red_team*.json", robustness_snippets),
     "results/async": ("benchmarks/results/async_rollouts.json", async_snippets),
@@ -1345,6 +1268,10 @@ SNIPPETS = {
     "results/throughput": (
         "benchmarks/results/step_throughput.json, padding_free*.json, vllm_step.json, offline.json",
         throughput_snippets,
+    ),
+    "results/agentic": (
+        "benchmarks/results/agentic.json, agentic_cli.json, agentic_grid.json, agentic_step.json",
+        agentic_snippets,
     ),
     "results/memory": ("benchmarks/results/loss_memory.json, train_step_memory.json", memory_snippets),
 }

@@ -55,12 +55,13 @@ def test_generated_tables_keep_their_columns_on_github():
 def test_check_names_a_stale_page_and_the_fix(tmp_path, capsys):
     pages = load_script()
     pages.ROOT = tmp_path
-    pages.PAGES = {"docs/reference/config.md": pages.config_page}
-    pages.SNIPPETS = {"results/memory": ("loss_memory.json", pages.memory_snippets)}
-    page, target = (
-        tmp_path / "docs" / "reference" / "config.md",
-        tmp_path / "docs" / "generated" / "results" / "memory" / "loss.md",
-    )
+    pages.PAGES = {}  # the changelog page reads CHANGELOG.md from ROOT
+    pages.SNIPPETS = {
+        "results/memory": ("loss_memory.json", pages.memory_snippets),
+        "reference/config": ("trl_sdft/config.py", pages.config_snippets),
+    }
+    generated = tmp_path / "docs" / "generated"
+    page, target = generated / "reference" / "config" / "inherited.md", generated / "results" / "memory" / "loss.md"
     assert pages.main(["--check"]) == 1
     assert "docs/generated/results/memory/loss.md (missing)" in capsys.readouterr().err
     assert pages.main([]) == 0 and target.exists() and page.exists()
@@ -74,7 +75,7 @@ def test_check_names_a_stale_page_and_the_fix(tmp_path, capsys):
     orphan.write_text("| stale |")
     assert pages.main(["--check"]) == 1
     err = capsys.readouterr().err
-    assert "docs/reference/config.md (differs" in err and "old_table.md (nothing generates it" in err
+    assert "config/inherited.md (differs" in err and "old_table.md (nothing generates it" in err
     assert pages.main([]) == 0 and not orphan.exists() and pages.main(["--check"]) == 0
 
 
@@ -113,3 +114,18 @@ def test_every_plot_is_shown_on_a_page():
         assert rendered[path].lstrip().startswith("<?xml") and "<svg" in rendered[path]
         assert any(f"(../assets/plots/{Path(path).name})" in text for text in texts), f"{path} is on no page"
     assert "```mermaid" not in "".join(texts), "a diagram that needs a script from a CDN shows as source offline"
+
+
+def test_every_snippet_is_included_by_a_page_and_every_include_exists():
+    """The pages written in Markdown and what the script generates for them agree: a snippet no page includes is
+    a table nobody sees, an include of a snippet never generated breaks the build."""
+    pages = load_script()
+    generated = {path.removeprefix(pages.GENERATED + "/") for path in pages.snippet_files()}
+    included = set()
+    for page in (ROOT / "docs").rglob("*.md"):
+        if pages.GENERATED in str(page.relative_to(ROOT)):
+            continue
+        included |= set(re.findall(r'^--8<-- "([^"]+)"$', page.read_text(), re.M))
+    assert included and generated
+    assert not generated - included, f"generated, included nowhere: {sorted(generated - included)}"
+    assert not included - generated, f"included, never generated: {sorted(included - generated)}"
