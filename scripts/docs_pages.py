@@ -1323,7 +1323,7 @@ def main(argv=None) -> int:
                 print(f"  {entry}", file=sys.stderr)
             print(f"fix: run `{REGENERATE}` and commit the pages and plots it writes.", file=sys.stderr)
             return 1
-        print(f"{len(pages)} generated pages are up to date.")
+        print(f"{len(pages)} generated files are up to date.")
         return 0
     for path in orphans(pages):
         (ROOT / path).unlink()
