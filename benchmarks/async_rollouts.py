@@ -72,8 +72,8 @@ def trainer_env() -> dict:
 def run_case(case: str, port: int, steps: int) -> dict:
     """One training run in this (pinned) process: the natural-length workload, synchronous or asynchronous."""
     import torch
+    from bench_common import StepTimer, count_tokens, timed
     from step_throughput import WORKLOADS, config_kwargs, dataset
-    from transformers import TrainerCallback
 
     from trl_sdft import SDFTConfig, SDFTTrainer
     from trl_sdft.demo.default_model import smollm2_dir
@@ -83,42 +83,16 @@ def run_case(case: str, port: int, steps: int) -> dict:
     kwargs = config_kwargs("ours", workload, f"/tmp/trl-sdft-async-{case}")
     kwargs.update(use_vllm=True, vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port)
     kwargs["async_rollouts"] = case == "async"
-    step_times, tokens = [], []
-
-    class StepTimer(TrainerCallback):
-        start = 0.0
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            step_times.append(time.perf_counter() - self.start)
-
+    tokens, waits, timer = [], [], StepTimer()
     args = SDFTConfig(**kwargs)
-    trainer = SDFTTrainer(str(smollm2_dir()), args=args, train_dataset=dataset(), callbacks=[StepTimer()])
-    compute_loss = trainer.compute_loss
-
-    def counted_loss(model, inputs, *a, **k):
-        tokens.append(int(inputs["completion_mask"].sum()))
-        return compute_loss(model, inputs, *a, **k)
-
-    waits = []
+    trainer = SDFTTrainer(str(smollm2_dir()), args=args, train_dataset=dataset(), callbacks=[timer])
+    count_tokens(trainer, tokens)
     if case == "sync":  # the trainer waits for the whole generation
-        generate = trainer.rollout.generate
-
-        def timed(*a, **k):
-            start = time.perf_counter()
-            try:
-                return generate(*a, **k)
-            finally:
-                waits.append(time.perf_counter() - start)
-
-        trainer.rollout.generate = timed
-    trainer.compute_loss = counted_loss
+        timed(trainer.rollout, "generate", waits)
     trainer.train()
     if case == "async":
         waits = [e["async/wait_seconds"] for e in trainer.state.log_history if "async/wait_seconds" in e]
-    steps_counted, counted = step_times[1:], tokens[1:]
+    steps_counted, counted = timer.times[1:], tokens[1:]
     return {
         "case": case,
         "bf16": bool(args.bf16),

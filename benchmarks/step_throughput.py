@@ -32,7 +32,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 WORKLOADS = {
     "forced": dict(steps=4, batch=4, max_completion_length=64, forced=True, topk=20),
@@ -150,7 +149,7 @@ def config_kwargs(case: str, workload: dict, output_dir: str) -> dict:
 
 def run_case(case: str, workload_name: str) -> dict:
     """One training run in this process; returns its measurements."""
-    from transformers import TrainerCallback
+    from bench_common import StepTimer, count_tokens, timed
 
     from trl_sdft.demo.default_model import smollm2_dir
 
@@ -164,38 +163,15 @@ def run_case(case: str, workload_name: str) -> dict:
 
         assert reuse_freed_cpu_memory()
     workload = WORKLOADS[workload_name]
-    step_times, generation_times, tokens = [], [], []
-
-    class StepTimer(TrainerCallback):
-        start = 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter() - self.start)
-
+    generation_times, tokens, timer = [], [], StepTimer()
     args = SDFTConfig(**config_kwargs(case, workload, f"/tmp/trl-sdft-throughput-{case}"))
-    trainer = SDFTTrainer(str(smollm2_dir()), args=args, train_dataset=dataset(), callbacks=[StepTimer()])
-
-    prepare, compute_loss = trainer._prepare_inputs, trainer.compute_loss
-
-    def timed_prepare(*a, **k):
-        start = time.perf_counter()
-        try:
-            return prepare(*a, **k)
-        finally:
-            generation_times.append(time.perf_counter() - start)
-
-    def counted_loss(model, inputs, *a, **k):
-        tokens.append(int(inputs["completion_mask"].sum()))
-        return compute_loss(model, inputs, *a, **k)
-
-    trainer._prepare_inputs, trainer.compute_loss = timed_prepare, counted_loss
+    trainer = SDFTTrainer(str(smollm2_dir()), args=args, train_dataset=dataset(), callbacks=[timer])
+    timed(trainer, "_prepare_inputs", generation_times)
+    count_tokens(trainer, tokens)
     trainer.train()
     with open("/proc/self/status") as f:
         peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    steps, generation, counted = step_times[1:], generation_times[1:], tokens[1:]
+    steps, generation, counted = timer.times[1:], generation_times[1:], tokens[1:]
     return {
         "case": case,
         "workload": workload_name,

@@ -14,45 +14,26 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 
 def run(chunk: int | None, tokens: int, steps: int, mode: str) -> dict:
-    from transformers import TrainerCallback
+    from bench_common import StepTimer, forced_length_fields
 
     from trl_sdft import SDFTConfig, SDFTTrainer
     from trl_sdft.demo.default_model import smollm2_dir
     from trl_sdft.demo.knowledge import facts_dataset, load_facts
 
-    class Timer(TrainerCallback):
-        times, start = [], 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
-
     args = SDFTConfig(
-        output_dir="/tmp/trl-sdft-bench-step",
-        use_cpu=True,
-        reuse_cpu_memory=True,  # as the figures were measured (the CLI's setting)
-        bf16=False,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=tokens,
-        generation_kwargs={"min_new_tokens": tokens},
-        max_steps=steps,
-        learning_rate=1e-5,
-        distillation_mode=mode,
-        distillation_alpha=0.0 if mode == "full_logits" else 0.5,
-        loss_chunk_size=chunk,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=1,
-        seed=0,
+        **forced_length_fields(
+            "/tmp/trl-sdft-bench-step",
+            tokens,
+            max_steps=steps,
+            distillation_mode=mode,
+            distillation_alpha=0.0 if mode == "full_logits" else 0.5,
+            loss_chunk_size=chunk,
+        )
     )
-    timer = Timer()
+    timer = StepTimer()
     trainer = SDFTTrainer(str(smollm2_dir()), args=args, train_dataset=facts_dataset(load_facts(16)), callbacks=[timer])
     trainer.train()
     with open("/proc/self/status") as f:

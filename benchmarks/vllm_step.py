@@ -19,36 +19,12 @@ import sys
 import time
 
 import requests
-from transformers import TrainerCallback
+from bench_common import StepTimer, forced_length_fields, timed
 
 from trl_sdft import SDFTConfig, SDFTTrainer
 from trl_sdft.cli import vllm_serve_command
 from trl_sdft.demo.default_model import smollm2_dir
 from trl_sdft.demo.knowledge import facts_dataset, load_facts
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self._start = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def timed(owner, name, bucket):
-    original = getattr(owner, name)
-
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            bucket.append(time.perf_counter() - start)
-
-    setattr(owner, name, wrapper)
 
 
 def start_server(model_dir: str) -> tuple[subprocess.Popen, int]:
@@ -78,24 +54,16 @@ def run(backend: str, model_dir: str, steps: int, tokens: int, port: int | None)
         extra = dict(vllm_mode="server", vllm_server_host="127.0.0.1", vllm_server_port=port)
         extra["use_teacher_server"] = backend == "server+teacher"
     args = SDFTConfig(
-        output_dir=f"/tmp/trl-sdft-bench-{backend.replace('+', '-')}",
-        use_cpu=True,
-        reuse_cpu_memory=True,  # as the figures were measured (the CLI's setting)
-        bf16=False,
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=tokens,
-        max_steps=steps + 1,
-        learning_rate=1e-5,
-        teacher_model_kind="live",
-        teacher_prompt_template="{prompt}\n\nExample answer: {privileged_context}",
-        generation_kwargs={"min_tokens" if vllm else "min_new_tokens": tokens},
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        use_vllm=vllm,
-        **extra,
+        **forced_length_fields(
+            f"/tmp/trl-sdft-bench-{backend.replace('+', '-')}",
+            tokens,
+            max_steps=steps + 1,
+            teacher_model_kind="live",
+            teacher_prompt_template="{prompt}\n\nExample answer: {privileged_context}",
+            generation_kwargs={"min_tokens" if vllm else "min_new_tokens": tokens},
+            use_vllm=vllm,
+            **extra,
+        )
     )
     timer = StepTimer()
     start = time.perf_counter()
