@@ -266,6 +266,7 @@ def tiny_tasks(tmp_path):
     return paths
 
 
+@pytest.mark.slow  # over 2 s alone on 2 cores: not in `make test-fast`
 def test_sequential_runs_write_retention_files(tmp_path, tiny_model_dir, tiny_tasks):
     out = tmp_path / "out"
     config = ContinualConfig(

@@ -203,6 +203,7 @@ def test_spread_over_seeds_and_the_pareto_table(tmp_path):
 # ---------------------------------------------------------------- a grid run on a tiny model
 
 
+@pytest.mark.slow  # over 2 s alone on 2 cores: not in `make test-fast`
 def test_a_grid_run_on_the_tiny_model_resumes_by_point(tmp_path, tiny_model_dir):
     task = tmp_path / "t.jsonl"
     rows = [{"task": {"name": "t", "scorer": "exact", "max_new_tokens": 4}}]

@@ -96,6 +96,7 @@ def test_resume_names_what_is_wrong_with_the_checkpoint(tokenizer, tiny_config, 
     assert str(checkpoint) in str(caught.value)
 
 
+@pytest.mark.slow  # over 2 s alone on 2 cores: not in `make test-fast`
 def test_resuming_an_ema_run_with_another_teacher_warns(tokenizer, tiny_config, tmp_path, caplog):
     make(tokenizer, tiny_config, tmp_path, max_steps=1, **EMA_SAVES).train()
     trainer = make(tokenizer, tiny_config, tmp_path, teacher_model_kind="base", save_strategy="no")
@@ -238,6 +239,7 @@ def test_cli_model_path_problems_are_one_line(tmp_path, tiny_model_dir, capsys, 
     assert not (tmp_path / "out").exists()  # nothing written
 
 
+@pytest.mark.slow  # over 2 s alone on 2 cores: not in `make test-fast`
 def test_cli_resumes_with_true(tmp_path, tiny_model_dir, capsys):
     flags = cli_flags(tmp_path, tiny_model_dir, "--save_strategy", "steps", "--save_steps", "1")
     assert cli.main(flags) == 0

@@ -79,6 +79,7 @@ def test_training_from_python_changes_nothing_process_wide(tmp_path):
     assert report["changed"] == {}
 
 
+@pytest.mark.slow  # over 2 s alone on 2 cores: not in `make test-fast`
 def test_the_cli_turns_the_allocator_setting_on_and_says_so(tmp_path, tiny_model_dir, capsys, monkeypatch):
     import trl_sdft.trainer as trainer_module
     from trl_sdft import cli

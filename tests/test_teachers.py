@@ -65,6 +65,7 @@ def test_base_teacher_plain_model_stays_frozen(tiny_model, tokenizer, tmp_path, 
     assert trainer.teacher.model is not trainer.model
 
 
+@pytest.mark.slow  # over 2 s alone on 2 cores: not in `make test-fast`
 def test_resume_with_ema_teacher_matches_uninterrupted_run(tokenizer, tmp_path, trained, tiny_config):
     common = dict(
         teacher_model_kind="ema",

@@ -86,6 +86,7 @@ def test_the_child_sees_no_launch_variables():
     assert tool_format.child_environment({"OMP_NUM_THREADS": "3"}) == {"OMP_NUM_THREADS": "3"}  # the user's own
 
 
+@pytest.mark.processes
 def test_a_failed_build_leaves_no_model_and_says_how_to_see_why(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_SDFT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tool_format, "smollm2_dir", lambda progress=True: tmp_path / "no-such-model")

@@ -77,6 +77,7 @@ def fixed_kl(trainer, rows):
     return teacher_student_kl(s, t, c_mask).item()
 
 
+@pytest.mark.slow  # over 2 s alone on 2 cores: not in `make test-fast`
 @pytest.mark.parametrize("mode, alpha", MODES)
 def test_loss_falls_on_toy_task(tokenizer, tmp_path, mode, alpha, tiny_config):
     """The teacher sees the answer in context; the student learns to answer like it without the context."""
