@@ -40,6 +40,23 @@ from .base import (
     within_budgets,
 )
 
+
+# The built-in backends, registered here (the package's face) so that `base.py` imports none of its implementations.
+def _transformers_backend(context: RolloutContext) -> RolloutBackend:
+    from .transformers import TransformersRollout
+
+    return TransformersRollout.from_context(context)
+
+
+def _vllm_backend(context: RolloutContext) -> RolloutBackend:
+    from .vllm import VLLMRollout  # vLLM is imported only here
+
+    return VLLMRollout(context)
+
+
+register_rollout_backend("transformers", _transformers_backend)
+register_rollout_backend("vllm", _vllm_backend)
+
 __all__ = [
     "ROLLOUT_BACKENDS",
     "SAMPLING_FIELDS",

@@ -202,22 +202,6 @@ def build_rollout(context: RolloutContext) -> RolloutBackend:
     return factory(context)
 
 
-def _transformers_backend(context: RolloutContext) -> RolloutBackend:
-    from .transformers import TransformersRollout
-
-    return TransformersRollout.from_context(context)
-
-
-def _vllm_backend(context: RolloutContext) -> RolloutBackend:
-    from .vllm import VLLMRollout  # vLLM is imported only here
-
-    return VLLMRollout(context)
-
-
-register_rollout_backend("transformers", _transformers_backend)
-register_rollout_backend("vllm", _vllm_backend)
-
-
 # ------------------------------------------------------------------------------------------------------- helpers
 def cut_at_eos(rows: Iterable[Sequence[int]], eos_token_ids: Iterable[int]) -> list[list[int]]:
     """Each row up to and including its first end-of-sequence token (all of it if none)."""
