@@ -457,7 +457,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
     def _log_metric(self, mode: str, name: str, value: torch.Tensor) -> None:
         value = self.accelerator.gather(value.detach().reshape(1)).mean().item()
         self._metrics[mode][f"self_distillation/{name}"].append(value)
-        if name == "distillation_loss":  # the peer logs it under both names
+        if name == "distillation_loss":  # TRL's SDFT trainer logs it under this name too
             self._metrics[mode]["sdft/distillation_loss"].append(value)
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
