@@ -7,7 +7,7 @@ Any `TrainerCallback` that defines one of these methods gets it called with `arg
 from transformers import TrainerCallback
 
 HOOKS = (
-    # payload: generation_prompts (list), generation_prompt_text (None; kept for the peer's signature)
+    # payload: generation_prompts (list), generation_prompt_text (None; kept for TRL's signature)
     "on_generation_prompts_selected",
     # payload: generate_every (int), steps_per_generation (int)
     "on_generation_batch_built",
