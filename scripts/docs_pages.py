@@ -75,7 +75,7 @@ COMMANDS = {
     "agentic_grid.json": "python benchmarks/agentic_grid.py",
     "agentic_cli.json": "python scripts/sdft.py --config configs/agentic.yaml --logging_steps 1 (its results.json)",
     "sharded_step.json": "python benchmarks/sharded_step.py --rounds 2",
-    "red_team.json": "python benchmarks/red_team.py",
+    "red_team.json": "python -m red_team",
 }
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from red_team.harness import main
+
+sys.exit(main())
