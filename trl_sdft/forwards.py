@@ -8,7 +8,7 @@ import torch
 from torch.nn.functional import linear
 
 from . import packing
-from .chunked_loss import HiddenStates
+from .chunked_loss import HiddenStates, packing_problem
 from .sharding import is_dtensor, readable_head
 from .utils import unwrap
 
@@ -22,6 +22,17 @@ class ForwardSettings:
     pack_capacity: int | None
     forward_params: frozenset
     temperature: float
+
+
+def plan(
+    model, forward_params: frozenset, padding_free: bool, fsdp_logits: bool, temperature: float
+) -> tuple[ForwardSettings, str | None]:
+    """The run's forward settings, and why the forwards are padded though `padding_free` asked for packing (None if
+    they are packed or padding was asked for). `fsdp_logits`: sharded by FSDP on the logits path
+    (`chunked_loss.packing_problem`)."""
+    problem = packing_problem(model, forward_params, fsdp_logits) if padding_free else None
+    capacity = packing.row_capacity(unwrap(model))
+    return ForwardSettings(padding_free and problem is None, capacity, frozenset(forward_params), temperature), problem
 
 
 def completion_view(model, input_ids, attention_mask, length: int, settings: ForwardSettings, hidden_path: bool):

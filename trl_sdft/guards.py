@@ -1,5 +1,5 @@
 """Non-finite training, caught before the optimizer step: which loss or gradient norm is NaN/inf, and the error
-that says so. Pure functions over tensors and numbers; the trainer gathers the flags across processes so that every
+that says so (naming the run's last complete checkpoint). Functions over tensors and numbers; the trainer gathers the flags across processes so that every
 process stops at the same step (one raising alone would leave the others waiting in a collective)."""
 
 import torch
@@ -54,3 +54,12 @@ def message(step: int, problem: str, deepspeed: bool, last_checkpoint: str | Non
         f"Optimizer step {step}: non-finite {problem}; {kept}. Lower `learning_rate`, check the data and "
         "`max_grad_norm`, or train in float32 (`bf16=False`)."
     )
+
+
+def error(step: int, problem: str, engine_stepped: bool, output_dir: str) -> NonFiniteTrainingError:
+    """The error that stops the run at optimizer step `step`. `engine_stepped`: DeepSpeed's engine applied the
+    update already (the check after backward); otherwise the message names the last complete checkpoint."""
+    from .checkpoints import last_complete_checkpoint
+
+    last = None if engine_stepped else last_complete_checkpoint(output_dir)
+    return NonFiniteTrainingError(message(step, problem, engine_stepped, last))

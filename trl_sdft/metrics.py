@@ -1,4 +1,7 @@
-"""Completion metrics, under the names TRL's GRPO and SDFT trainers log them (`completions/...`)."""
+"""Completion metrics, under the names TRL's GRPO and SDFT trainers log them (`completions/...`), and the log that
+holds a trainer's values until they are logged."""
+
+from collections import defaultdict
 
 import torch
 
@@ -55,3 +58,35 @@ def round_metrics(rollouts, eos_token_ids, gather, device) -> dict[str, float]:
         counts = gather(torch.tensor([tool_stats.calls, tool_stats.failures], device=device)).view(-1, 2).sum(0)
         metrics.update(tool_metrics(int(counts[0]), int(counts[1]), len(lengths)))
     return metrics
+
+
+class MetricLog:
+    """The values recorded between two `log` calls, per mode ("train", "eval"): `values` is TRL's `_metrics`.
+    `gather`: `accelerator.gather` (values recorded with it are averaged over every process)."""
+
+    def __init__(self, gather, device):
+        self.gather, self.device = gather, device
+        self.values = {mode: defaultdict(list) for mode in ("train", "eval")}
+
+    def add(self, mode: str, name: str, value: float) -> None:
+        self.values[mode][name].append(value)
+
+    def add_loss_term(self, mode: str, name: str, value: torch.Tensor) -> None:
+        """A loss term's mean over every process, as `self_distillation/<name>`; the loss also as
+        `sdft/distillation_loss`, the name TRL's SDFT trainer logs it under."""
+        value = self.gather(value.detach().reshape(1)).mean().item()
+        self.add(mode, f"self_distillation/{name}", value)
+        if name == "distillation_loss":
+            self.add(mode, "sdft/distillation_loss", value)
+
+    def add_round(self, mode: str, rollouts, eos_token_ids) -> None:
+        """A round's completion (and tool) metrics over every process (`round_metrics`)."""
+        for name, value in round_metrics(rollouts, eos_token_ids, self.gather, self.device).items():
+            self.add(mode, name, value)
+
+    def pop(self, mode: str) -> dict[str, float]:
+        """The mean of each value recorded in `mode` since the last call (`eval_` before eval names); then cleared."""
+        values = self.values[mode]
+        means = {f"eval_{k}" if mode == "eval" else k: sum(v) / len(v) for k, v in values.items() if v}
+        values.clear()
+        return means

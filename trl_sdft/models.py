@@ -113,6 +113,20 @@ def load_model(model, settings: ModelSettings):
     return create_model_from_path(model, **init_kwargs)
 
 
+def ready_for_training(model, pad_token_id: int) -> frozenset[str]:
+    """Sets `pad_token_id` where the model and its generation config read it, and silences the parent trainer's
+    token-count estimate (which has no meaning here); returns the names the base model's forward takes."""
+    import inspect
+
+    model.config.get_text_config().pad_token_id = pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = pad_token_id
+    if hasattr(model, "warnings_issued"):
+        model.warnings_issued["estimate_tokens"] = True
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return frozenset(inspect.signature(base_model.forward).parameters)
+
+
 def prepare_peft(model, peft_config, args):
     """The model with `peft_config`'s adapter (or an existing PEFT model prepared for training), or `model` as is.
     `args` goes to TRL's `prepare_peft_model` unread (gradient checkpointing and precision are TRL's to apply)."""

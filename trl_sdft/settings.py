@@ -1,15 +1,16 @@
 """`SDFTConfig` -> the small frozen settings object of each concern. The one module besides `config.py`, `trainer.py`
 and the CLIs that reads config fields: every other module takes the settings built here, once per trainer.
 
-| builder               | settings                        | read by                                    |
-|-----------------------|---------------------------------|--------------------------------------------|
-| `importance_settings` | `importance.ImportanceSettings` | the loss (weights, metrics), the trainer   |
-| `loss_settings`       | `losses.LossSettings`           | `losses.py`, `chunked_loss.py`             |
-| `teacher_settings`    | `teachers.TeacherSettings`      | `teachers.py`, the teacher registry        |
-| `rollout_settings`    | `rollouts.RolloutSettings`      | `rollouts/`, the rollout-backend registry  |
-| `vllm_settings`       | `rollouts.VLLMSettings`         | `rollouts/vllm.py` (inside the above)      |
-| `tool_loop_settings`  | `rollouts.agentic.ToolLoopSettings` | `rollouts/agentic.py` (tool calls)     |
-| `model_settings`      | `models.ModelSettings`          | `models.py` (loading the model)            |
+| builder                | settings                                   | read by                                   |
+|------------------------|--------------------------------------------|-------------------------------------------|
+| `importance_settings`  | `importance.ImportanceSettings`            | the loss (weights, metrics), the trainer  |
+| `loss_settings`        | `losses.LossSettings`                      | `losses.py`, `chunked_loss.py`            |
+| `teacher_settings`     | `teachers.TeacherSettings`                 | `teachers.py`, the teacher registry       |
+| `rollout_settings`     | `rollouts.RolloutSettings`                 | `rollouts/`, the rollout-backend registry |
+| `vllm_settings`        | `rollouts.VLLMSettings`                    | `rollouts/vllm.py` (inside the above)     |
+| `tool_loop_settings`   | `rollouts.agentic.ToolLoopSettings`        | `rollouts/agentic.py` (tool calls)        |
+| `async_round_settings` | `rollouts.async_rounds.AsyncRoundSettings` | `rollouts/async_rounds.py`                |
+| `model_settings`       | `models.ModelSettings`                     | `models.py` (loading the model)           |
 
 Each settings class checks the ranges of its own fields when built (naming the config's field); `config.py` builds
 them all once its generation batch is resolved, and keeps the rules that span several concerns. Each builder takes
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from .losses import LossSettings
     from .models import ModelSettings
     from .rollouts import RolloutSettings, VLLMSettings
+    from .rollouts.async_rounds import AsyncRoundSettings
     from .teachers import TeacherSettings
 
 
@@ -121,6 +123,18 @@ def rollout_settings(args) -> RolloutSettings:
         teacher_on_server=bool(getattr(args, "use_teacher_server", False)),
         trust_remote_code=args.trust_remote_code,
         vllm=vllm_settings(args) if args.use_vllm else None,
+    )
+
+
+def async_round_settings(args) -> AsyncRoundSettings:
+    """How rounds are generated ahead of training (`rollouts.async_rounds.AsyncRounds`)."""
+    from .rollouts.async_rounds import AsyncRoundSettings
+
+    return AsyncRoundSettings(
+        num_generations=args.num_generations,
+        generate_every=args.generate_every,
+        max_staleness=args.max_staleness,
+        span=args.round_span,
     )
 
 

@@ -10,9 +10,7 @@ After each optimizer step a moving teacher (EMA) moves (`teachers.TeacherUpdateC
 reads are built once from the config in `settings.py`.
 """
 
-import inspect
 import os
-from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,15 +26,15 @@ from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, get_config_model_id, identity, split_tensor_dict
 
 from . import batch as batching
-from . import forwards, guards, importance, losses, models, packing, settings, sharding
+from . import forwards, guards, importance, losses, models, settings, sharding
 from .callbacks import dispatch
 from .chat_templates import load_chat_template
-from .checkpoints import checkpoint_step, last_complete_checkpoint, prepare_resume
-from .chunked_loss import HiddenStates, loss_function, packing_problem, resolve_chunk_size
+from .checkpoints import checkpoint_step, prepare_resume
+from .chunked_loss import HiddenStates, loss_function, resolve_chunk_size
 from .config import SDFTConfig
 from .data import REQUIRED_COLUMNS, EpochRepeatSampler, check_datasets, named_eval_sets
 from .generation import answer_config, answer_one
-from .metrics import round_metrics
+from .metrics import MetricLog
 from .models import check_finite_weights, load_model, prepare_peft, prepare_processing_class, warn_if_adapter_present
 from .prompts import resolve_teacher_prompt_template
 from .rollouts import RolloutContext, build_rollout, eos_token_ids, sampling_config
@@ -44,7 +42,7 @@ from .rollouts.agentic import check_tools, prepare_tools, prompts_with_tools, to
 from .rollouts.async_rounds import AsyncRounds
 from .saving import TeacherSaving
 from .teachers import TeacherContext, TeacherUpdateCallback, build_teacher
-from .utils import has_accelerator, reuse_freed_cpu_memory, unwrap
+from .utils import has_accelerator, reuse_freed_cpu_memory
 
 if TYPE_CHECKING:
     from peft import PeftConfig
@@ -126,16 +124,10 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         # The prompts then show the tools (a template that cannot render them is refused before the model loads).
         self.toolbox = prepare_tools(toolbox, processing_class, self._tokenizer, self.chat_template_kwargs)
         self.max_prompt_length = args.max_prompt_length
+        limits = (args.max_prompt_length, args.max_teacher_prompt_length, args.max_completion_length)
+        context = models.context_length(model, settings.model_settings(args))  # from the config: no weights read yet
         self.max_teacher_prompt_length, self.prompt_lengths = batching.fit_datasets_in_context(
-            processing_class,
-            datasets,
-            self.teacher_prompt_template,
-            self.chat_template_kwargs,
-            (args.max_prompt_length, args.max_teacher_prompt_length, args.max_completion_length),
-            models.context_length(
-                model, settings.model_settings(args)
-            ),  # from the config: the weights are not read yet
-            warn=_warn,
+            processing_class, datasets, self.teacher_prompt_template, self.chat_template_kwargs, limits, context, _warn
         )
 
         model = load_model(model, settings.model_settings(args))
@@ -143,22 +135,12 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         model = prepare_peft(model, peft_config, args)
         check_finite_weights(model)
         self.eos_token_ids = eos_token_ids(model, self._tokenizer)
-        text_config, pad_id = model.config.get_text_config(), self._tokenizer.pad_token_id
-        text_config.pad_token_id = pad_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = pad_id
+        self._forward_params = models.ready_for_training(model, self._tokenizer.pad_token_id)
         self.rollout_settings = settings.rollout_settings(args)
         self.generation_config = sampling_config(self.rollout_settings, self._tokenizer, self.eos_token_ids)
-        base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._forward_params = set(inspect.signature(base_model.forward).parameters)
-        if hasattr(model, "warnings_issued"):
-            model.warnings_issued["estimate_tokens"] = True
-
-        self._step = 0
+        self._step, self.num_generation_rounds = 0, 0
         self._nonfinite_loss = None  # the first non-finite loss of the current optimizer step, if any
         self._buffered_inputs = None
-        self._metrics = {mode: defaultdict(list) for mode in ("train", "eval")}
-        self.num_generation_rounds = 0
 
         super().__init__(
             model=model,
@@ -170,6 +152,8 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self.metric_log = MetricLog(self.accelerator.gather, self.accelerator.device)
+        self._metrics = self.metric_log.values  # TRL's name
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
         if hasattr(self.model, "add_model_tags"):
@@ -189,32 +173,20 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             accelerator=self.accelerator,
             end_ids=self.eos_token_ids,
         )
-        self.async_rounds, self._generated_at = None, 0
-        if args.async_rollouts:
-            self.async_rounds = AsyncRounds(
-                self.rollout,
-                self.accelerator,
-                num_generations=args.num_generations,
-                generate_every=args.generate_every,
-                max_staleness=args.max_staleness,
-                span=args.round_span,
-            )
+        self._generated_at, async_settings = 0, settings.async_round_settings(args)
+        self.async_rounds = AsyncRounds(self.rollout, self.accelerator, async_settings) if args.async_rollouts else None
         chunk_size = resolve_chunk_size(
             self.model, args.loss_chunk_size, args.use_liger_kernel, args.use_teacher_server, self._forward_params
         )
         self.loss_settings = settings.loss_settings(args, chunk_size)
-        self.importance_settings = self.loss_settings.importance
-        self.loss_fn = loss_function(self.loss_settings)
-        problem = packing_problem(self.model, self._forward_params, self.is_fsdp_enabled and not chunk_size)
-        self.padding_free = args.padding_free and problem is None
-        if args.padding_free and problem:
-            logger.info(f"Padded forwards: {problem}.")
-        self.forward_settings = forwards.ForwardSettings(
-            self.padding_free,
-            packing.row_capacity(unwrap(self.model)),
-            frozenset(self._forward_params),
-            args.temperature,
+        self.importance_settings, self.loss_fn = self.loss_settings.importance, loss_function(self.loss_settings)
+        fsdp_logits = self.is_fsdp_enabled and not chunk_size
+        self.forward_settings, padded_because = forwards.plan(
+            self.model, self._forward_params, args.padding_free, fsdp_logits, args.temperature
         )
+        self.padding_free = self.forward_settings.padding_free
+        if padded_because:
+            logger.info(f"Padded forwards: {padded_because}.")
 
     def _build_rollout(self):
         """The rollout backend `rollout_settings.backend` names (`rollouts.ROLLOUT_BACKENDS`): "vllm" (colocate or
@@ -232,8 +204,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         backend = build_rollout(context)
         # TRL's `generation_config` is the one `model.generate` samples with, when the backend has one.
         self.generation_config = getattr(backend, "generation_config", self.generation_config)
-        description = backend.describe()
-        if description is not None:
+        if (description := backend.describe()) is not None:
             logger.info(description)
         return backend
 
@@ -286,9 +257,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         )
 
     def _get_eval_sampler(self, eval_dataset):
-        return RepeatSampler(
-            data_source=eval_dataset, mini_repeat_count=self._num_generations("eval"), seed=self.args.seed
-        )
+        return RepeatSampler(eval_dataset, mini_repeat_count=self._num_generations("eval"), seed=self.args.seed)
 
     def _num_generations(self, mode: str) -> int:
         return (self.args.num_generations_eval if mode == "eval" else None) or self.args.num_generations
@@ -310,10 +279,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         flags = self.accelerator.gather(flags.to(self.accelerator.device)).view(-1, 2).cpu()
         problem = guards.nonfinite_problem(flags, self._nonfinite_loss, grad_norm)
         if problem:
-            last = None if self.is_deepspeed_enabled else last_complete_checkpoint(self.args.output_dir)
-            raise guards.NonFiniteTrainingError(
-                guards.message(self.state.global_step + 1, problem, self.is_deepspeed_enabled, last)
-            )
+            raise guards.error(self.state.global_step + 1, problem, self.is_deepspeed_enabled, self.args.output_dir)
         return grad_norm
 
     def _prepare_inputs(self, generation_batch):
@@ -326,7 +292,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             self._buffered_inputs = split_tensor_dict(self.build_batch(generation_batch, "train"), slices)
             self._hook("on_generation_batch_built", generate_every=generate_every, steps_per_generation=slices)
         if self.async_rounds is not None:
-            self._metrics["train"]["async/staleness"].append(float(self.state.global_step - self._generated_at))
+            self.metric_log.add("train", "async/staleness", float(self.state.global_step - self._generated_at))
         return self._buffered_inputs[self._step % slices]
 
     def build_batch(self, rows: list[dict[str, Any]], mode: str = "train") -> dict[str, torch.Tensor | None]:
@@ -337,7 +303,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             result = self.async_rounds.round(rows, self._step, self.state.global_step, last, self._round_prompts)
             prompts, rollouts, self._generated_at = result.prompts, result.rollouts, result.generated_at
             for name, value in result.metrics.items():
-                self._metrics[mode][f"async/{name}"].append(value)
+                self.metric_log.add(mode, f"async/{name}", value)
         else:
             rows, toolsets = self.toolbox.start(rows) if self.toolbox is not None else (rows, None)
             prompts = self._round_prompts(rows, toolsets)
@@ -365,12 +331,9 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             with torch.no_grad(), self.accelerator.autocast():  # the rollout policy's log-probs (importance weights)
                 logits = self.completion_view(self.model, batch, logits=True)
                 batch["old_per_token_logps"] = losses.token_log_probs(logits, batch["completion_ids"])
-        self._record_completion_metrics(mode, rollouts)
-        self._hook(
-            "on_self_distillation_batch_prepared",
-            **{key: batch[key] for key in ("prompt_ids", "completion_ids", "old_per_token_logps")},
-            **{key: batch[key] for key in ("teacher_input_ids", "teacher_attention_mask")},
-        )
+        self.metric_log.add_round(mode, rollouts, self.eos_token_ids)
+        keys = ("prompt_ids", "completion_ids", "old_per_token_logps", "teacher_input_ids", "teacher_attention_mask")
+        self._hook("on_self_distillation_batch_prepared", **{key: batch[key] for key in keys})
         return batch
 
     def _round_prompts(self, rows: list[dict[str, Any]], toolsets=None) -> batching.RoundPrompts:
@@ -395,9 +358,8 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             loss = self._distillation_loss(model, inputs)
         if self.is_deepspeed_enabled and self.model.training:  # DeepSpeed steps inside backward: check the loss now
             problem = guards.loss_problem(loss, self.accelerator.gather, self.accelerator.device)
-            if problem:
-                last = last_complete_checkpoint(self.args.output_dir)
-                raise guards.NonFiniteTrainingError(guards.message(self.state.global_step + 1, problem, False, last))
+            if problem:  # the engine has not stepped yet
+                raise guards.error(self.state.global_step + 1, problem, False, self.args.output_dir)
         return loss
 
     def _distillation_loss(self, model, inputs):
@@ -407,7 +369,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         # Every token skipped: zero loss and gradients, not an error. With several processes the others run the
         # teacher's forward and the loss (collectives under ZeRO-3 and FSDP), so the full path runs, weighing nothing.
         if not mask.any() and self.accelerator.num_processes == 1:
-            self._log_metric(mode, "distillation_loss", torch.zeros((), device=mask.device))
+            self.metric_log.add_loss_term(mode, "distillation_loss", torch.zeros((), device=mask.device))
             return (student.hidden if isinstance(student, HiddenStates) else student).sum() * 0.0
         teacher = self.teacher.score(model, inputs, mask, self.state.global_step, self.completion_view)
         # The rollout policy's log-probs (reused rollouts) and the engine's (vLLM): what importance weights need.
@@ -422,7 +384,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
             sampling_logps=inputs.get("sampling_per_token_logps"),
         )
         for name, value in result.metrics.items():
-            self._log_metric(mode, name, value)
+            self.metric_log.add_loss_term(mode, name, value)
         scale = getattr(self, "current_gradient_accumulation_steps", 1) if self.model.training else 1
         return result.loss / scale
 
@@ -436,29 +398,8 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
 
     # -------------------------------------------------------------------------------------------- hooks, metrics
     def _hook(self, event: str, **payload) -> None:
-        dispatch(
-            self.callback_handler.callbacks,
-            event,
-            args=self.args,
-            state=self.state,
-            control=self.control,
-            model=self.model,
-            processing_class=self.processing_class,
-            **payload,
-        )
-
-    def _record_completion_metrics(self, mode: str, rollouts) -> None:
-        metrics = round_metrics(
-            rollouts, eos_token_ids=self.eos_token_ids, gather=self.accelerator.gather, device=self.accelerator.device
-        )
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
-
-    def _log_metric(self, mode: str, name: str, value: torch.Tensor) -> None:
-        value = self.accelerator.gather(value.detach().reshape(1)).mean().item()
-        self._metrics[mode][f"self_distillation/{name}"].append(value)
-        if name == "distillation_loss":  # TRL's SDFT trainer logs it under this name too
-            self._metrics[mode]["sdft/distillation_loss"].append(value)
+        context = dict(args=self.args, state=self.state, control=self.control, model=self.model)
+        dispatch(self.callback_handler.callbacks, event, **context, processing_class=self.processing_class, **payload)
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -467,12 +408,7 @@ class SDFTTrainer(TeacherSaving, _BaseTrainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time=None) -> None:
-        mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
-        if mode == "eval":
-            metrics = {f"eval_{key}": value for key, value in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
-        self._metrics[mode].clear()
+        super().log({**logs, **self.metric_log.pop("train" if self.model.training else "eval")}, start_time)
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def train(

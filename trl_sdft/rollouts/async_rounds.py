@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -134,24 +135,27 @@ class RoundResult(NamedTuple):
     # ahead could not be used
 
 
+@dataclass(frozen=True)
+class AsyncRoundSettings:
+    """Completions per prompt, micro-steps per round, the staleness a round may reach (optimizer steps), and the
+    optimizer steps a round is trained over."""
+
+    num_generations: int
+    generate_every: int
+    max_staleness: int
+    span: int
+
+
 class AsyncRounds:
     """The round in flight and the decisions around it (see the module docstring)."""
 
-    def __init__(
-        self,
-        rollout: BackgroundRollouts,
-        accelerator,
-        num_generations: int,
-        generate_every: int,
-        max_staleness: int,
-        span: int,
-    ):
+    def __init__(self, rollout: BackgroundRollouts, accelerator, settings: AsyncRoundSettings):
         self.rollout = rollout
         self.accelerator = accelerator
-        self.num_generations = num_generations
-        self.generate_every = generate_every  # micro-steps per round
-        self.max_staleness = max_staleness
-        self.span = span  # optimizer steps a round is trained over
+        self.num_generations = settings.num_generations
+        self.generate_every = settings.generate_every  # micro-steps per round
+        self.max_staleness = settings.max_staleness
+        self.span = settings.span  # optimizer steps a round is trained over
         self.lookahead: RoundLookahead | None = None
         self.origin = 0
         self.ahead: _Ahead | None = None
