@@ -16,8 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from trl_sdft.cli.offline import extract_parser, run_distillation, run_extraction  # noqa: E402
 from trl_sdft.demo.default_model import resolve_model  # noqa: E402
-from trl_sdft.offline.cli import extract_parser, run_distillation, run_extraction  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "trl_sdft", "resources", "offline", "chat.jsonl")

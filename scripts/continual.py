@@ -2,7 +2,7 @@
 
 import sys
 
-from trl_sdft.continual.cli import main
+from trl_sdft.cli.continual import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from trl_sdft.offline.cli import distill_main
+from trl_sdft.cli.offline import distill_main
 
 if __name__ == "__main__":
     sys.exit(distill_main())

@@ -319,8 +319,8 @@ def cli_snippets() -> dict[str, str]:
 
     from trl_sdft import SDFTConfig
     from trl_sdft.cli import ARGUMENT_CLASSES, SDFTScriptArguments, build_parser, vllm_serve_parser
-    from trl_sdft.continual.cli import parser as continual_parser
-    from trl_sdft.offline.cli import distill_parser, extract_parser
+    from trl_sdft.cli.continual import parser as continual_parser
+    from trl_sdft.cli.offline import distill_parser, extract_parser
 
     train = build_parser()
     owners = {cls: {f.name for f in dataclasses.fields(cls)} for cls in ARGUMENT_CLASSES}

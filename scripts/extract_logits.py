@@ -2,7 +2,7 @@
 
 import sys
 
-from trl_sdft.offline.cli import extract_main
+from trl_sdft.cli.offline import extract_main
 
 if __name__ == "__main__":
     sys.exit(extract_main())

@@ -10,6 +10,7 @@ os.environ.setdefault("CI", "1")  # TRL sends no telemetry under CI
 import subprocess
 import sys
 
+import helpers  # noqa: E402
 import pytest
 import torch
 from datasets import Dataset
@@ -78,7 +79,7 @@ def chat_facts_dataset():
 @pytest.fixture(scope="session")
 def tiny_config():
     """A factory, `tiny_config(output_dir, **overrides)`: a small SDFTConfig that trains 2 steps in about a second."""
-    return _tiny_config
+    return helpers.tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -148,30 +149,6 @@ class _ExplodingModel:
 def exploding_model():
     """Stands in for a model: data errors must surface before the model is touched."""
     return _ExplodingModel()
-
-
-def _tiny_config(output_dir, **overrides):
-    from trl_sdft import SDFTConfig
-
-    defaults = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=8,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        distillation_topk=5,
-        seed=0,
-        disable_tqdm=True,
-    )
-    defaults.update(overrides)
-    return SDFTConfig(**defaults)
 
 
 # ---------------------------------------------------------------------------------------------------------- markers

@@ -170,3 +170,28 @@ def tiny_flags(tmp_path, model_dir, *extra):
         "1",
         *extra,
     ]
+
+
+def tiny_config(output_dir, **overrides):
+    """A small SDFTConfig that trains 2 steps in about a second (the `tiny_config` fixture); `overrides` replace fields."""
+    from trl_sdft import SDFTConfig
+
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        distillation_topk=5,
+        seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return SDFTConfig(**defaults)

@@ -5,12 +5,13 @@ loss. Deterministic trajectories come from a scripted rollout backend; real ones
 import asyncio
 import json
 
+import helpers
 import pytest
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_sdft import SDFTConfig, SDFTTrainer, losses
+from trl_sdft import SDFTTrainer, losses
 from trl_sdft.rollouts import ROLLOUT_BACKENDS, Rollouts, register_rollout_backend
 from trl_sdft.rollouts.agentic import ToolCallingLoop, ToolLoopSettings
 from trl_sdft.testing import assert_same_step, build_tokenizer, lookup, tool_call_text, tool_rows
@@ -62,24 +63,9 @@ def scripted():
 
 
 def config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=64,
-        max_steps=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        distillation_topk=5,
-        seed=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return SDFTConfig(**values)
+    """`helpers.tiny_config` for one step of completions up to 64 tokens (rooms for tool turns)."""
+    defaults = dict(max_completion_length=64, max_steps=1, gradient_checkpointing=True)
+    return helpers.tiny_config(tmp_path / "out", **{**defaults, **overrides})
 
 
 def make(model_dir, tmp_path, tools=(lookup,), rows=None, **overrides):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from trl_sdft.cli.continual import config_from_args, parser
 from trl_sdft.continual import (
     BUNDLED_TASKS,
     ContinualConfig,
@@ -21,7 +22,6 @@ from trl_sdft.continual import (
     summarize,
     task_from_rows,
 )
-from trl_sdft.continual.cli import config_from_args, parser
 from trl_sdft.continual.harness import _split_saved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -410,8 +410,8 @@ def test_quick_run_on_the_default_model(tmp_path):
 
 def test_two_runs_cannot_share_an_output_dir_and_a_file_is_not_one(tmp_path, capsys):
     """The rule every CLI follows: one run per output directory at a time; a file is no output directory."""
+    from trl_sdft.cli.continual import main
     from trl_sdft.cli.output_dir import OutputDirLock
-    from trl_sdft.continual.cli import main
 
     out = tmp_path / "out"
     out.mkdir()

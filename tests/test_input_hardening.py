@@ -208,7 +208,7 @@ def test_rollout_close_removes_the_private_sync_dir(vllm_rollout):
 
 # ------------------------------------------------------------------------------------------ continual tasks
 def test_task_files_are_documented_as_code():
-    from trl_sdft.continual import cli as continual_cli
+    from trl_sdft.cli import continual as continual_cli
     from trl_sdft.continual import tasks
 
     assert "task files you trust" in " ".join(tasks.__doc__.split())
@@ -395,7 +395,7 @@ def test_distill_trainer_values_are_typed(tmp_path):
 
 
 def test_distill_keeps_a_users_file_it_would_write_over(tmp_path):
-    from trl_sdft.offline.checks import check_output_dir
+    from trl_sdft.cli.offline import check_output_dir
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "tokenizer.json").write_text("my own")
@@ -406,7 +406,7 @@ def test_distill_keeps_a_users_file_it_would_write_over(tmp_path):
 
 
 def test_continual_names_a_missing_model_before_anything_loads(tmp_path, capsys):
-    from trl_sdft.continual.cli import main
+    from trl_sdft.cli.continual import main
 
     code = main(["--model", str(tmp_path / "no-such-model"), "--method", "sft", "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err

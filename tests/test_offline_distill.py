@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_sdft.offline.cli import extract_parser, run_distillation, run_extraction
+from trl_sdft.cli.offline import extract_parser, run_distillation, run_extraction
 from trl_sdft.offline.kd import sft_kd_loss, teacher_agreement, topk_kl
 from trl_sdft.testing import COLORS, NAMES, build_model, build_tokenizer
 

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from trl_sdft.cli.offline import extract_parser, run_extraction
 from trl_sdft.offline import POSITIONS_RULE, normalize_record, read_settings, tokenize_with_assistant_span
 from trl_sdft.offline import extract as extract_module
-from trl_sdft.offline.cli import extract_parser, run_extraction
 
 ROOT = Path(__file__).resolve().parents[1]
 

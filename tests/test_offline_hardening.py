@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trl_sdft.offline.cli import distill_main, extract_main
+from trl_sdft.cli.offline import distill_main, extract_main
 from trl_sdft.testing import COLORS, NAMES
 
 

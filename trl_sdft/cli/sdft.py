@@ -429,7 +429,7 @@ def main(argv=None):
     if argv[:1] == ["vllm-serve"]:
         return vllm_serve(argv[1:])
     if argv[:1] == ["continual"]:
-        from ..continual.cli import main as continual_main
+        from .continual import main as continual_main
 
         return continual_main(argv[1:])
     warning = dropped_engine()

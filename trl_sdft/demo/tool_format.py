@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .default_model import TOOLS_MODEL, ModelUnavailableError, _ensure, cache_dir, smollm2_dir
+from .default_model import BUILT_FROM_DEFAULT, TOOLS_MODEL, ModelUnavailableError, _ensure, cache_dir, smollm2_dir
 
 RECIPE_VERSION = 1
 
@@ -333,3 +333,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+BUILT_FROM_DEFAULT[TOOLS_MODEL] = lambda: tool_format_dir()  # `resolve_model("smollm2-135m-tools")`

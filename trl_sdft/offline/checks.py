@@ -9,8 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..cli.output_dir import MODEL_FILES, foreign_files
-
 
 def first_line(err: BaseException) -> str:
     """An exception's message cut to its first line (library errors often carry pages of help below it)."""
@@ -56,30 +54,6 @@ def check_writable(path: str, flag: str, directory: bool = False) -> None:
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path!r}: cannot write in {parent!r} (permission denied); choose a writable {flag}.")
-
-
-def check_output_dir(output_dir: str, model_path: str, overwrite: bool) -> None:
-    """The student is never saved over the model it was loaded from, nor over another finished model unless
-    `--overwrite` says so."""
-    if os.path.isdir(model_path) and same_file(output_dir, model_path):
-        raise ValueError(
-            f"--output_dir {output_dir!r} is the student model's directory (model_name {model_path!r}): saving would "
-            "overwrite the model trained from. Choose another --output_dir."
-        )
-    if os.path.isdir(output_dir) and not overwrite:
-        found = [name for name in MODEL_FILES if os.path.exists(os.path.join(output_dir, name))]
-        if found:
-            raise ValueError(
-                f"--output_dir {output_dir!r} holds a finished model already ({', '.join(found)}): pass --overwrite to "
-                "replace it, or choose another --output_dir."
-            )
-        foreign = foreign_files(output_dir)
-        if foreign:
-            raise ValueError(
-                f"--output_dir {output_dir!r} holds {', '.join(foreign)}, which saving the student would write over "
-                "(not an earlier run's): move it, pass --overwrite to replace it, or choose another --output_dir."
-            )
-    check_writable(output_dir, "--output_dir", directory=True)
 
 
 def check_number(path: str, name: str, value, integer: bool = False, minimum: float | None = None) -> None:

@@ -12,13 +12,10 @@ import time
 import pyarrow as pa
 import torch
 
-from ..cli.launch import close_process_group
-from ..cli.output_dir import OutputDirLock, is_main_process
 from ..demo.default_model import DEFAULT_MODEL, ModelUnavailableError, resolve_model
 from ..models import check_model_path
-from ..utils import ensure_pad_token
-from .checks import check_distinct_paths, check_output_dir, check_trainer_values, check_writable, first_line
-from .extract import (
+from ..offline.checks import check_distinct_paths, check_trainer_values, check_writable, first_line, same_file
+from ..offline.extract import (
     ExtractionSettings,
     check_filtered,
     check_resumable,
@@ -30,10 +27,37 @@ from .extract import (
     vocab_fingerprint,
     write_filtered,
 )
-from .records import read_records
+from ..offline.records import read_records
+from ..utils import ensure_pad_token
+from .launch import close_process_group
+from .output_dir import MODEL_FILES, OutputDirLock, foreign_files, is_main_process
 
 # What the CLIs print as one line (`<prog>: error: ...`, exit 2); TRL_SDFT_TRACEBACK=1 shows the traceback instead.
 USER_ERRORS = (ValueError, OSError, pa.ArrowException, ImportError, ModelUnavailableError)
+
+
+def check_output_dir(output_dir: str, model_path: str, overwrite: bool) -> None:
+    """The student is never saved over the model it was loaded from, nor over another finished model unless
+    `--overwrite` says so."""
+    if os.path.isdir(model_path) and same_file(output_dir, model_path):
+        raise ValueError(
+            f"--output_dir {output_dir!r} is the student model's directory (model_name {model_path!r}): saving would "
+            "overwrite the model trained from. Choose another --output_dir."
+        )
+    if os.path.isdir(output_dir) and not overwrite:
+        found = [name for name in MODEL_FILES if os.path.exists(os.path.join(output_dir, name))]
+        if found:
+            raise ValueError(
+                f"--output_dir {output_dir!r} holds a finished model already ({', '.join(found)}): pass --overwrite to "
+                "replace it, or choose another --output_dir."
+            )
+        foreign = foreign_files(output_dir)
+        if foreign:
+            raise ValueError(
+                f"--output_dir {output_dir!r} holds {', '.join(foreign)}, which saving the student would write over "
+                "(not an earlier run's): move it, pass --overwrite to replace it, or choose another --output_dir."
+            )
+    check_writable(output_dir, "--output_dir", directory=True)
 
 
 def extract_parser() -> argparse.ArgumentParser:
@@ -258,7 +282,7 @@ def run_distillation(config_file: str, output_dir: str, log=print, overwrite: bo
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
-    from .distill import DistillConfig, DistillSFTTrainer, TopKCollator, build_rows, check_quantization
+    from ..offline.distill import DistillConfig, DistillSFTTrainer, TopKCollator, build_rows, check_quantization
 
     config = DistillConfig.from_file(config_file)
     quantization = check_quantization(config)

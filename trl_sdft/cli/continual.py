@@ -5,11 +5,11 @@ import os
 import sys
 import time
 
-from ..cli.output_dir import OutputDirLock
+from ..continual.harness import ContinualConfig, ContinualRunner
+from ..continual.tasks import BUNDLED_TASKS
 from ..demo.default_model import is_default_alias
 from ..models import check_model_path
-from .harness import ContinualConfig, ContinualRunner
-from .tasks import BUNDLED_TASKS
+from .output_dir import OutputDirLock
 
 # `--quick`: a smoke run of every method on a few rows (minutes on a CPU); explicit flags still win.
 QUICK = {"steps": 2, "max_train_rows": 4, "max_test_rows": 4, "num_probes": 8, "learning_rates": [1e-4]}
