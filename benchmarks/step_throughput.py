@@ -22,7 +22,8 @@ At their defaults both sides train in bf16 autocast here, so `peer` vs `ours` is
 Rounds alternate the cases (A B C ... A B C ...); the first step of every run is warm-up and not counted. Reported per
 case (median over rounds): step time (median step), generation and training time per step (training = the step
 minus generation: student forward+backward, teacher forward, optimizer), completion tokens trained per second
-(the tokens each side actually produced), peak RSS, and the ratio of tokens per second to the peer at its defaults.
+(the tokens each side actually produced), peak RSS, and the ratio of tokens per second to TRL's trainer (`peer`) at
+its defaults.
 Do not run anything heavy beside it.
 """
 
@@ -205,7 +206,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 def table(rows: list[dict]) -> str:
     lines = [
         "| workload | case | bf16 | step (s) | generation (s) | training (s) | tokens/step | tokens/s | peak RSS (GiB) "
-        "| tokens/s vs peer |",
+        "| tokens/s vs TRL |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

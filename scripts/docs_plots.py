@@ -41,7 +41,7 @@ def svg_text(fig) -> str:
 
 
 def throughput_figure() -> str:
-    """Completion tokens trained per second and step time, ours against the peer, each workload at each side's
+    """Completion tokens trained per second and step time, ours against TRL's trainer, each workload at each side's
     defaults (bf16) and at float32."""
     plt = pyplot()
     summary = load("step_throughput.json")["summary"]
